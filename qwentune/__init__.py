@@ -1,0 +1,1 @@
+"""qwentune: fine-tune Qwen models with exact chat-template masks."""
