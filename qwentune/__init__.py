@@ -1,1 +1,14 @@
-"""qwentune: fine-tune Qwen models with exact chat-template masks."""
+"""qwentune: fine-tune Qwen models with LoRA/QLoRA, exact chat-template masks and merged checkpoints.
+
+import qwentune
+recipe = qwentune.load_recipe("recipes/qwen2.5-0.5b-instruct/sft_lora.yaml", ["training.max_steps=10"])
+print(qwentune.preview(recipe, rows=1))
+result = qwentune.train(recipe)          # result.adapter_dir, result.merged_dir, result.metrics
+"""
+
+from .api import merge, prepare, preprocess, preview, train
+from .errors import BadRow, QwentuneError
+from .recipe import Recipe, load_recipe
+
+__all__ = ["load_recipe", "Recipe", "prepare", "preprocess", "preview", "train", "merge", "QwentuneError", "BadRow"]
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""The notebook API: each step callable alone, the same functions the CLI calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from .run import TrainResult
+
+
+def _recipe(recipe: Recipe | str | Path | dict, overrides=None) -> Recipe:
+    return (
+        recipe
+        if isinstance(recipe, Recipe) and not overrides
+        else load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides)
+    )
+
+
+def load_model_tokenizer(recipe: Recipe):
+    """The tokenizer of the recipe's model source (no weights loaded)."""
+    from .model import load_tokenizer
+    from .sources import resolve_model
+
+    source = resolve_model(
+        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    return load_tokenizer(source.path, recipe)
+
+
+def prepare(recipe: Recipe | str | Path | dict, overrides=None, *, limit: int | None = None):
+    """Render and mask the recipe's data: PreparedData(train, eval, reports, template)."""
+    from .data import prepare_data
+
+    recipe = _recipe(recipe, overrides)
+    return prepare_data(recipe, load_model_tokenizer(recipe), limit=limit)
+
+
+def preprocess(
+    recipe: Recipe | str | Path | dict, output: str | Path, overrides=None, *, limit: int | None = None
+) -> int:
+    """Write the rows training will see as jsonl (atomically); returns the number of rows written."""
+    recipe = _recipe(recipe, overrides)
+    data = prepare(recipe, limit=limit)
+    columns = [c for c in data.train.column_names if c.endswith("input_ids") or c == "labels"]
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in data.train.select_columns(columns):
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(data.train)
+
+
+def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3, color: bool = False) -> str:
+    """Tokens of the first rows with the trained ones highlighted, and the data report."""
+    from .preview import preview as render_preview
+
+    recipe = _recipe(recipe, overrides)
+    return render_preview(recipe, load_model_tokenizer(recipe), rows=rows, color=color)
+
+
+def train(recipe: Recipe | str | Path | dict, overrides=None) -> TrainResult:
+    """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model."""
+    recipe = _recipe(recipe, overrides)
+    if recipe.method == "dpo":
+        from .dpo import train_dpo
+
+        return train_dpo(recipe)
+    from .sft import train_sft
+
+    return train_sft(recipe)
+
+
+def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, **kwargs):
+    """Merge an adapter into its base (shard by shard) with a parity check; returns MergeResult."""
+    from .merge import merge_adapter
+
+    return merge_adapter(Path(adapter_dir), Path(output), base=base, **kwargs)
+
+
+__all__ = ["load_recipe", "prepare", "preprocess", "preview", "train", "merge"]

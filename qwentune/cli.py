@@ -1,0 +1,153 @@
+"""The `qwentune` command: subcommands only; every one calls the same functions the notebook API exposes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import QwentuneError
+
+EPILOG = """\
+overrides: any recipe key as section.key=value after the recipe, e.g.
+  qwentune train recipes/qwen2.5-0.5b-instruct/sft_lora.yaml training.max_steps=20 data.limit=64
+Values are typed like YAML (ints, floats, bools, [lists]); unknown keys are errors.
+Multi-GPU: accelerate launch --config_file launch/ddp.yaml -m qwentune train RECIPE"""
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    """Recipe paths and `a.b=value` overrides, in any order."""
+    recipes = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return recipes, overrides
+
+
+def _one_recipe(items: list[str]):
+    from .recipe import load_recipe
+
+    recipes, overrides = _split(items)
+    if len(recipes) != 1:
+        raise QwentuneError(
+            f"expected one recipe file, got {len(recipes)}",
+            where="command line",
+            hint="qwentune CMD RECIPE [a.b=value ...]",
+        )
+    return load_recipe(recipes[0], overrides)
+
+
+def cmd_validate(args) -> int:
+    from .validate import validate_recipe
+
+    recipes, overrides = _split(args.items)
+    if not recipes:
+        raise QwentuneError("no recipe given", where="command line", hint="qwentune validate recipes/**/*.yaml")
+    for path in recipes:
+        for line in validate_recipe(path, overrides):
+            print(line)
+    print(f"{len(recipes)} recipe(s) valid")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from .api import preprocess
+
+    recipe = _one_recipe(args.items)
+    n = preprocess(recipe, args.output, limit=args.limit)
+    print(f"wrote {n} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from .api import preview
+
+    recipe = _one_recipe(args.items)
+    print(preview(recipe, rows=args.rows, color=not args.no_color and sys.stdout.isatty()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .api import train
+
+    recipe = _one_recipe(args.items)
+    result = train(recipe)
+    if result.adapter_dir is not None:
+        print(f"adapter: {result.adapter_dir}")
+    if result.merged_dir is not None:
+        print(f"merged model: {result.merged_dir}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_adapter
+
+    result = merge_adapter(
+        Path(args.adapter_dir),
+        Path(args.output),
+        base=args.base,
+        qlora_merge=args.qlora_merge,
+        check_parity=not args.no_parity,
+    )
+    print(f"merged ({result.mode}) into {result.output_dir}; parity max |Δlogit| = {result.max_abs_diff:.2e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwentune",
+        description="Fine-tune Qwen2.5 / Qwen2 / Qwen2-VL with LoRA or QLoRA: exact chat-template masks, SFT and DPO, "
+        "merged checkpoints that plain transformers loads.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check recipes: schema, model source, data files, template (no weights)")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preprocess", help="render and mask the data exactly as training will; write jsonl")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--output", "-o", required=True, help="output .jsonl (input_ids/labels, or DPO id columns)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of each data file")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("preview", help="show tokens with the trained ones highlighted")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--no-color", action="store_true", help="mark trained spans as [[...]] instead of colour")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("train", help="train (SFT or DPO per the recipe's method), save the adapter and merge")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge an adapter dir into its base, shard by shard, with a parity check")
+    p.add_argument("adapter_dir")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--base", default=None, help="base model source (default: the one the adapter was trained on)")
+    p.add_argument(
+        "--qlora-merge",
+        choices=("dequantized", "original"),
+        default="dequantized",
+        help="QLoRA adapters: merge onto the dequantized 4-bit base (as trained) or the original weights",
+    )
+    p.add_argument("--no-parity", action="store_true", help="skip the logits parity check (big models)")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except QwentuneError as e:
+        print(f"error: {e.render()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

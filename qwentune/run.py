@@ -1,0 +1,246 @@
+"""What SFT and DPO runs share: trainer arguments from the recipe, metrics to jsonl, the loss plot, saving the
+adapter and merging at the end. Plain functions, so each method's script stays readable top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .model import Precision
+from .recipe import Recipe
+from .runinfo import atomic_write_json
+
+ADAPTER_SIDECAR = "qwentune_train.json"
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind: paths and numbers (returned to notebooks, printed by the CLI)."""
+
+    run_dir: Path
+    adapter_dir: Path | None = None
+    merged_dir: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_reports: list[dict] = field(default_factory=list)
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(f"[qwentune] {message}", file=sys.stderr, flush=True)
+
+
+def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments keys shared by SFTConfig and DPOConfig, straight from the recipe."""
+    t = recipe.training
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    save_strategy = "steps" if t.save_steps else "no"
+    report_to = list(recipe.logging.report_to) or "none"
+    return dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=not _cuda(),
+        logging_steps=t.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=report_to,
+        run_name=recipe.logging.run_name or run_dir.name,
+        logging_dir=str(run_dir / "tensorboard"),
+        gradient_checkpointing=False,  # the adapter code enables it (non-reentrant) before PEFT wraps the model
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class MetricsFile(TrainerCallback):
+    """Every log line (train and eval) appended to run_dir/metrics.jsonl by the main process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: training loss per step, eval loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and _finite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and _finite(r["eval_loss"])]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
+    """adapter/ in PEFT format plus qwentune_train.json (how it was trained; the merge reads it). Atomic."""
+    target = run_dir / "adapter"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(tmp / ADAPTER_SIDECAR, sidecar)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def effective_batch(recipe: Recipe) -> tuple[int, int]:
+    from accelerate import PartialState
+
+    processes = PartialState().num_processes
+    t = recipe.training
+    return t.per_device_batch_size * t.grad_accum * processes, processes
+
+
+def adapter_sidecar(recipe: Recipe, source, template, precision: Precision) -> dict[str, Any]:
+    """How the adapter was trained: the merge needs the base, the 4-bit settings (if any) and the template."""
+    quant = None
+    if recipe.peft.method == "qlora":
+        q = recipe.peft.quant
+        quant = {
+            "bits": q.bits,
+            "quant_type": q.quant_type,
+            "double_quant": q.double_quant,
+            "compute_dtype": q.compute_dtype,
+        }
+    return {
+        "base_model": recipe.model.source,
+        "base_path": str(source.path),
+        "method": recipe.method,
+        "peft": recipe.peft.method,
+        "precision": precision.name,
+        "quantization": quant,
+        "template": template.name,
+        "chat_template": template.text,
+    }
+
+
+def finish_run(
+    recipe: Recipe,
+    trainer,
+    run_dir: Path,
+    *,
+    source,
+    tokenizer,
+    template,
+    metrics: dict,
+    reports: list[dict],
+    parity_rows: list[list[int]],
+    precision: Precision,
+) -> TrainResult:
+    """Save the adapter, metrics and plot, then merge (main process only); every process returns together."""
+    result = TrainResult(run_dir=run_dir, metrics=metrics, data_reports=reports)
+    if is_main_process():
+        result.adapter_dir = save_adapter(trainer.model, run_dir, adapter_sidecar(recipe, source, template, precision))
+        tokenizer.save_pretrained(result.adapter_dir)
+        plot_losses(run_dir)
+        if recipe.output.merge:
+            from .merge import merge_adapter
+
+            merged = merge_adapter(
+                result.adapter_dir,
+                run_dir / "merged",
+                base=source.path,
+                qlora_merge=recipe.output.qlora_merge,
+                parity_input_ids=parity_rows,
+                chat_template=template.text,
+                model_card={
+                    "base": recipe.model.source,
+                    "data": recipe.data.train,
+                    "method": recipe.method,
+                    "peft": recipe.peft.method,
+                    "metrics": _plain(metrics),
+                },
+            )
+            result.merged_dir = merged.output_dir
+            metrics["merge"] = {
+                "mode": merged.mode,
+                "max_abs_diff": merged.max_abs_diff,
+                "tolerance": merged.tolerance,
+                "untied": merged.untied,
+            }
+            log(f"merged ({merged.mode}) into {merged.output_dir}; parity max |Δlogit| = {merged.max_abs_diff:.2e}")
+        atomic_write_json(run_dir / "metrics.json", _plain(metrics))
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def _plain(metrics: dict) -> dict:
+    return json.loads(json.dumps(metrics, default=str))

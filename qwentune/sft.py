@@ -1,0 +1,89 @@
+"""SFT with LoRA or QLoRA, one readable script: recipe → model source → data (exact masks) → model + adapter →
+TRL SFTTrainer on the already-tokenized rows → adapter → merged checkpoint."""
+
+from __future__ import annotations
+
+from .data import prepare_data
+from .model import add_adapter, load_base_model, load_tokenizer, resolve_precision
+from .recipe import Recipe
+from .run import (
+    MetricsFile,
+    TrainResult,
+    effective_batch,
+    finish_run,
+    is_main_process,
+    log,
+    trainer_arguments,
+)
+from .runinfo import atomic_write_json, prepare_run_dir
+from .sources import resolve_model
+from .tokens import trainable_token_ids
+
+
+def train_sft(recipe: Recipe) -> TrainResult:
+    from trl import SFTConfig, SFTTrainer
+
+    run_dir = prepare_run_dir(recipe, is_main=is_main_process())
+    source = resolve_model(
+        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    tokenizer = load_tokenizer(source.path, recipe)
+
+    # The same code path as `qwentune preprocess`: official template, exact masks, bad rows counted by reason.
+    data = prepare_data(recipe, tokenizer)
+    tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
+    reports = [r.to_dict() for r in data.reports]
+    if is_main_process():
+        atomic_write_json(run_dir / "data_report.json", reports)
+
+    precision = resolve_precision(recipe)
+    model = load_base_model(recipe, source.path, precision)
+    new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
+    model = add_adapter(recipe, model, new_tokens.ids)
+    if is_main_process():
+        model.print_trainable_parameters()
+
+    batch, processes = effective_batch(recipe)
+    log(
+        f"effective batch {batch} = {recipe.training.per_device_batch_size} per device × "
+        f"{recipe.training.grad_accum} accumulation × {processes} process(es); precision {precision.name}; "
+        f"{len(data.train)} train rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else "")
+    )
+
+    args = SFTConfig(
+        **trainer_arguments(recipe, precision, run_dir, has_eval=data.eval is not None),
+        max_length=None,  # rows were fitted to data.max_length by the data pipeline; TRL must not cut them again
+        packing=recipe.sft.packing,
+        padding_free=recipe.sft.packing,
+        group_by_length=recipe.sft.group_by_length,
+        dataset_num_proc=recipe.data.num_proc,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+    )
+
+    metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
+    if data.eval is not None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    train_output = trainer.train()
+    metrics.update(train_output.metrics)
+    if data.eval is not None:
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+
+    return finish_run(
+        recipe,
+        trainer,
+        run_dir,
+        source=source,
+        tokenizer=tokenizer,
+        template=data.template,
+        metrics=metrics,
+        reports=reports,
+        parity_rows=[row["input_ids"] for row in data.train.select(range(min(3, len(data.train))))],
+        precision=precision,
+    )
