@@ -140,7 +140,10 @@ def add_adapter(recipe: Recipe, model, trainable_token_ids: list[int] | None = N
             gradient_checkpointing_kwargs=gc_kwargs,
         )
     elif recipe.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(recipe, model, trainable_token_ids))
     patch_output_bias(peft_model)

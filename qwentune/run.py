@@ -77,7 +77,6 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
         save_total_limit=t.save_total_limit,
         report_to=report_to,
         run_name=recipe.logging.run_name or run_dir.name,
-        logging_dir=str(run_dir / "tensorboard"),
         gradient_checkpointing=False,  # the adapter code enables it (non-reentrant) before PEFT wraps the model
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,

@@ -55,7 +55,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
         max_length=None,  # rows were fitted to data.max_length by the data pipeline; TRL must not cut them again
         packing=recipe.sft.packing,
         padding_free=recipe.sft.packing,
-        group_by_length=recipe.sft.group_by_length,
+        train_sampling_strategy="group_by_length" if recipe.sft.group_by_length else "random",
         dataset_num_proc=recipe.data.num_proc,
     )
     trainer = SFTTrainer(

@@ -1,0 +1,1515 @@
+"""Merge a LoRA / QLoRA adapter into its base model and save a checkpoint plain `transformers` loads.
+
+Two entry points:
+
+* `merge_adapter(adapter_dir, output_dir)` — the standalone merge (`qwentune merge`). With `streaming=True` (the
+  default) it goes shard by shard through the base's safetensors files, applies the adapter to the tensors of that
+  shard only and writes the output shard, so peak memory is about one shard plus the adapter (a 3B/7B model merges
+  on a 24 GiB machine). `streaming=False` loads base + adapter as a `PeftModel` and uses PEFT's `merge_and_unload`
+  (needed for DoRA on embeddings and other rare variants the streaming path refuses).
+* `merge_model_in_memory(peft_model, output_dir)` — the end of training: the `PeftModel` is already in memory. A
+  full-precision model is merged with PEFT's `merge_and_unload` (after the tie fix below) and saved with
+  `save_pretrained`; a 4-bit (QLoRA) model is never merged into its 4-bit weights: its adapter is exported and merged
+  by the streaming path onto the base read from disk. The model is consumed (upcast to fp32 and merged in place).
+
+Modes (`MergeResult.mode`, also in `merge_report.json` and the model card):
+
+* ``"lora"`` — the adapter was trained on the full-precision base; the delta is added in fp32 and the result saved in
+  the base model's dtype (``dtype``/``torch_dtype`` of the base config).
+* ``"qlora-dequantized"`` (default for QLoRA) — the base is quantized exactly as training did (bitsandbytes nf4/fp4,
+  optional double quant, from the dtype the weights were loaded in) and dequantized back with
+  `bitsandbytes.functional.dequantize_4bit`, for every weight of a layer transformers would have made `Linear4bit`;
+  the delta is added to those dequantized weights in fp32. The merged model computes what was trained (up to the
+  compute dtype of the 4-bit matmuls).
+* ``"qlora-original-base"`` (``qlora_merge="original"``) — the delta is added to the original full-precision base.
+  This differs from the trained model by the 4-bit quantization error of the base.
+
+Tied embeddings (Qwen2.5-0.5B/1.5B/3B, Qwen2-VL-2B tie ``lm_head`` to ``embed_tokens``): when the adapter touches
+either matrix (``modules_to_save``, ``trainable_token_indices``, LoRA on them, saved embedding layers) the merged
+model is untied deliberately: a separate ``lm_head.weight`` is written and ``tie_word_embeddings`` is set to false
+(top level and ``text_config``). Otherwise the tie is kept and no duplicate tensor is written. Each matrix gets
+exactly what PEFT's forward pass applied to it: with a list of ``trainable_token_indices`` (or the same indices for
+both) PEFT ties a token adapter to ``lm_head`` too, so both get the trained rows; ``modules_to_save=["embed_tokens"]``
+or LoRA on one of them changes only that one. (peft 0.21's own ``merge_and_unload`` gets several of these wrong on a
+tied model: it merges in place into the shared tensor, so LoRA on ``lm_head``/``embed_tokens`` or token rows on
+``lm_head`` leak into the other matrix; the in-memory path unties before merging to avoid that.)
+
+Parity check after every merge: logits of the saved model (loaded normally with ``from_pretrained``, fp32) versus
+base + adapter as a `PeftModel` (fp32; for ``qlora-dequantized`` on the dequantized base, i.e. what the 4-bit layers
+compute; for ``qlora-original-base`` on the original base) over a few rows (`parity_input_ids`, default four fixed
+short rows that include any trained token ids). The max abs difference is printed and saved in
+``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
+
+* saved in fp32: ``1e-3`` (measured ~1e-6);
+* saved in bf16/fp16: ``max(0.05, 0.02 * max|reference logit|)`` — the merged weights are rounded to 8 (bf16) or 11
+  (fp16) mantissa bits, which moves logits by a few 1e-3 relative; a wrong merge (missing module, wrong scaling,
+  transposed delta, wrong tie) moves them by the size of the adapter's effect, typically far more.
+* QLoRA: the same rule by saved dtype, because the reference is the dequantized base in fp32. Against the real 4-bit
+  model the difference also contains the 4-bit matmul's compute-dtype rounding (bf16 compute: ~1e-2 relative).
+
+Above tolerance: `QwentuneError`, and nothing is left at ``output_dir``.
+
+Atomic output: everything is written to ``output_dir.parent / ".{name}.tmp-XXXX"``, verified, then renamed into place;
+an existing ``output_dir`` is renamed aside first and deleted only after the new one is in place. A failure at any
+point leaves the previous ``output_dir`` untouched and removes the temp dir (a killed process can leave a
+``.{name}.tmp-*`` dir behind, never a half-written target).
+
+Training sidecar ``qwentune_train.json`` (beside ``adapter_config.json``; written by the trainer with
+`write_train_sidecar`, read by `merge_adapter`; every key optional, unknown top-level keys ignored)::
+
+    {
+      "format": "qwentune-train",            # fixed marker
+      "version": 1,
+      "quantization": {                       # null/absent: plain LoRA on a full-precision base
+        "bits": 4,                            # only 4 (bitsandbytes Linear4bit)
+        "quant_type": "nf4",                  # "nf4" | "fp4"
+        "double_quant": true,                 # bnb_4bit_use_double_quant
+        "compute_dtype": "bfloat16",          # bnb_4bit_compute_dtype (informational for the merge)
+        "blocksize": 64,                      # optional, bitsandbytes' default 64
+        "load_dtype": "bfloat16",             # optional: dtype the base was loaded in before quantizing
+                                              #   (default: the base config's dtype)
+        "skip_modules": null                  # optional: llm_int8_skip_modules used at training time
+      },
+      "chat_template": "...",                 # the template the training data was rendered with
+      "model_card": {"data": ..., "recipe": ..., "metrics": {...}}
+    }
+
+`merge_adapter`'s arguments override the sidecar (``quantization=``, ``chat_template=``, ``model_card=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import QwentuneError, did_you_mean
+
+__all__ = [
+    "MergeResult",
+    "QuantSpec",
+    "SIDECAR_NAME",
+    "default_tolerance",
+    "merge_adapter",
+    "merge_model_in_memory",
+    "read_train_sidecar",
+    "resolve_base",
+    "write_train_sidecar",
+]
+
+SIDECAR_NAME = "qwentune_train.json"
+SIDECAR_FORMAT = "qwentune-train"
+REPORT_NAME = "merge_report.json"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+QWEN_EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+FP32_TOLERANCE = 1e-3
+HALF_TOLERANCE_ABS = 0.05
+HALF_TOLERANCE_REL = 0.02
+
+MODE_LORA = "lora"
+MODE_QLORA_DEQUANTIZED = "qlora-dequantized"
+MODE_QLORA_ORIGINAL = "qlora-original-base"
+
+_PEFT_PREFIX = "base_model.model."
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_AUX_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+# LoraConfig fields that change what the adapter computes in ways the streaming merge does not implement.
+_UNSUPPORTED_STREAMING = {
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+# init_lora_weights values that rewrite the base weights at init: the adapter only makes sense on that residual base.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public data types
+
+
+@dataclass
+class MergeResult:
+    output_dir: Path
+    mode: str  # "lora" | "qlora-dequantized" | "qlora-original-base"
+    max_abs_diff: float  # parity: merged logits vs base+adapter (nan when parity=False)
+    tolerance: float
+    untied: bool  # whether tied embeddings were untied deliberately
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base was quantized for QLoRA training (the sidecar's ``quantization`` block)."""
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    blocksize: int = 64
+    load_dtype: str | None = None
+    skip_modules: tuple[str, ...] | None = None
+
+    _KEYS = ("bits", "quant_type", "double_quant", "compute_dtype", "blocksize", "load_dtype", "skip_modules")
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "quantization") -> QuantSpec:
+        if isinstance(data, QuantSpec):
+            return data
+        if not isinstance(data, dict):
+            raise QwentuneError(f"expected an object, got {type(data).__name__}", where=where)
+        for key in data:
+            if key not in cls._KEYS:
+                raise QwentuneError(f"unknown key '{key}'", where=where, hint=did_you_mean(key, cls._KEYS))
+        bits = data.get("bits", 4)
+        if bits != 4:
+            raise QwentuneError(
+                f"bits={bits!r} is not supported", where=where, hint="only 4-bit (bitsandbytes nf4/fp4) QLoRA merges"
+            )
+        quant_type = data.get("quant_type", "nf4")
+        if quant_type not in ("nf4", "fp4"):
+            raise QwentuneError(f"quant_type={quant_type!r}", where=where, hint="use 'nf4' or 'fp4'")
+        double_quant = data.get("double_quant", True)
+        if not isinstance(double_quant, bool):
+            raise QwentuneError("double_quant must be true or false", where=where)
+        compute_dtype = _dtype_name(data.get("compute_dtype", "bfloat16"), where=f"{where}.compute_dtype")
+        load_dtype = data.get("load_dtype")
+        if load_dtype is not None:
+            load_dtype = _dtype_name(load_dtype, where=f"{where}.load_dtype")
+        blocksize = data.get("blocksize", 64)
+        if not isinstance(blocksize, int) or blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise QwentuneError(f"blocksize={blocksize!r}", where=where, hint="bitsandbytes uses 64 by default")
+        skip = data.get("skip_modules")
+        if skip is not None:
+            if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
+                raise QwentuneError("skip_modules must be a list of module names", where=where)
+            skip = tuple(skip)
+        return cls(4, quant_type, double_quant, compute_dtype, blocksize, load_dtype, skip)
+
+    @classmethod
+    def from_bnb_config(cls, qc: Any) -> QuantSpec:
+        """From a `transformers.BitsAndBytesConfig` (a 4-bit model's ``config.quantization_config``)."""
+        if isinstance(qc, dict):
+            get = qc.get
+        else:
+            def get(key, default=None):
+                return getattr(qc, key, default)
+        if not get("load_in_4bit", False):
+            raise QwentuneError(
+                "the model is quantized but not with bitsandbytes 4-bit", hint="only 4-bit (nf4/fp4) QLoRA merges"
+            )
+        compute = get("bnb_4bit_compute_dtype", "float32") or "float32"
+        skip = get("llm_int8_skip_modules", None)
+        return cls.from_dict(
+            {
+                "bits": 4,
+                "quant_type": get("bnb_4bit_quant_type", "fp4"),
+                "double_quant": bool(get("bnb_4bit_use_double_quant", False)),
+                "compute_dtype": _dtype_name(compute, where="quantization_config"),
+                "skip_modules": list(skip) if skip else None,
+            }
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": self.bits,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+            "blocksize": self.blocksize,
+            "load_dtype": self.load_dtype,
+            "skip_modules": list(self.skip_modules) if self.skip_modules is not None else None,
+        }
+
+
+def _dtype_name(value: Any, *, where: str) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return str(_DTYPES[value.removeprefix("torch.")]).removeprefix("torch.")
+    raise QwentuneError(f"unknown dtype {value!r}", where=where, hint="use float32, bfloat16 or float16")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hooks and sidecar
+
+
+def resolve_base(source: str | Path) -> Path:
+    """Turn a base-model reference into a local directory with ``config.json`` and safetensors weights.
+
+    Hook: treats `source` as a local directory for now; the project's model-source resolver plugs in here."""
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise QwentuneError(
+            f"no base model at '{source}' (expected a directory with config.json and *.safetensors)",
+            where="base",
+            hint="pass base=<local model dir> to override adapter_config.json's base_model_name_or_path",
+        )
+    return path
+
+
+def read_train_sidecar(adapter_dir: str | Path) -> dict:
+    """The validated ``qwentune_train.json`` beside an adapter, or ``{}`` when there is none."""
+    path = Path(adapter_dir) / SIDECAR_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QwentuneError(f"not valid JSON: {exc}", where=str(path)) from exc
+    if not isinstance(data, dict):
+        raise QwentuneError("expected a JSON object", where=str(path))
+    out: dict[str, Any] = {}
+    if data.get("quantization") is not None:
+        out["quantization"] = QuantSpec.from_dict(data["quantization"], where=f"{path}: quantization")
+    if data.get("chat_template") is not None:
+        if not isinstance(data["chat_template"], str):
+            raise QwentuneError("chat_template must be a string", where=str(path))
+        out["chat_template"] = data["chat_template"]
+    if data.get("model_card") is not None:
+        if not isinstance(data["model_card"], dict):
+            raise QwentuneError("model_card must be an object", where=str(path))
+        out["model_card"] = data["model_card"]
+    return out
+
+
+def write_train_sidecar(
+    adapter_dir: str | Path,
+    *,
+    quantization: QuantSpec | dict | None = None,
+    chat_template: str | None = None,
+    model_card: dict | None = None,
+) -> Path:
+    """Write ``qwentune_train.json`` beside an adapter (see the module docstring for the format)."""
+    data: dict[str, Any] = {"format": SIDECAR_FORMAT, "version": 1}
+    data["quantization"] = QuantSpec.from_dict(quantization).to_dict() if quantization is not None else None
+    data["chat_template"] = chat_template
+    data["model_card"] = model_card
+    path = Path(adapter_dir) / SIDECAR_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def default_tolerance(save_dtype: torch.dtype, reference_scale: float) -> float:
+    """The parity tolerance used when none is given (see the module docstring)."""
+    if save_dtype == torch.float32:
+        return FP32_TOLERANCE
+    return max(HALF_TOLERANCE_ABS, HALF_TOLERANCE_REL * float(reference_scale))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    qlora_merge: str = "dequantized",
+    quantization: QuantSpec | dict | None = None,
+    parity_input_ids: list[list[int]] | None = None,
+    chat_template: str | None = None,
+    tokenizer_source: Path | None = None,
+    generation_eos_ids: list[int] | None = None,
+    model_card: dict | None = None,
+    tolerance: float | None = None,
+    streaming: bool = True,
+    parity: bool = True,
+) -> MergeResult:
+    """Merge the adapter saved in `adapter_dir` into its base and write a plain checkpoint to `output_dir`.
+
+    `quantization` (or the sidecar's ``quantization`` block) marks a QLoRA adapter; `qlora_merge` is then
+    ``"dequantized"`` (merge onto the base as the 4-bit layers saw it) or ``"original"`` (onto the full-precision
+    base). `parity=False` skips the parity check (it loads base+adapter and the result in fp32, one at a time)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise QwentuneError(
+            "no adapter_config.json here",
+            where=str(adapter_dir),
+            hint="pass the directory written by PeftModel.save_pretrained (the training run's adapter output)",
+        )
+    _check_qlora_merge(qlora_merge)
+    sidecar = read_train_sidecar(adapter_dir)
+    spec = QuantSpec.from_dict(quantization) if quantization is not None else sidecar.get("quantization")
+    chat_template = chat_template if chat_template is not None else sidecar.get("chat_template")
+    card = {**sidecar.get("model_card", {}), **(model_card or {})}
+    adapter_cfg = _read_json(adapter_dir / "adapter_config.json")
+    base_ref = base if base is not None else adapter_cfg.get("base_model_name_or_path")
+    if not base_ref:
+        raise QwentuneError(
+            "adapter_config.json names no base model", where=str(adapter_dir), hint="pass base=<local model dir>"
+        )
+    base_dir = resolve_base(base_ref)
+    mode = _mode_for(spec, qlora_merge)
+    job = _Job(
+        adapter_dir=adapter_dir,
+        base_dir=base_dir,
+        base_name=str(base_ref),
+        mode=mode,
+        spec=spec,
+        parity_rows=parity_input_ids,
+        chat_template=chat_template,
+        tokenizer_source=Path(tokenizer_source) if tokenizer_source is not None else None,
+        eos_ids=generation_eos_ids,
+        card=card,
+        tolerance=tolerance,
+        parity=parity,
+        streaming=streaming,
+    )
+    target = _prepare_target(output_dir, forbidden=[adapter_dir, base_dir])
+    if streaming:
+        return _streaming_merge(job, target)
+    return _load_and_merge_in_memory(job, target)
+
+
+def merge_model_in_memory(
+    peft_model: Any,
+    output_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    qlora_merge: str = "dequantized",
+    quantization: QuantSpec | dict | None = None,
+    parity_input_ids: list[list[int]] | None = None,
+    chat_template: str | None = None,
+    tokenizer_source: Path | None = None,
+    generation_eos_ids: list[int] | None = None,
+    model_card: dict | None = None,
+    tolerance: float | None = None,
+    parity: bool = True,
+    max_shard_size: str | int = "2GB",
+) -> MergeResult:
+    """Merge a `PeftModel` that is already in memory (end of training) and write a plain checkpoint.
+
+    The model is consumed: it is upcast to fp32 and merged in place. A 4-bit (QLoRA) model is not merged into its
+    4-bit weights: its adapter is exported and merged onto the base read from disk (`base`, or the adapter config's
+    ``base_model_name_or_path``), exactly as `merge_adapter` does."""
+    _check_qlora_merge(qlora_merge)
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise QwentuneError(
+            f"expected a peft.PeftModel, got {type(peft_model).__name__}", where="merge_model_in_memory"
+        )
+    adapter_name = peft_model.active_adapter
+    if not isinstance(adapter_name, str):
+        raise QwentuneError("more than one active adapter", hint="set_adapter(<name>) to choose the one to merge")
+    peft_cfg = peft_model.peft_config[adapter_name]
+    peft_type = str(getattr(peft_cfg.peft_type, "value", peft_cfg.peft_type))
+    if peft_type != "LORA":
+        raise QwentuneError(f"only LoRA adapters merge here, this one is {peft_type}")
+    base_ref = base if base is not None else peft_cfg.base_model_name_or_path
+    inner = peft_model.get_base_model()
+
+    if _is_4bit(inner):
+        if base_ref is None:
+            raise QwentuneError(
+                "a 4-bit model merges onto its base read from disk, and none is known",
+                hint="pass base=<local model dir>",
+            )
+        if quantization is None:
+            qc = getattr(inner.config, "quantization_config", None)
+            if qc is None:
+                raise QwentuneError("4-bit layers but no quantization_config", hint="pass quantization={...}")
+            spec = QuantSpec.from_bnb_config(qc)
+            emb = inner.get_input_embeddings()
+            load_dtype = getattr(_innermost(emb), "weight", None)
+            if load_dtype is not None and load_dtype.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                spec = QuantSpec(**{**spec.__dict__, "load_dtype": _dtype_name(load_dtype.dtype, where="model")})
+        else:
+            spec = QuantSpec.from_dict(quantization)
+        target = _prepare_target(output_dir, forbidden=[])
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.adapter-", dir=target.parent) as tmp_adapter:
+            peft_model.save_pretrained(tmp_adapter, selected_adapters=[adapter_name])
+            saved = Path(tmp_adapter) / adapter_name if adapter_name != "default" else Path(tmp_adapter)
+            return merge_adapter(
+                saved,
+                target,
+                base=base_ref,
+                qlora_merge=qlora_merge,
+                quantization=spec,
+                parity_input_ids=parity_input_ids,
+                chat_template=chat_template,
+                tokenizer_source=tokenizer_source,
+                generation_eos_ids=generation_eos_ids,
+                model_card=model_card,
+                tolerance=tolerance,
+                streaming=True,
+                parity=parity,
+            )
+
+    base_dir = None
+    if base_ref is not None:
+        with contextlib.suppress(QwentuneError):
+            base_dir = resolve_base(base_ref)
+    spec = QuantSpec.from_dict(quantization) if quantization is not None else None
+    mode = _mode_for(spec, qlora_merge)
+    job = _Job(
+        adapter_dir=None,
+        base_dir=base_dir,
+        base_name=str(base_ref) if base_ref is not None else "(in memory)",
+        mode=mode,
+        spec=spec,
+        parity_rows=parity_input_ids,
+        chat_template=chat_template,
+        tokenizer_source=Path(tokenizer_source) if tokenizer_source is not None else None,
+        eos_ids=generation_eos_ids,
+        card=dict(model_card or {}),
+        tolerance=tolerance,
+        parity=parity,
+        streaming=False,
+    )
+    target = _prepare_target(output_dir, forbidden=[base_dir] if base_dir else [])
+    return _merge_peft_model(job, peft_model, adapter_name, target, max_shard_size=max_shard_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the job and its shared finishing steps
+
+
+@dataclass
+class _Job:
+    adapter_dir: Path | None
+    base_dir: Path | None
+    base_name: str
+    mode: str
+    spec: QuantSpec | None
+    parity_rows: list[list[int]] | None
+    chat_template: str | None
+    tokenizer_source: Path | None
+    eos_ids: list[int] | None
+    card: dict
+    tolerance: float | None
+    parity: bool
+    streaming: bool
+    report: dict = field(default_factory=dict)
+
+
+def _check_qlora_merge(qlora_merge: str) -> None:
+    if qlora_merge not in ("dequantized", "original"):
+        raise QwentuneError(
+            f"qlora_merge={qlora_merge!r}",
+            where="qlora_merge",
+            hint="'dequantized' (the model as trained) or 'original' (onto the full-precision base)",
+        )
+
+
+def _mode_for(spec: QuantSpec | None, qlora_merge: str) -> str:
+    if spec is None:
+        return MODE_LORA
+    return MODE_QLORA_DEQUANTIZED if qlora_merge == "dequantized" else MODE_QLORA_ORIGINAL
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QwentuneError(f"cannot read JSON: {exc}", where=str(path)) from exc
+    if not isinstance(data, dict):
+        raise QwentuneError("expected a JSON object", where=str(path))
+    return data
+
+
+def _prepare_target(output_dir: str | Path, *, forbidden: list[Path]) -> Path:
+    target = Path(output_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise QwentuneError("exists and is not a directory", where=str(target))
+    for other in forbidden:
+        if other is not None and target.resolve() == Path(other).expanduser().resolve():
+            raise QwentuneError(
+                "the output directory is the adapter or base directory", where=str(target), hint="choose a new path"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A temp dir beside `target`; on success it replaces `target` (old one moved aside, then deleted)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, target)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    old = None
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.rename(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_dtype(cfg: dict) -> torch.dtype:
+    for holder in (cfg, cfg.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            value = holder.get(key)
+            if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+                return _DTYPES[value.removeprefix("torch.")]
+    return torch.float32
+
+
+def _text_cfg(cfg: dict) -> dict:
+    return cfg.get("text_config") or cfg
+
+
+def _untie_config_dict(cfg: dict) -> None:
+    cfg["tie_word_embeddings"] = False
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"]["tie_word_embeddings"] = False
+
+
+def _model_class(config: Any):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _load_model(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _model_class(config).from_pretrained(path, dtype=dtype)
+
+
+def _finish(job: _Job, tmp: Path, config_dict: dict, base_gen: dict | None, extra_sources: list[Path]) -> dict:
+    """Tokenizer, chat template, generation config, processor files, licence files. Returns facts for the card."""
+    facts: dict[str, Any] = {}
+    sources = []
+    if job.tokenizer_source is not None:
+        if not job.tokenizer_source.is_dir():
+            raise QwentuneError("no such directory", where=f"tokenizer_source={job.tokenizer_source}")
+        sources.append(job.tokenizer_source)
+    sources += [s for s in extra_sources if s is not None]
+    tok = None
+    for src in sources:
+        if (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file():
+            tok = _load_tokenizer(src)
+            facts["tokenizer_source"] = str(src)
+            break
+    if tok is None and job.tokenizer_source is not None:
+        raise QwentuneError("no tokenizer files here", where=f"tokenizer_source={job.tokenizer_source}")
+    if tok is not None:
+        if job.chat_template is not None:
+            tok.chat_template = job.chat_template
+        tok.save_pretrained(tmp)
+        expected = tok.chat_template
+        from transformers import AutoTokenizer
+
+        reloaded = AutoTokenizer.from_pretrained(tmp)
+        if reloaded.chat_template != expected:
+            raise QwentuneError("the saved tokenizer's chat template does not read back identical", where=str(tmp))
+        facts["chat_template_saved"] = expected is not None
+    else:
+        print("[qwentune merge] warning: no tokenizer found (adapter dir, base dir); none is saved")
+    for src in [job.base_dir, *sources]:
+        if src is None:
+            continue
+        for name in _AUX_FILES:
+            if (src / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(src / name, tmp / name)
+    if job.base_dir is not None:
+        for item in job.base_dir.iterdir():
+            if item.is_file() and item.name.upper().startswith(("LICENSE", "NOTICE")):
+                shutil.copy2(item, tmp / item.name)
+
+    gen = dict(base_gen) if base_gen else {}
+    text = _text_cfg(config_dict)
+    if not gen:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = text.get(key, config_dict.get(key))
+            if value is not None:
+                gen[key] = value
+    if job.eos_ids is not None:
+        eos = [int(i) for i in job.eos_ids]
+    elif tok is not None and IM_END in tok.get_vocab():
+        eos = [tok.convert_tokens_to_ids(IM_END)]
+        if ENDOFTEXT in tok.get_vocab():
+            eos.append(tok.convert_tokens_to_ids(ENDOFTEXT))
+    else:
+        eos = gen.get("eos_token_id")
+    if eos is not None:
+        gen["eos_token_id"] = eos
+    gen.pop("transformers_version", None)
+    import transformers
+
+    gen["transformers_version"] = transformers.__version__
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    facts["eos_token_id"] = eos
+    facts["tokenizer"] = tok
+    return facts
+
+
+def _load_tokenizer(src: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception:
+        if (src / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
+        raise
+
+
+def _parity_rows(job: _Job, vocab_size: int, special_ids: list[int]) -> list[list[int]]:
+    if job.parity_rows is not None:
+        rows = job.parity_rows
+        if not rows or not all(isinstance(r, (list, tuple)) and r for r in rows):
+            raise QwentuneError("parity_input_ids must be a non-empty list of non-empty id lists")
+        for row in rows:
+            for i in row:
+                if not isinstance(i, int) or not 0 <= i < vocab_size:
+                    raise QwentuneError(f"token id {i!r} outside the vocabulary (0..{vocab_size - 1})",
+                                        where="parity_input_ids")
+        return [list(r) for r in rows]
+    gen = torch.Generator().manual_seed(1234)
+    high = min(vocab_size, 151643)
+    rows = [torch.randint(0, high, (8,), generator=gen).tolist() for _ in range(3)]
+    specials = [i for i in (151644, 151645, 151643) if i < vocab_size]
+    extra = [i for i in special_ids if 0 <= i < vocab_size][:12]
+    last = (specials + extra + rows[0])[: max(8, len(specials) + len(extra))]
+    rows.append(last)
+    return rows
+
+
+@torch.no_grad()
+def _logits(model: Any, rows: list[list[int]]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    out = []
+    for row in rows:
+        ids = torch.tensor([row], dtype=torch.long, device=device)
+        out.append(model(input_ids=ids).logits[0].float().cpu())
+    return out
+
+
+def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _check_parity(job: _Job, ref: list[torch.Tensor], got: list[torch.Tensor], save_dtype: torch.dtype) -> tuple:
+    diff = _max_abs_diff(ref, got)
+    scale = max(float(r.abs().max()) for r in ref)
+    tol = job.tolerance if job.tolerance is not None else default_tolerance(save_dtype, scale)
+    print(
+        f"[qwentune merge] parity ({job.mode}): max |logit diff| = {diff:.3g} over {len(ref)} rows "
+        f"(tolerance {tol:.3g}, reference max |logit| {scale:.3g})"
+    )
+    job.report["parity"] = {"max_abs_diff": diff, "tolerance": tol, "reference_max_abs_logit": scale,
+                            "rows": len(ref)}
+    if not math.isfinite(diff) or diff > tol:
+        raise QwentuneError(
+            f"merged model does not match base+adapter: max |logit diff| {diff:.4g} > tolerance {tol:.4g}",
+            where="merge parity check",
+            hint="nothing was written to the output directory; pass tolerance= only if the difference is expected",
+
+        )
+    return diff, tol
+
+
+_MODE_TEXT = {
+    MODE_LORA: "LoRA delta added in fp32 to the base weights",
+    MODE_QLORA_DEQUANTIZED: "QLoRA: base quantized as in training (bitsandbytes 4-bit) and dequantized, LoRA delta "
+    "added in fp32 — the merged model computes what was trained",
+    MODE_QLORA_ORIGINAL: "QLoRA adapter merged onto the ORIGINAL full-precision base — differs from the trained "
+    "(4-bit) model by the base's quantization error",
+}
+
+
+def _write_card(job: _Job, tmp: Path, title: str, *, dtype: torch.dtype, untied: bool, diff: float, tol: float):
+    card = dict(job.card)
+    lines = [
+        "---",
+        f"base_model: {job.base_name}",
+        "library_name: transformers",
+        f"tags: [qwentune, {'qlora' if job.spec else 'lora'}, merged]",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"Merged with qwentune: base `{job.base_name}` + LoRA adapter, saved as plain transformers safetensors.",
+        "",
+        f"- **Merge**: `{job.mode}` — {_MODE_TEXT[job.mode]}",
+    ]
+    if job.spec is not None:
+        q = job.spec
+        lines.append(
+            f"- **Training quantization**: {q.bits}-bit {q.quant_type}, double quant {str(q.double_quant).lower()}, "
+            f"compute {q.compute_dtype}"
+        )
+    lines.append(f"- **dtype**: {str(dtype).removeprefix('torch.')}")
+    lines.append(
+        "- **Embeddings**: "
+        + ("untied deliberately (the adapter changed embed_tokens or lm_head); `tie_word_embeddings: false`"
+           if untied else "as in the base")
+    )
+    if math.isnan(diff):
+        lines.append("- **Parity check**: skipped")
+    else:
+        lines.append(f"- **Parity check**: max |logit diff| vs base+adapter = {diff:.3g} (tolerance {tol:.3g})")
+    for key, title in (("data", "Data"), ("recipe", "Recipe")):
+        if card.get(key) is not None:
+            lines += ["", f"## {title}", "", _card_value(card.pop(key))]
+    metrics = card.pop("metrics", None)
+    if metrics:
+        lines += ["", "## Metrics", ""]
+        if isinstance(metrics, dict):
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
+        else:
+            lines.append(_card_value(metrics))
+    card.pop("data", None)
+    card.pop("recipe", None)
+    if card:
+        lines += ["", "## Other", ""] + [f"- **{k}**: {_card_value(v)}" for k, v in card.items()]
+    (tmp / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _card_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "\n".join(f"- {k}: {v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "\n".join(f"- {v}" for v in value)
+    return str(value)
+
+
+def _verify_output(tmp: Path) -> None:
+    from safetensors import safe_open
+
+    if any(p.suffix == ".bin" for p in tmp.iterdir()):
+        raise QwentuneError("a .bin weight file was written", where=str(tmp))
+    files = sorted(p for p in tmp.iterdir() if p.suffix == ".safetensors")
+    if not files:
+        raise QwentuneError("no safetensors weights were written", where=str(tmp))
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            bad = [k for k in f.keys() if "lora_" in k or "base_layer" in k or "modules_to_save" in k]
+        if bad:
+            raise QwentuneError(f"adapter keys left in the merged weights: {bad[:3]}", where=str(path))
+
+
+def _write_report(job: _Job, tmp: Path, result: MergeResult, save_dtype: torch.dtype) -> None:
+    report = {
+        "mode": result.mode,
+        "max_abs_diff": None if math.isnan(result.max_abs_diff) else result.max_abs_diff,
+        "tolerance": result.tolerance,
+        "untied": result.untied,
+        "dtype": str(save_dtype).removeprefix("torch."),
+        "base": job.base_name,
+        "adapter": str(job.adapter_dir) if job.adapter_dir else "(in memory)",
+        "streaming": job.streaming,
+        "quantization": job.spec.to_dict() if job.spec else None,
+        **job.report,
+    }
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# in-memory path (PEFT merge_and_unload with the tie fix)
+
+
+def _is_4bit(model: Any) -> bool:
+    if getattr(model, "is_loaded_in_4bit", False):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def _innermost(module: Any) -> Any:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    while True:
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
+        elif isinstance(module, TrainableTokensWrapper):
+            module = module.token_adapter
+        elif isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        else:
+            return module
+
+
+def _untie_in_memory(inner: Any) -> bool:
+    """Give lm_head its own weight before merging when the adapter touches a tied embedding. True if untied."""
+    emb, out = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if emb is None or out is None:
+        return False
+    emb0, out0 = _innermost(emb), _innermost(out)
+    if getattr(out0, "weight", None) is None or out0.weight is not emb0.weight:
+        return False
+    if emb is emb0 and out is out0:
+        return False  # tied, untouched: keep the tie
+    out0.weight = torch.nn.Parameter(out0.weight.detach().clone(), requires_grad=False)
+    return True
+
+
+def _set_untied(config: Any) -> None:
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = False
+
+
+def _load_and_merge_in_memory(job: _Job, target: Path) -> MergeResult:
+    """merge_adapter(streaming=False): base + PeftModel in fp32, then PEFT's merge (the naive path)."""
+    from peft import PeftModel
+
+    _check_adapter_config(_read_json(job.adapter_dir / "adapter_config.json"), streaming=False)
+    model = _load_model(job.base_dir)
+    if job.mode == MODE_QLORA_DEQUANTIZED:
+        names = _quantized_module_names(model, job.spec)
+        _dequantize_modules_inplace(model, names, job.spec, _load_dtype(job))
+        job.report["quantized_modules"] = len(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(model, str(job.adapter_dir))
+    return _merge_peft_model(job, pm, pm.active_adapter, target, max_shard_size="2GB")
+
+
+def _merge_peft_model(job: _Job, pm: Any, adapter_name: str, target: Path, *, max_shard_size) -> MergeResult:
+    inner = pm.get_base_model()
+    base_cfg = _read_json(job.base_dir / "config.json") if job.base_dir else inner.config.to_dict()
+    save_dtype = _config_dtype(base_cfg) if job.base_dir else inner.dtype
+    pm.float()
+    pm.eval()
+    vocab = _innermost(inner.get_input_embeddings()).weight.shape[0]
+    rows = _parity_rows(job, vocab, _trained_token_ids_in_memory(pm, adapter_name)) if job.parity else []
+    ref = _logits(pm, rows) if job.parity else []
+    untied = _untie_in_memory(inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = pm.merge_and_unload(progressbar=False, adapter_names=[adapter_name])
+    if untied:
+        _set_untied(merged.config)
+    if getattr(merged.config, "quantization_config", None) is not None:
+        del merged.config.quantization_config
+    base_gen = None
+    if job.base_dir is not None and (job.base_dir / "generation_config.json").is_file():
+        base_gen = _read_json(job.base_dir / "generation_config.json")
+    elif getattr(merged, "generation_config", None) is not None:
+        base_gen = merged.generation_config.to_diff_dict()
+    with _staging(target) as tmp:
+        merged.to(save_dtype)
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        cfg_dict = _read_json(tmp / "config.json")
+        if untied:
+            _untie_config_dict(cfg_dict)
+        cfg_dict["dtype"] = str(save_dtype).removeprefix("torch.")
+        cfg_dict.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        del merged
+        gc.collect()
+        _finish(job, tmp, cfg_dict, base_gen, [job.adapter_dir, job.base_dir])
+        _verify_output(tmp)
+        diff, tol = _parity_on_dir(job, tmp, ref, rows, save_dtype)
+        result = MergeResult(target, job.mode, diff, tol, untied)
+        _write_card(job, tmp, target.name, dtype=save_dtype, untied=untied, diff=diff, tol=tol)
+        _write_report(job, tmp, result, save_dtype)
+    return result
+
+
+def _parity_on_dir(job: _Job, tmp: Path, ref: list, rows: list, save_dtype: torch.dtype) -> tuple[float, float]:
+    if not job.parity:
+        print("[qwentune merge] parity check skipped (parity=False)")
+        job.report["parity"] = "skipped"
+        return float("nan"), float(job.tolerance if job.tolerance is not None else float("nan"))
+    model = _load_model(tmp)
+    got = _logits(model, rows)
+    del model
+    gc.collect()
+    return _check_parity(job, ref, got, save_dtype)
+
+
+def _trained_token_ids_in_memory(pm: Any, adapter_name: str) -> list[int]:
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    ids: list[int] = []
+    for module in pm.modules():
+        if isinstance(module, TrainableTokensLayer):
+            ids += list(module.token_indices.get(adapter_name, []))
+    return sorted(set(ids))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# QLoRA: quantize like training did, dequantize back
+
+
+def _load_dtype(job: _Job) -> torch.dtype:
+    if job.spec is not None and job.spec.load_dtype is not None:
+        return _DTYPES[job.spec.load_dtype]
+    return _config_dtype(_read_json(job.base_dir / "config.json"))
+
+
+def _quant_roundtrip(weight: torch.Tensor, spec: QuantSpec, load_dtype: torch.dtype) -> torch.Tensor:
+    """The weight a bitsandbytes Linear4bit built from `weight` computes with, in fp32."""
+    import bitsandbytes.functional as bnbf
+
+    w = weight.to(load_dtype).contiguous()
+    qweight, state = bnbf.quantize_4bit(
+        w,
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.quant_type,
+        quant_storage=torch.uint8,
+    )
+    return bnbf.dequantize_4bit(qweight, state).to(torch.float32)
+
+
+def _quantized_module_names(skeleton: Any, spec: QuantSpec) -> list[str]:
+    """Names of the nn.Linear modules transformers replaces by bnb Linear4bit when loading with this config."""
+    from torch import nn
+
+    try:
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = list(spec.skip_modules) if spec.skip_modules is not None else None
+        not_convert = HfQuantizer.get_modules_to_not_convert(skeleton, skip, skeleton._keep_in_fp32_modules)
+    except (ImportError, AttributeError):  # older/newer transformers: fall back to the documented default
+        out = skeleton.get_output_embeddings()
+        not_convert = [n for n, m in skeleton.named_modules() if m is out] + list(spec.skip_modules or [])
+
+        def should_convert_module(name, patterns):
+            return not any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+    return [
+        name
+        for name, module in skeleton.named_modules()
+        if type(module) is nn.Linear and should_convert_module(name, not_convert)
+    ]
+
+
+def _dequantize_modules_inplace(model: Any, names: list[str], spec: QuantSpec, load_dtype: torch.dtype) -> None:
+    for name in names:
+        module = model.get_submodule(name)
+        module.weight.data = _quant_roundtrip(module.weight.data, spec, load_dtype).to(module.weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# streaming path: adapter parsing
+
+
+@dataclass
+class _LoraDelta:
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA
+
+    def delta(self) -> torch.Tensor:
+        if self.embedding:
+            return (self.B.float() @ self.A.float()).T * self.scaling
+        d = (self.B.float() @ self.A.float()) * self.scaling
+        return d.T if self.fan_in_fan_out else d
+
+
+@dataclass
+class _KeyOps:
+    """What happens to one checkpoint tensor."""
+
+    replace: torch.Tensor | None = None
+    lora: _LoraDelta | None = None
+    add: torch.Tensor | None = None  # lora_B.bias * scaling
+    rows: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return self.replace is None and self.lora is None and self.add is None and not self.rows
+
+
+@dataclass
+class _ModuleParts:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
+                       r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$")
+_TT_KEY = re.compile(r"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta$")
+_BASE_LAYER_KEY = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<param>weight|bias)$")
+_FULL_KEY = re.compile(r"^(?P<mod>.+)\.(?P<param>weight|bias)$")
+
+
+def _check_adapter_config(cfg: dict, *, streaming: bool) -> None:
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise QwentuneError(
+            f"peft_type {peft_type!r} is not a LoRA adapter",
+            where="adapter_config.json",
+            hint="train trainable tokens through LoraConfig(trainable_token_indices=...)",
+        )
+    if not streaming:
+        return
+    for key, what in _UNSUPPORTED_STREAMING.items():
+        if cfg.get(key):
+            raise QwentuneError(
+                f"{what} ({key}) is not supported by the streaming merge",
+                where="adapter_config.json",
+                hint="use streaming=False (PEFT's merge_and_unload)" if key != "alora_invocation_tokens" else
+                "activated LoRA only applies after its invocation tokens and cannot be merged",
+            )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise QwentuneError(
+            f"init_lora_weights={init!r} rewrites the base weights at init, so the adapter does not apply to the "
+            "original base",
+            where="adapter_config.json",
+            hint="save the adapter with path_initial_model_for_weight_conversion=... (a plain LoRA) or merge in "
+            "memory with merge_model_in_memory",
+        )
+
+
+def _pattern_key(patterns: dict, name: str) -> str | None:
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _scaling(cfg: dict, module: str, rank: int) -> float:
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rk, ak = _pattern_key(rank_pattern, module), _pattern_key(alpha_pattern, module)
+    r = rank_pattern[rk] if rk is not None else cfg.get("r", 8)
+    alpha = alpha_pattern[ak] if ak is not None else cfg.get("lora_alpha", 8)
+    if r != rank:
+        raise QwentuneError(
+            f"{module}: lora_A has rank {rank} but the config says r={r}", where="adapter_config.json"
+        )
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    bin_ = adapter_dir / "adapter_model.bin"
+    if bin_.is_file():
+        return torch.load(bin_, map_location="cpu", weights_only=True)
+    raise QwentuneError("no adapter_model.safetensors (or .bin)", where=str(adapter_dir))
+
+
+@dataclass
+class _ParsedAdapter:
+    lora: dict[str, _LoraDelta]  # module path -> delta
+    lora_bias: dict[str, torch.Tensor]  # module path -> bias delta (already scaled)
+    replace: dict[str, torch.Tensor]  # "<module>.<param>" -> full tensor
+    rows: dict[str, tuple[list[int], torch.Tensor]]  # module path -> (indices, values)
+    token_ids: list[int]
+
+
+def _parse_adapter(cfg: dict, tensors: dict[str, torch.Tensor]) -> _ParsedAdapter:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    replace: dict[str, torch.Tensor] = {}
+    tt: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, t in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            unknown.append(key)
+            continue
+        rest = key[len(_PEFT_PREFIX):]
+        if m := _LORA_KEY.match(rest):
+            part = m["part"].removesuffix(".weight") if "magnitude" in m["part"] else m["part"]
+            parts.setdefault(m["mod"], {})[part] = t
+        elif m := _TT_KEY.match(rest):
+            tt[m["mod"]] = t
+        elif m := _BASE_LAYER_KEY.match(rest):
+            replace[f"{m['mod']}.{m['param']}"] = t
+        elif ("lora_" in rest or "trainable_tokens" in rest or "modules_to_save" in rest
+              or "token_adapter" in rest):
+            unknown.append(key)
+        elif m := _FULL_KEY.match(rest):
+            replace[f"{m['mod']}.{m['param']}"] = t  # modules_to_save / bias="all"|"lora_only"
+        else:
+            unknown.append(key)
+    if unknown:
+        raise QwentuneError(
+            f"adapter tensors the streaming merge does not understand: {unknown[:4]}",
+            where="adapter_model.safetensors",
+            hint="use streaming=False (PEFT's merge_and_unload)",
+        )
+    lora: dict[str, _LoraDelta] = {}
+    lora_bias: dict[str, torch.Tensor] = {}
+    for mod, p in parts.items():
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        if a_key not in p or b_key not in p:
+            raise QwentuneError(f"{mod}: incomplete LoRA pair (have {sorted(p)})", where="adapter_model.safetensors")
+        A, B = p[a_key], p[b_key]
+        scaling = _scaling(cfg, mod, A.shape[0])
+        magnitude = p.get("lora_magnitude_vector")
+        if magnitude is not None and emb:
+            raise QwentuneError(
+                f"{mod}: DoRA on an embedding is not supported by the streaming merge",
+                hint="use streaming=False (PEFT's merge_and_unload)",
+            )
+        if magnitude is None and cfg.get("use_dora") and not emb:
+            raise QwentuneError(f"{mod}: use_dora is set but no magnitude vector was saved")
+        lora[mod] = _LoraDelta(A, B, scaling, emb, bool(cfg.get("fan_in_fan_out")) and not emb, magnitude)
+        if "lora_B.bias" in p:
+            lora_bias[mod] = p["lora_B.bias"].float() * scaling
+    rows: dict[str, tuple[list[int], torch.Tensor]] = {}
+    token_ids: list[int] = []
+    if tt:
+        spec = cfg.get("trainable_token_indices")
+        for mod, values in tt.items():
+            if isinstance(spec, dict):
+                matches = [k for k in spec if mod == k or mod.endswith("." + k)]
+                if len(matches) != 1:
+                    raise QwentuneError(f"{mod}: cannot tell which trainable_token_indices entry it is ({spec})")
+                idx = list(spec[matches[0]])
+            elif isinstance(spec, list) and len(tt) == 1:
+                idx = list(spec)
+            else:
+                raise QwentuneError(f"{mod}: trainable token deltas without matching trainable_token_indices")
+            if values.shape[0] != len(idx):
+                raise QwentuneError(f"{mod}: {values.shape[0]} trained rows for {len(idx)} token indices")
+            rows[mod] = (idx, values)
+            token_ids += idx
+    return _ParsedAdapter(lora, lora_bias, replace, rows, sorted(set(token_ids)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# streaming path: checkpoint keys
+
+
+class _KeyIndex:
+    """Map model-side names (PEFT module paths, transformers-5 layout) to the checkpoint's keys by suffix."""
+
+    def __init__(self, keys):
+        self.keys = set(keys)
+        self.by_suffix: dict[str, list[str]] = {}
+        for key in self.keys:
+            comps = key.split(".")
+            for i in range(len(comps)):
+                self.by_suffix.setdefault(".".join(comps[i:]), []).append(key)
+
+    def find(self, name: str) -> str | None:
+        if name in self.keys:
+            return name
+        comps = name.split(".")
+        for i in range(1, len(comps) - 1):  # a suffix keeps at least "<module>.<param>"
+            hits = self.by_suffix.get(".".join(comps[i:]))
+            if not hits:
+                continue
+            if len(hits) == 1:
+                return hits[0]
+            raise QwentuneError(
+                f"'{name}' matches several checkpoint tensors by suffix: {sorted(hits)[:4]}",
+                where="merge key mapping",
+            )
+        return None
+
+
+@dataclass
+class _BaseCheckpoint:
+    root: Path
+    shards: list[str]
+    key_to_shard: dict[str, str]
+    indexed: bool
+
+    @classmethod
+    def open(cls, root: Path) -> _BaseCheckpoint:
+        from safetensors import safe_open
+
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map") or {}
+            shards = sorted(set(weight_map.values()))
+            key_to_shard = dict(weight_map)
+            for shard in shards:
+                if not (root / shard).is_file():
+                    raise QwentuneError(f"missing shard {shard}", where=str(index))
+            return cls(root, shards, key_to_shard, True)
+        single = root / "model.safetensors"
+        if single.is_file():
+            with safe_open(str(single), "pt") as f:
+                keys = list(f.keys())
+            return cls(root, ["model.safetensors"], {k: "model.safetensors" for k in keys}, False)
+        hint = "convert it to safetensors first (the streaming merge reads safetensors shards)"
+        if any(root.glob("*.bin")):
+            hint += ", or use streaming=False"
+        raise QwentuneError("no model.safetensors or model.safetensors.index.json", where=str(root), hint=hint)
+
+
+def _skeleton(base_dir: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    cls = _model_class(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    return model
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _streaming_merge(job: _Job, target: Path) -> MergeResult:
+    from safetensors import safe_open
+
+    adapter_cfg = _read_json(job.adapter_dir / "adapter_config.json")
+    _check_adapter_config(adapter_cfg, streaming=True)
+    parsed = _parse_adapter(adapter_cfg, _load_adapter_tensors(job.adapter_dir))
+    base_cfg = _read_json(job.base_dir / "config.json")
+    save_dtype = _config_dtype(base_cfg)
+    ckpt = _BaseCheckpoint.open(job.base_dir)
+    skeleton = _skeleton(job.base_dir)
+
+    # tie structure, in the checkpoint's key names
+    tied_pairs = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    index = _KeyIndex(ckpt.key_to_shard)
+    emb_key = head_key = None
+    for target_name, source_name in tied_pairs.items():
+        src = index.find(source_name)
+        if src is not None and index.find(target_name) is None:
+            emb_key, head_key = src, target_name
+            break
+    if head_key:
+        index = _KeyIndex([*ckpt.key_to_shard, head_key])
+
+    # ops per checkpoint key
+    ops: dict[str, _KeyOps] = {}
+
+    def op(name: str, source: str) -> _KeyOps:
+        key = index.find(name)
+        if key is None:
+            raise QwentuneError(
+                f"adapter module '{source}' has no tensor '{name}' in the base checkpoint",
+                where=str(job.base_dir),
+                hint="is this the base the adapter was trained on? (base= overrides adapter_config.json)",
+            )
+        entry = ops.setdefault(key, _KeyOps())
+        entry.sources.append(source)
+        return entry
+
+    for name, tensor in parsed.replace.items():
+        op(name, name).replace = tensor
+    for mod, delta in parsed.lora.items():
+        op(f"{mod}.weight", mod).lora = delta
+    for mod, bias in parsed.lora_bias.items():
+        op(f"{mod}.bias", mod).add = bias
+    for mod, (idx, values) in parsed.rows.items():
+        op(f"{mod}.weight", mod).rows.append((idx, values))
+    # PEFT ties a token adapter on the input embedding to lm_head unless lm_head has its own token deltas
+    if emb_key and emb_key in ops and ops[emb_key].rows and not (head_key in ops and ops[head_key].rows):
+        ops.setdefault(head_key, _KeyOps()).rows.extend(ops[emb_key].rows)
+    untied = bool(emb_key) and (emb_key in ops or head_key in ops)
+    if head_key and not untied:
+        ops.pop(head_key, None)
+
+    quantized: set[str] = set()
+    qnames: list[str] = []
+    if job.mode == MODE_QLORA_DEQUANTIZED:
+        qnames = _quantized_module_names(skeleton, job.spec)
+        for name in qnames:
+            key = index.find(f"{name}.weight")
+            if key is None:
+                raise QwentuneError(f"no checkpoint tensor for quantized layer {name}", where=str(job.base_dir))
+            quantized.add(key)
+        for key in quantized & set(ops):
+            if ops[key].replace is not None:
+                raise QwentuneError(
+                    f"{ops[key].sources}: a fully trained copy of a 4-bit layer cannot be merged",
+                    where="adapter_model.safetensors",
+                )
+        job.report["quantized_modules"] = len(quantized)
+    load_dtype = _load_dtype(job) if job.spec is not None else None
+    del skeleton
+
+    with _staging(target) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        done: set[str] = set()
+        for shard in ckpt.shards:
+            out: dict[str, torch.Tensor] = {}
+            with safe_open(str(job.base_dir / shard), "pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if key == emb_key and untied:
+                        head = _apply(tensor, ops.get(head_key), False, job.spec, load_dtype, save_dtype, head_key)
+                        out[head_key] = head.clone() if head.data_ptr() == tensor.data_ptr() else head
+                        done.add(head_key)
+                    out[key] = _apply(tensor, ops.get(key), key in quantized, job.spec, load_dtype, save_dtype, key)
+                    done.add(key)
+                    del tensor
+            for key, tensor in out.items():
+                weight_map[key] = shard
+                total += tensor.numel() * tensor.element_size()
+            _save_shard(out, tmp / shard)
+            del out
+            gc.collect()
+        missing = set(ops) - done
+        if missing:
+            raise QwentuneError(f"checkpoint tensors never seen while merging: {sorted(missing)[:4]}",
+                                where=str(job.base_dir))
+        if ckpt.indexed or len(ckpt.shards) > 1:
+            index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+        cfg_out = copy.deepcopy(base_cfg)
+        if untied:
+            _untie_config_dict(cfg_out)
+        emb_rows = _rows_of(emb_key, ops, ckpt, job.base_dir)
+        if emb_rows is not None:
+            _text_cfg(cfg_out)["vocab_size"] = emb_rows
+        cfg_out.pop("quantization_config", None)
+        cfg_out["dtype"] = str(save_dtype).removeprefix("torch.")
+        if "torch_dtype" in cfg_out:
+            cfg_out["torch_dtype"] = cfg_out["dtype"]
+        (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
+        base_gen = None
+        if (job.base_dir / "generation_config.json").is_file():
+            base_gen = _read_json(job.base_dir / "generation_config.json")
+        facts = _finish(job, tmp, cfg_out, base_gen, [job.adapter_dir, job.base_dir])
+        _verify_output(tmp)
+        job.report["shards"] = len(ckpt.shards)
+        job.report["untied"] = untied
+
+        if job.parity:
+            vocab = emb_rows or _text_cfg(cfg_out).get("vocab_size") or 0
+            specials = list(parsed.token_ids)
+            tok = facts.get("tokenizer")
+            del facts
+            rows = _parity_rows(job, int(vocab), specials)
+            ref = _reference_logits(job, qnames, rows)
+            del tok
+            diff, tol = _parity_on_dir(job, tmp, ref, rows, save_dtype)
+        else:
+            diff, tol = _parity_on_dir(job, tmp, [], [], save_dtype)
+        result = MergeResult(target, job.mode, diff, tol, untied)
+        _write_card(job, tmp, target.name, dtype=save_dtype, untied=untied, diff=diff, tol=tol)
+        _write_report(job, tmp, result, save_dtype)
+    return result
+
+
+def _rows_of(emb_key: str | None, ops: dict, ckpt: _BaseCheckpoint, base_dir: Path) -> int | None:
+    """The embedding's row count when a saved embedding layer changed it (resized vocabulary), else None."""
+    if emb_key is None or emb_key not in ops or ops[emb_key].replace is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(base_dir / ckpt.key_to_shard[emb_key]), "pt") as f:
+        rows = f.get_slice(emb_key).get_shape()[0]
+    new = ops[emb_key].replace.shape[0]
+    return new if new != rows else None
+
+
+def _apply(
+    tensor: torch.Tensor,
+    ops: _KeyOps | None,
+    quantized: bool,
+    spec: QuantSpec | None,
+    load_dtype: torch.dtype | None,
+    save_dtype: torch.dtype,
+    key: str,
+) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor
+    work = None
+    if ops is not None and ops.replace is not None:
+        if ops.replace.dim() != tensor.dim() or (ops.replace.shape[1:] != tensor.shape[1:]):
+            raise QwentuneError(
+                f"{key}: adapter tensor of shape {tuple(ops.replace.shape)} for a base tensor of shape "
+                f"{tuple(tensor.shape)}",
+                where="adapter_model.safetensors",
+            )
+        tensor = ops.replace
+    if quantized:
+        work = _quant_roundtrip(tensor, spec, load_dtype)
+    if ops is not None and (ops.lora is not None or ops.add is not None or ops.rows):
+        work = tensor.float() if work is None else work
+        if ops.lora is not None:
+            delta = ops.lora.delta()
+            if delta.shape != work.shape:
+                raise QwentuneError(
+                    f"{key}: LoRA delta of shape {tuple(delta.shape)} for a tensor of shape {tuple(work.shape)}",
+                    where="adapter_model.safetensors",
+                    hint="is this the base the adapter was trained on?",
+                )
+            if ops.lora.magnitude is not None:  # DoRA: m * (W + dW) / ||W + dW||_row
+                merged = work + delta
+                norm = torch.linalg.norm(merged, dim=1)
+                work = (ops.lora.magnitude.float() / norm).view(-1, 1) * merged
+            else:
+                work = work + delta
+        if ops.add is not None:
+            work = work + ops.add
+        for idx, values in ops.rows:
+            work = work.index_copy(0, torch.tensor(idx, dtype=torch.long), values.to(work.dtype))
+    result = tensor if work is None else work
+    return result.to(save_dtype).contiguous()
+
+
+def _reference_logits(job: _Job, qnames: list[str], rows: list[list[int]]) -> list[torch.Tensor]:
+    """Base + adapter as a PeftModel in fp32 (on the dequantized base for qlora-dequantized)."""
+    from peft import PeftModel
+
+    model = _load_model(job.base_dir)
+    if job.mode == MODE_QLORA_DEQUANTIZED:
+        _dequantize_modules_inplace(model, qnames, job.spec, _load_dtype(job))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(model, str(job.adapter_dir))
+    pm.float()
+    pm.eval()
+    out = _logits(pm, rows)
+    del pm, model
+    gc.collect()
+    return out

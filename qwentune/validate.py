@@ -1,0 +1,120 @@
+"""`qwentune validate`: everything that can be checked before any weights load."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from .errors import BadRow, QwentuneError
+from .recipe import Recipe, load_recipe
+
+SAMPLE_ROWS = 5
+
+
+def _source_line(recipe: Recipe) -> tuple[str, Path | None]:
+    """What the model source is, and its local dir when one exists already (for the template check)."""
+    from .sources import _classify, describe_source
+
+    kind, payload = _classify(recipe.model.source)
+    if kind == "hub" and os.environ.get("HF_HUB_OFFLINE"):
+        return f"Hugging Face Hub model {payload} (HF_HUB_OFFLINE is set: not checked)", None
+    return describe_source(recipe.model.source), Path(payload) if kind == "local" else None
+
+
+def _template(recipe: Recipe, model_dir: Path | None):
+    """The recipe's template, or None when it is the model's own and the model is not on disk yet."""
+    from .chat import load_template
+
+    spec = recipe.data.template
+    if spec == "model":
+        if model_dir is None:
+            return None
+        from .model import load_tokenizer
+
+        return load_template(spec, load_tokenizer(model_dir, recipe))
+    return load_template(str(_template_path(recipe, spec)), None)
+
+
+def _template_path(recipe: Recipe, spec: str) -> str | Path:
+    from .chat import BUILTIN_TEMPLATES
+    from .recipe import resolve_path
+
+    return spec if spec in BUILTIN_TEMPLATES else resolve_path(recipe, spec)
+
+
+def _data_lines(recipe: Recipe, template) -> list[str]:
+    """Every data source exists, its format is detected, and its first rows convert to canonical rows."""
+    import json
+
+    from .data import _read_source, resolve_sources
+    from .formats import convert, detect_format, needs_tools
+
+    lines = []
+    for which in ("train", "eval"):
+        for source in resolve_sources(recipe, which):
+            rows = []
+            for _, text in itertools.islice(_read_source(source), SAMPLE_ROWS):
+                try:
+                    rows.append(json.loads(text))
+                except json.JSONDecodeError:
+                    rows.append(None)
+            if not rows:
+                raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
+            fmt = recipe.data.format
+            if fmt == "auto":
+                fmt = next((f for r in rows if isinstance(r, dict) and (f := detect_format(r))), None)
+                if fmt is None:
+                    raise QwentuneError(
+                        f"cannot tell the format of {source.label}", where=source.key, hint="set data.format"
+                    )
+            good = 0
+            for i, raw in enumerate(rows):
+                try:
+                    row = convert(raw, fmt, arrow=source.arrow) if raw is not None else None
+                except BadRow:
+                    continue
+                good += row is not None
+                if row is not None and template is not None and not template.supports_tools and needs_tools(row):
+                    raise QwentuneError(
+                        f"row {i} of {source.label} has tools or tool calls, but template {template.name} has no "
+                        "tool support",
+                        where=source.key,
+                        hint="use a Qwen2.5 template/model for tool calling, or data without tools",
+                    )
+            lines.append(f"{source.key}: {source.label} ({fmt}; {good}/{len(rows)} sample rows convert)")
+            if not good:
+                raise QwentuneError(
+                    f"none of the first {len(rows)} rows of {source.label} convert as {fmt}",
+                    where=source.key,
+                    hint="run `qwentune preview` to see why",
+                )
+    return lines
+
+
+def _combination_lines(recipe: Recipe) -> list[str]:
+    """Combinations that cannot work, refused before anything loads."""
+    lines = []
+    if recipe.method == "dpo":
+        from .dpo import check_dpo_recipe
+
+        check_dpo_recipe(recipe, str(recipe.path or "recipe"))
+        lines.append(f"dpo: loss {'+'.join(recipe.dpo.loss_type)}, beta {recipe.dpo.beta}")
+    if recipe.peft.method == "qlora" and recipe.peft.use_dora:
+        lines.append("note: DoRA on a 4-bit base merges only through the in-memory path")
+    return lines
+
+
+def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> list[str]:
+    """Check one recipe; returns the lines to print, raises QwentuneError on the first problem."""
+    recipe = load_recipe(path, overrides)
+    source, model_dir = _source_line(recipe)
+    lines = [f"{path}: ok", f"  model: {source}", f"  method: {recipe.method} with {recipe.peft.method}"]
+    template = _template(recipe, model_dir)
+    if template is None:
+        lines.append("  template: the model's own (read when the model is resolved)")
+    else:
+        lines.append(f"  template: {template.name} ({'with' if template.supports_tools else 'no'} tool support)")
+    lines += ["  " + line for line in _data_lines(recipe, template)]
+    lines += ["  " + line for line in _combination_lines(recipe)]
+    return lines
