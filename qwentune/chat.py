@@ -8,6 +8,11 @@ be prefixes of the whole rendering, and the completion is `R_i[len(P_i):]` throu
 (`<|im_end|>` for ChatML templates). Character spans become token spans through the tokenizer's offsets; a span edge
 inside a token, or trained tokens that do not decode to exactly the span's text, make the row a `BadRow` — a row is
 dropped rather than trained with a wrong mask.
+
+BadRow reasons: empty, no_assistant_turn, bad_role_order, bad_message (a message that is not a message: content not a
+string/list, a non-bool `train`, tool_calls outside an assistant turn), invalid_tool_json, tools_unsupported,
+empty_completion, template_error (the template itself raised on the row), mask_verification_failed; over_length
+from `fit_length`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 import re
 
+from transformers import set_seed
+
 from .data import prepare_data
 from .errors import QwentuneError
 from .model import add_adapter, load_adapter_for_training, load_base_model, load_tokenizer, resolve_precision
@@ -19,6 +21,7 @@ from .recipe import Recipe, resolve_path
 from .run import MetricsFile, TrainResult, effective_batch, finish_run, is_main_process, log, trainer_arguments
 from .runinfo import atomic_write_json, prepare_run_dir
 from .sources import resolve_model
+from .speed import score_only_trained_positions
 from .tokens import check_tokens, trainable_token_ids
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
@@ -103,6 +106,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     evals = data.eval.rename_columns(TRL_COLUMNS) if data.eval is not None else None
 
     precision = resolve_precision(recipe)
+    set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process
     model = load_base_model(recipe, source.path, precision)
     continuing = recipe.model.adapter is not None
     if continuing:
@@ -134,6 +138,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         precompute_ref_log_probs=d.precompute_ref_log_probs,
         max_length=None,  # pairs were fitted to data.max_length by the data pipeline
     )
+    score_only_trained_positions()
     trainer = _pretokenized_dpo_trainer()(
         model=model,
         ref_model=ref_model,
@@ -151,7 +156,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     if evals is not None:
         metrics["eval_before"] = _eval_summary(trainer.evaluate())
     train_output = trainer.train()
-    metrics.update(train_output.metrics)
+    metrics.update(train_output.metrics, global_step=train_output.global_step)
     if evals is not None:
         metrics["eval_after"] = _eval_summary(trainer.evaluate())
 

@@ -87,6 +87,8 @@ import math
 import os
 import re
 import shutil
+import struct
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -511,6 +513,7 @@ class _Job:
     parity: bool
     streaming: bool
     report: dict = field(default_factory=dict)
+    parity_dtype: torch.dtype = torch.float32
 
 
 def _check_qlora_merge(qlora_merge: str) -> None:
@@ -720,12 +723,75 @@ def _parity_rows(job: _Job, vocab_size: int, special_ids: list[int]) -> list[lis
 
 @torch.no_grad()
 def _logits(model: Any, rows: list[list[int]]) -> list[torch.Tensor]:
+    """Logits for each row, computed in fp32 even when the model is held in 16-bit (see `_fp32_compute`)."""
     device = next(model.parameters()).device
     out = []
-    for row in rows:
-        ids = torch.tensor([row], dtype=torch.long, device=device)
-        out.append(model(input_ids=ids).logits[0].float().cpu())
+    with _fp32_compute(model):
+        for row in rows:
+            ids = torch.tensor([row], dtype=torch.long, device=device)
+            out.append(model(input_ids=ids).logits[0].float().cpu())
     return out
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _upcast_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def up(v):
+        return v.float() if torch.is_tensor(v) and v.dtype in _HALF else v
+
+    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+
+@contextlib.contextmanager
+def _fp32_compute(model: Any) -> Iterator[None]:
+    """Run a model held in bf16/fp16 exactly as its fp32 copy would, holding one module in fp32 at a time.
+
+    Every module that owns half-precision parameters gets them swapped for fp32 copies for the duration of its
+    forward (and its half inputs upcast); PEFT layers (which read their base weights directly) are swapped as a
+    whole. Memory: the 16-bit model plus the largest module in fp32, instead of a full fp32 copy."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        peft_layers: tuple = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    except ImportError:  # pragma: no cover - peft is a dependency
+        peft_layers = ()
+    if not any(p.dtype in _HALF for p in model.parameters()):
+        yield
+        return
+
+    def pre(module, args, kwargs):
+        saved = []
+        params = module.parameters(recurse=isinstance(module, peft_layers))
+        for p in dict.fromkeys(params):
+            if p.dtype in _HALF:
+                saved.append((p, p.data))
+                p.data = p.data.float()
+        module._qwentune_fp32_saved = saved
+        return _upcast_inputs(args, kwargs)
+
+    def post(module, args, kwargs, output):
+        for p, data in module._qwentune_fp32_saved:
+            p.data = data
+        module._qwentune_fp32_saved = []
+
+    handles = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        whole = isinstance(module, peft_layers)
+        if whole:
+            inside.append(name)
+        if any(p.dtype in _HALF for p in module.parameters(recurse=whole)):
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -736,12 +802,13 @@ def _check_parity(job: _Job, ref: list[torch.Tensor], got: list[torch.Tensor], s
     diff = _max_abs_diff(ref, got)
     scale = max(float(r.abs().max()) for r in ref)
     tol = job.tolerance if job.tolerance is not None else default_tolerance(save_dtype, scale)
+    held = str(job.parity_dtype).removeprefix("torch.")
     print(
         f"[qwentune merge] parity ({job.mode}): max |logit diff| = {diff:.3g} over {len(ref)} rows "
         f"(tolerance {tol:.3g}, reference max |logit| {scale:.3g})"
     )
     job.report["parity"] = {"max_abs_diff": diff, "tolerance": tol, "reference_max_abs_logit": scale,
-                            "rows": len(ref)}
+                            "rows": len(ref), "compute_dtype": "float32", "weights_held_in": held}
     if not math.isfinite(diff) or diff > tol:
         raise QwentuneError(
             f"merged model does not match base+adapter: max |logit diff| {diff:.4g} > tolerance {tol:.4g}",
@@ -899,11 +966,12 @@ def _set_untied(config: Any) -> None:
 
 
 def _load_and_merge_in_memory(job: _Job, target: Path) -> MergeResult:
-    """merge_adapter(streaming=False): base + PeftModel in fp32, then PEFT's merge (the naive path)."""
+    """merge_adapter(streaming=False): base + PeftModel, then PEFT's merge one layer at a time in fp32."""
     from peft import PeftModel
 
     _check_adapter_config(_read_json(job.adapter_dir / "adapter_config.json"), streaming=False)
-    model = _load_model(job.base_dir)
+    save_dtype = _config_dtype(_read_json(job.base_dir / "config.json"))
+    model = _load_model(job.base_dir, _parity_hold_dtype(job, save_dtype))
     if job.mode == MODE_QLORA_DEQUANTIZED:
         names = _quantized_module_names(model, job.spec)
         _dequantize_modules_inplace(model, names, job.spec, _load_dtype(job))
@@ -918,15 +986,13 @@ def _merge_peft_model(job: _Job, pm: Any, adapter_name: str, target: Path, *, ma
     inner = pm.get_base_model()
     base_cfg = _read_json(job.base_dir / "config.json") if job.base_dir else inner.config.to_dict()
     save_dtype = _config_dtype(base_cfg) if job.base_dir else inner.dtype
-    pm.float()
+    job.parity_dtype = save_dtype if save_dtype in _HALF else torch.float32
     pm.eval()
     vocab = _innermost(inner.get_input_embeddings()).weight.shape[0]
     rows = _parity_rows(job, vocab, _trained_token_ids_in_memory(pm, adapter_name)) if job.parity else []
     ref = _logits(pm, rows) if job.parity else []
     untied = _untie_in_memory(inner)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = pm.merge_and_unload(progressbar=False, adapter_names=[adapter_name])
+    merged = _merge_layers_fp32(pm, adapter_name)
     if untied:
         _set_untied(merged.config)
     if getattr(merged.config, "quantization_config", None) is not None:
@@ -956,12 +1022,34 @@ def _merge_peft_model(job: _Job, pm: Any, adapter_name: str, target: Path, *, ma
     return result
 
 
+def _merge_layers_fp32(pm: Any, adapter_name: str) -> Any:
+    """PEFT's merge, layer by layer with that layer's base weights upcast to fp32 (then cast back), then unload.
+
+    Same arithmetic as merging an fp32 copy of the model (what the streaming merge computes), at the memory of the
+    16-bit model plus one layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in list(pm.modules()):
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            base = module.get_base_layer()
+            held = [(p, p.dtype) for p in base.parameters(recurse=False) if p.dtype in _HALF]
+            for p, _ in held:
+                p.data = p.data.float()
+            module.merge(safe_merge=True, adapter_names=[adapter_name])
+            for p, dtype in held:
+                p.data = p.data.to(dtype)
+        return pm.merge_and_unload(progressbar=False, adapter_names=[adapter_name])
+
+
 def _parity_on_dir(job: _Job, tmp: Path, ref: list, rows: list, save_dtype: torch.dtype) -> tuple[float, float]:
     if not job.parity:
         print("[qwentune merge] parity check skipped (parity=False)")
         job.report["parity"] = "skipped"
         return float("nan"), float(job.tolerance if job.tolerance is not None else float("nan"))
-    model = _load_model(tmp)
+    model = _load_model(tmp, job.parity_dtype)
     got = _logits(model, rows)
     del model
     gc.collect()
@@ -1295,15 +1383,122 @@ def _skeleton(base_dir: Path):
     return model
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+# Shards are read and written one tensor at a time with plain file I/O (no mmap, no whole-shard buffers), so the
+# streaming merge holds about one tensor (plus its fp32 work copy) besides the adapter.
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+
+class _ShardReader:
+    """Reads a safetensors file tensor by tensor into fresh memory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "rb")  # closed in close() / __exit__
+        try:
+            (size,) = struct.unpack("<Q", self._fh.read(8))
+            header = json.loads(self._fh.read(size))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._fh.close()
+            raise QwentuneError(f"not a safetensors file: {exc}", where=str(self.path)) from exc
+        self._start = 8 + size
+        self.metadata = header.pop("__metadata__", None)
+        self._entries = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+        for key, info in self._entries.items():
+            if info["dtype"] not in _ST_DTYPES:
+                self._fh.close()
+                raise QwentuneError(f"{key}: unsupported safetensors dtype {info['dtype']}", where=str(self.path))
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self._entries[key]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self._entries[key]
+        begin, end = info["data_offsets"]
+        dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - begin)
+        self._fh.seek(self._start + begin)
+        if self._fh.readinto(buf) != len(buf):
+            raise QwentuneError(f"{key}: file ends early", where=str(self.path))
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _ShardWriter:
+    """Writes a safetensors file whose tensors (name, dtype, shape) are known up front, one tensor at a time."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        if sys.byteorder != "little":  # safetensors stores little-endian data
+            raise QwentuneError("the streaming merge needs a little-endian machine", hint="use streaming=False")
+        self.path = Path(path)
+        self.keys = [k for k, _, _ in specs]
+        self._specs = {k: (d, tuple(sh)) for k, d, sh in specs}
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, dtype, shape in specs:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        self.nbytes = offset
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._next = 0
+        self._fh = open(self.path, "wb")  # closed in close() / __exit__
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        expected = self.keys[self._next] if self._next < len(self.keys) else None
+        dtype, shape = self._specs.get(key, (None, None))
+        if key != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise QwentuneError(
+                f"internal: wrote {key} {tensor.dtype} {tuple(tensor.shape)}, expected {expected} {dtype} {shape}",
+                where=str(self.path),
+            )
+        if tensor.numel():
+            self._fh.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close()
+        if exc_type is None and self._next != len(self.keys):
+            raise QwentuneError(f"internal: {len(self.keys) - self._next} tensors not written", where=str(self.path))
+
+
+def _out_spec(name: str, reader: _ShardReader, key: str, ops: dict, save_dtype: torch.dtype):
+    """(name, dtype, shape) of an output tensor made from the checkpoint tensor `key`."""
+    dtype = reader.dtype(key)
+    out_dtype = save_dtype if dtype.is_floating_point else dtype
+    entry = ops.get(name)
+    shape = tuple(entry.replace.shape) if entry is not None and entry.replace is not None else reader.shape(key)
+    return name, out_dtype, shape
 
 
 def _streaming_merge(job: _Job, target: Path) -> MergeResult:
-    from safetensors import safe_open
-
     adapter_cfg = _read_json(job.adapter_dir / "adapter_config.json")
     _check_adapter_config(adapter_cfg, streaming=True)
     parsed = _parse_adapter(adapter_cfg, _load_adapter_tensors(job.adapter_dir))
@@ -1372,28 +1567,37 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
         job.report["quantized_modules"] = len(quantized)
     load_dtype = _load_dtype(job) if job.spec is not None else None
     del skeleton
+    if job.parity:
+        job.parity_dtype = _parity_hold_dtype(job, save_dtype)
+        _check_parity_memory(ckpt, job.parity_dtype)
 
     with _staging(target) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         done: set[str] = set()
         for shard in ckpt.shards:
-            out: dict[str, torch.Tensor] = {}
-            with safe_open(str(job.base_dir / shard), "pt") as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
+            with _ShardReader(job.base_dir / shard) as reader:
+                specs = []
+                for key in reader.keys():
                     if key == emb_key and untied:
-                        head = _apply(tensor, ops.get(head_key), False, job.spec, load_dtype, save_dtype, head_key)
-                        out[head_key] = head.clone() if head.data_ptr() == tensor.data_ptr() else head
-                        done.add(head_key)
-                    out[key] = _apply(tensor, ops.get(key), key in quantized, job.spec, load_dtype, save_dtype, key)
-                    done.add(key)
-                    del tensor
-            for key, tensor in out.items():
-                weight_map[key] = shard
-                total += tensor.numel() * tensor.element_size()
-            _save_shard(out, tmp / shard)
-            del out
+                        specs.append(_out_spec(head_key, reader, key, ops, save_dtype))
+                    specs.append(_out_spec(key, reader, key, ops, save_dtype))
+                with _ShardWriter(tmp / shard, specs) as writer:
+                    for key in reader.keys():
+                        tensor = reader.get(key)
+                        if key == emb_key and untied:
+                            writer.write(
+                                head_key,
+                                _apply(tensor, ops.get(head_key), False, job.spec, load_dtype, save_dtype, head_key),
+                            )
+                            done.add(head_key)
+                        writer.write(
+                            key, _apply(tensor, ops.get(key), key in quantized, job.spec, load_dtype, save_dtype, key)
+                        )
+                        done.add(key)
+                        del tensor
+                total += writer.nbytes
+                weight_map.update(dict.fromkeys(writer.keys, shard))
             gc.collect()
         missing = set(ops) - done
         if missing:
@@ -1422,14 +1626,14 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
         job.report["shards"] = len(ckpt.shards)
         job.report["untied"] = untied
 
+        specials = list(parsed.token_ids)
+        del facts, parsed
+        ops.clear()  # the adapter tensors are not needed any more
+        gc.collect()
         if job.parity:
             vocab = emb_rows or _text_cfg(cfg_out).get("vocab_size") or 0
-            specials = list(parsed.token_ids)
-            tok = facts.get("tokenizer")
-            del facts
             rows = _parity_rows(job, int(vocab), specials)
             ref = _reference_logits(job, qnames, rows)
-            del tok
             diff, tol = _parity_on_dir(job, tmp, ref, rows, save_dtype)
         else:
             diff, tol = _parity_on_dir(job, tmp, [], [], save_dtype)
@@ -1437,6 +1641,47 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
         _write_card(job, tmp, target.name, dtype=save_dtype, untied=untied, diff=diff, tol=tol)
         _write_report(job, tmp, result, save_dtype)
     return result
+
+
+def _available_memory() -> int | None:
+    """MemAvailable in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _parity_hold_dtype(job: _Job, save_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the parity check holds the models in. Their forward always computes in fp32 (`_fp32_compute`), so
+    holding a bf16 model in bf16 gives the fp32 result at half the memory. Dequantized weights that a 16-bit dtype
+    cannot hold exactly (quantized from fp32) need fp32."""
+    if save_dtype not in _HALF:
+        return torch.float32
+    if job.mode == MODE_QLORA_DEQUANTIZED and _load_dtype(job) != save_dtype:
+        return torch.float32
+    return save_dtype
+
+
+def _check_parity_memory(ckpt: _BaseCheckpoint, hold: torch.dtype) -> None:
+    """Refuse before merging when the parity check cannot load the model (it loads one model at a time)."""
+    available = _available_memory()
+    if available is None:
+        return
+    params = 0
+    for shard in ckpt.shards:
+        with _ShardReader(ckpt.root / shard) as reader:
+            params += sum(math.prod(reader.shape(k)) for k in reader.keys())
+    need = params * torch.empty((), dtype=hold).element_size() * 1.15 + (1 << 30)
+    if need > available:
+        raise QwentuneError(
+            f"the parity check loads the model (~{need / 2**30:.1f} GiB) and only {available / 2**30:.1f} GiB are "
+            "available",
+            where="merge parity check",
+            hint="pass parity=False (qwentune merge --no-parity) to merge without it, or free memory",
+        )
 
 
 def _rows_of(emb_key: str | None, ops: dict, ckpt: _BaseCheckpoint, base_dir: Path) -> int | None:
@@ -1501,13 +1746,12 @@ def _reference_logits(job: _Job, qnames: list[str], rows: list[list[int]]) -> li
     """Base + adapter as a PeftModel in fp32 (on the dequantized base for qlora-dequantized)."""
     from peft import PeftModel
 
-    model = _load_model(job.base_dir)
+    model = _load_model(job.base_dir, job.parity_dtype)
     if job.mode == MODE_QLORA_DEQUANTIZED:
         _dequantize_modules_inplace(model, qnames, job.spec, _load_dtype(job))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = PeftModel.from_pretrained(model, str(job.adapter_dir))
-    pm.float()
     pm.eval()
     out = _logits(pm, rows)
     del pm, model

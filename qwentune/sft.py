@@ -3,6 +3,8 @@ TRL SFTTrainer on the already-tokenized rows → adapter → merged checkpoint."
 
 from __future__ import annotations
 
+from transformers import set_seed
+
 from .data import prepare_data
 from .model import add_adapter, load_base_model, load_tokenizer, resolve_precision
 from .recipe import Recipe
@@ -17,6 +19,7 @@ from .run import (
 )
 from .runinfo import atomic_write_json, prepare_run_dir
 from .sources import resolve_model
+from .speed import score_only_trained_positions
 from .tokens import trainable_token_ids
 
 
@@ -37,6 +40,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
         atomic_write_json(run_dir / "data_report.json", reports)
 
     precision = resolve_precision(recipe)
+    set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process
     model = load_base_model(recipe, source.path, precision)
     new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
     model = add_adapter(recipe, model, new_tokens.ids)
@@ -58,6 +62,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
         train_sampling_strategy="group_by_length" if recipe.sft.group_by_length else "random",
         dataset_num_proc=recipe.data.num_proc,
     )
+    score_only_trained_positions()
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -71,7 +76,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
     if data.eval is not None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     train_output = trainer.train()
-    metrics.update(train_output.metrics)
+    metrics.update(train_output.metrics, global_step=train_output.global_step)
     if data.eval is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 

@@ -20,7 +20,7 @@ from .runinfo import atomic_write_json
 # during pre-training) or far shorter than the typical row.
 NEAR_COSINE = 0.99
 NEAR_COUNT = 8
-NORM_RATIO = 0.7
+NORM_RATIO = 0.5
 
 
 @dataclass

@@ -191,6 +191,7 @@ def _check_mask_shape(rendered: Rendered) -> None:
     for a, b in rendered.trained_spans:
         assert 0 < a < b <= len(ids)
         assert ids[b - 1] == IM_END
+        assert ids[a - 3 : a] == [151644, 77091, 198]  # "<|im_start|>assistant\n", not trained
         assert labels[a - 1] == IGNORE_INDEX
         if b < len(ids):
             assert labels[b] == IGNORE_INDEX
@@ -778,3 +779,33 @@ def test_bad_message_and_template_error(tok, templates):
     # content parts on a template that only takes strings: the template itself fails on the row
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "a"}]
     assert _reason(tok, t, parts) == "template_error"
+
+
+def test_fast_renderer_matches_transformers_on_unusual_template_constructs(tok, tmp_path):
+    # dict methods, missing keys, loop attributes, namespaces, tojson with arguments, item access
+    header = (
+        "[{{ loop.index }}{{ '*' if loop.first }}{{ loop.previtem.role if loop.previtem is defined }}"
+        "|{{ m.get('name', 'anon') }}|{{ m.missing is defined }}|{{ m['role'] | upper }}|{{ ns.n }}{COUNT}]"
+    )
+    body = (
+        "{% set ns = namespace(n=0) %}{% if tools %}{{ tools | tojson(indent=2) }}{{ tools[0] | tojson }}\n{% endif %}"
+        "{% for m in messages %}{% set ns.n = ns.n + 1 %}<|im_start|>{{ m.role }}\n" + header + "{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{{ c.function.arguments | tojson }}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages, tools, _ = CONVERSATIONS["parallel_tool_calls"]
+    path = tmp_path / "odd.jinja"
+    path.write_text(body.replace("{COUNT}", ""))
+    template = load_template(str(path))
+    assert template.supports_tools
+    r = render_conversation(messages, tools, tok, template)
+    assert r.text == _official_text(tok, template, messages, tools)
+    assert r.input_ids == _official_ids(tok, r.text)
+    assert len(r.trained_spans) == 2
+    # a header that counts all messages renders each turn differently once more messages follow: refused
+    path.write_text(body.replace("{COUNT}", "/{{ loop.length }}"))
+    counting = load_template(str(path))
+    assert _reason(tok, counting, messages, tools) == "mask_verification_failed"
+    assert (
+        render_batch([{"messages": messages, "tools": tools}], tok, counting)[0].reason == "mask_verification_failed"
+    )

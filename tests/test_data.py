@@ -563,3 +563,22 @@ def test_dpo_columns_feed_trl_collator_unchanged(tmp_path, tok):
     chosen = first["prompt_input_ids"] + first["chosen_input_ids"]
     assert batch["input_ids"][0][: len(chosen)].tolist() == chosen
     assert batch["completion_mask"][0].sum().item() == len(first["chosen_input_ids"])
+
+
+def test_train_on_last_reaches_the_renderer(tmp_path, tok):
+    row = {"messages": [*chat("q1", "a1")["messages"], *chat("q2", "a2")["messages"]]}
+    path = write_jsonl(tmp_path / "t.jsonl", [row])
+    for train_on, expected in (("all", "a1<|im_end|>a2<|im_end|>"), ("last", "a2<|im_end|>")):
+        out = prepare_data(recipe(path, train_on=train_on), tok, quiet=True).train[0]
+        assert tok.decode([t for t, lab in zip(out["input_ids"], out["labels"]) if lab != IGNORE_INDEX]) == expected
+
+
+def test_json_object_holding_a_list_and_alpaca_csv(tmp_path, tok):
+    wrapped = tmp_path / "w.json"
+    wrapped.write_text(json.dumps({"version": 1, "data": [{"instruction": "Say hi", "output": "hi"}]}))
+    alpaca_csv = tmp_path / "a.csv"
+    alpaca_csv.write_text('instruction,input,output,history\nSay hi,,hi,"[[""q"", ""a""]]"\n', encoding="utf-8")
+    prepared = prepare_data(recipe([wrapped, alpaca_csv]), tok, quiet=True)
+    assert [r.detected_format for r in prepared.reports] == ["alpaca", "alpaca"]
+    history = {"messages": [*chat("q", "a")["messages"], *chat("Say hi", "hi")["messages"]]}
+    assert prepared.train["input_ids"] == [official_ids(tok, chat("Say hi", "hi")), official_ids(tok, history)]

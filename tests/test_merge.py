@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import warnings
@@ -11,7 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwentune import merge as merge_mod
 from qwentune.errors import QwentuneError
 from qwentune.merge import (
     SIDECAR_NAME,
@@ -22,6 +22,7 @@ from qwentune.merge import (
     write_train_sidecar,
 )
 
+merge_mod = importlib.import_module("qwentune.merge")  # the module (qwentune.merge is also a function name)
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -50,7 +51,7 @@ def _config(*, vocab=1024, tied=True, **kw):
     )
 
 
-def make_base(path: Path, *, vocab=1024, tied=True, dtype=torch.float32, shard=None, tokenizer=True, seed=0) -> Path:
+def make_base(path: Path, *, vocab=1024, tied=True, dtype=torch.float32, shard=None, tokenizer=False, seed=0) -> Path:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(vocab=vocab, tied=tied)).to(dtype)
     model.generation_config = transformers.GenerationConfig(**BASE_GEN)
@@ -117,7 +118,7 @@ def state(path: Path):
 
 
 def test_lora_fp32_merge_matches_base_plus_adapter(tmp_path):
-    base = make_base(tmp_path / "base")
+    base = make_base(tmp_path / "base", tokenizer=True)
     adapter = make_adapter(tmp_path / "adapter", base)
     ref = logits(peft_model(base, adapter))
     assert maxdiff(ref, logits(load(base))) > 0.1  # the adapter really changes the model
@@ -139,6 +140,7 @@ def test_lora_fp32_merge_matches_base_plus_adapter(tmp_path):
     assert report["mode"] == "lora" and report["max_abs_diff"] == pytest.approx(result.max_abs_diff)
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "lora" in card
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
 
 
 def test_bf16_base_stays_bf16(tmp_path):
@@ -152,7 +154,7 @@ def test_bf16_base_stays_bf16(tmp_path):
 
 
 def test_chat_template_generation_config_and_card(tmp_path):
-    base = make_base(tmp_path / "base", vocab=151936)
+    base = make_base(tmp_path / "base", vocab=151936, tokenizer=True)
     adapter = make_adapter(tmp_path / "adapter", base, target_modules=["q_proj", "v_proj"])
     card = {"data": "tool_calls.jsonl (1,200 rows)", "recipe": {"r": 4, "alpha": 8}, "metrics": {"eval_loss": 0.42}}
     merge_adapter(adapter, tmp_path / "out", chat_template=TEMPLATE, model_card=card)
@@ -257,7 +259,7 @@ def test_untied_base_trainable_tokens(tmp_path):
     assert maxdiff(ref, logits(load(tmp_path / "out"))) < 1e-5
 
 
-# ------------------------------------------------------------------------------------------------ streaming == in memory
+# ---------------------------------------------------------------------------------------------- streaming == in memory
 
 
 @pytest.mark.parametrize(
@@ -396,22 +398,22 @@ def test_crash_mid_save_leaves_previous_target_intact(tmp_path, monkeypatch):
 
     adapter2 = make_adapter(tmp_path / "adapter2", base, seed=7)
     calls = {"n": 0}
-    real = merge_mod._save_shard
+    real = merge_mod._ShardWriter.write
 
-    def flaky(tensors, path):
+    def flaky(self, key, tensor):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 12:  # in the middle of a shard, after whole shards were written
             raise OSError("disk full (simulated)")
-        real(tensors, path)
+        real(self, key, tensor)
 
-    monkeypatch.setattr(merge_mod, "_save_shard", flaky)
+    monkeypatch.setattr(merge_mod._ShardWriter, "write", flaky)
     with pytest.raises(OSError, match="simulated"):
         merge_adapter(adapter2, out, parity_input_ids=ROWS)
-    assert calls["n"] == 2
+    assert calls["n"] == 12
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
-    monkeypatch.setattr(merge_mod, "_save_shard", real)  # and a successful run replaces it
+    monkeypatch.setattr(merge_mod._ShardWriter, "write", real)  # and a successful run replaces it
     merge_adapter(adapter2, out, parity_input_ids=ROWS)
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -1,0 +1,129 @@
+"""Recipes: every shipped recipe validates; bad keys, types and values fail up front, naming the key (and line)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwentune.errors import QwentuneError
+from qwentune.recipe import dump_recipe, load_recipe, parse_override
+from qwentune.validate import validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+MINIMAL = {"model": {"source": "Qwen/Qwen2.5-0.5B-Instruct"}, "data": {"train": "data/tool_calls.jsonl"}}
+
+
+def qwentune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwentune", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_there_is_a_recipe_for_every_seed_model():
+    models = {p.parent.name for p in RECIPES}
+    assert {"qwen2.5-0.5b", "qwen2.5-0.5b-instruct", "qwen2.5-3b-instruct", "qwen2-0.5b-instruct"} <= models
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_every_recipe_validates_and_starts_with_its_command(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    first = path.read_text().splitlines()[0]
+    rel = path.relative_to(ROOT)
+    assert first.startswith("# ") and str(rel) in first and ("qwentune train" in first), first
+    lines = validate_recipe(rel)
+    assert lines[0].endswith("ok")
+    recipe = load_recipe(rel)
+    assert path.parent.name.split("-offline")[0] in path.parent.name  # layout recipes/<model>/<method>_<peft>.yaml
+    assert path.stem.split("_")[0] == recipe.method
+    assert path.stem.split("_")[1] == recipe.peft.method
+
+
+def test_types_are_checked_and_coerced():
+    recipe = load_recipe({**MINIMAL, "training": {"learning_rate": "2e-4", "epochs": 2}})
+    assert recipe.training.learning_rate == 2e-4 and recipe.training.epochs == 2.0
+    assert recipe.data.train == ["data/tool_calls.jsonl"]  # a single value where a list is expected
+    with pytest.raises(QwentuneError, match=r"'training.max_steps' must be int"):
+        load_recipe({**MINIMAL, "training": {"max_steps": "ten"}})
+    with pytest.raises(QwentuneError, match=r"'peft.use_dora' must be bool"):
+        load_recipe({**MINIMAL, "peft": {"use_dora": "yes"}})
+    with pytest.raises(
+        QwentuneError, match=r"'data.overlong' must be one of drop, truncate, error.*did you mean 'drop'"
+    ):
+        load_recipe({**MINIMAL, "data": {"train": "x", "overlong": "dorp"}})
+
+
+def test_unknown_keys_fail_with_did_you_mean_and_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "training": {"learning_rte": 1e-4}}, sort_keys=False))
+    with pytest.raises(QwentuneError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert "training.learning_rte" in text and "did you mean 'learning_rate'" in text
+    assert f"{path}:6" in text  # the line where the key is written
+
+
+def test_overrides_are_typed_and_unknown_override_keys_fail():
+    recipe = load_recipe(
+        MINIMAL,
+        ["training.max_steps=7", "training.learning_rate=1e-5", "peft.target_modules=[q_proj,v_proj]",
+         "output.merge=false", "model.revision=main"],
+    )  # fmt: skip
+    assert recipe.training.max_steps == 7 and recipe.training.learning_rate == 1e-5
+    assert recipe.peft.target_modules == ["q_proj", "v_proj"] and recipe.output.merge is False
+    with pytest.raises(QwentuneError, match=r"command line: unknown key 'peft.rank'.*"):
+        load_recipe(MINIMAL, ["peft.rank=8"])
+    with pytest.raises(QwentuneError, match="is a section"):
+        load_recipe(MINIMAL, ["peft=3"])
+    with pytest.raises(QwentuneError, match="has no '='"):
+        parse_override("training.max_steps")
+
+
+def test_cross_key_checks():
+    with pytest.raises(QwentuneError, match="data.eval_fraction"):
+        load_recipe({**MINIMAL, "data": {"train": "x", "eval_fraction": 1.5}})
+    with pytest.raises(QwentuneError, match="dpo.loss_weights"):
+        load_recipe({**MINIMAL, "dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}})
+    with pytest.raises(QwentuneError, match="model.source"):
+        load_recipe({"data": {"train": "x"}})
+
+
+def test_dump_round_trips():
+    recipe = load_recipe(MINIMAL, ["training.max_steps=3"])
+    again = load_recipe(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe
+
+
+def test_cli_help_and_exit_codes(tmp_path):
+    out = qwentune("--help")
+    assert out.returncode == 0
+    for command in ("validate", "preprocess", "preview", "train", "merge"):
+        assert command in out.stdout
+    good = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"
+    assert qwentune("validate", str(good)).returncode == 0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("  max_length:", "  max_lenght:"))
+    out = qwentune("validate", str(bad))
+    assert out.returncode == 2 and "data.max_lenght" in out.stderr and "max_length" in out.stderr
+
+    out = qwentune("validate", str(good), "training.epocs=3")
+    assert out.returncode == 2 and "training.epocs" in out.stderr and "did you mean 'epochs'" in out.stderr
+
+    out = qwentune("validate", str(good), "data.train=missing.jsonl")
+    assert out.returncode == 2 and "missing.jsonl" in out.stderr
+
+    out = qwentune("validate", str(good), "model.source=/nonexistent/model")
+    assert out.returncode == 2 and "/nonexistent/model" in out.stderr
+
+    out = qwentune("validate", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2 and "recipe file not found" in out.stderr
+
+
+def test_tools_on_a_template_without_tool_support_is_refused():
+    with pytest.raises(QwentuneError, match="no tool support"):
+        validate_recipe(
+            ROOT / "recipes/qwen2-0.5b-instruct/sft_lora.yaml", [f"data.train={ROOT}/data/tool_calls.jsonl"]
+        )
