@@ -18,7 +18,16 @@ from .data import prepare_data
 from .errors import QwentuneError
 from .model import add_adapter, load_adapter_for_training, load_base_model, load_tokenizer, resolve_precision
 from .recipe import Recipe, resolve_path
-from .run import MetricsFile, TrainResult, effective_batch, finish_run, is_main_process, log, trainer_arguments
+from .run import (
+    MetricsFile,
+    TrainResult,
+    effective_batch,
+    finish_run,
+    is_main_process,
+    log,
+    prompt_of,
+    trainer_arguments,
+)
 from .runinfo import atomic_write_json, prepare_run_dir
 from .sources import resolve_model
 from .speed import score_only_trained_positions
@@ -112,7 +121,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     if continuing:
         # The adapter keeps the trainable rows it was made with; the check is still reported.
         new_tokens = check_tokens(model, tokenizer, data.train)
-        model = load_adapter_for_training(model, resolve_path(recipe, recipe.model.adapter))
+        model = load_adapter_for_training(recipe, model, resolve_path(recipe, recipe.model.adapter))
     else:
         new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
         model = add_adapter(recipe, model, new_tokens.ids)
@@ -164,6 +173,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     return finish_run(
         recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
         reports=reports, parity_rows=parity_rows, precision=precision,
+        sample_prompt=prompt_of((data.eval if data.eval is not None else data.train)[0]),
     )  # fmt: skip
 
 

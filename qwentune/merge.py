@@ -3,14 +3,20 @@
 Two entry points:
 
 * `merge_adapter(adapter_dir, output_dir)` — the standalone merge (`qwentune merge`). With `streaming=True` (the
-  default) it goes shard by shard through the base's safetensors files, applies the adapter to the tensors of that
-  shard only and writes the output shard, so peak memory is about one shard plus the adapter (a 3B/7B model merges
-  on a 24 GiB machine). `streaming=False` loads base + adapter as a `PeftModel` and uses PEFT's `merge_and_unload`
-  (needed for DoRA on embeddings and other rare variants the streaming path refuses).
+  default) it goes through the base's safetensors shards one tensor at a time (plain file reads and writes, no mmap,
+  no whole-shard buffers), applies the adapter's deltas (``B @ A * scaling``; rsLoRA ``alpha / sqrt(r)``,
+  ``rank_pattern``/``alpha_pattern``, ``lora_bias``, DoRA on linear layers, LoRA on embeddings, trainable-token rows,
+  ``modules_to_save``) and writes the output shards with the same names and a ``model.safetensors.index.json``. Peak
+  memory is the largest tensor (plus its fp32 work copy) and the adapter: a 3B/7B model merges on a 24 GiB machine.
+  PEFT module names (transformers-5 layout, e.g. ``model.language_model.layers.0...`` for Qwen2-VL) are mapped to the
+  checkpoint's keys (which may use the older ``model.layers.0...`` / ``visual...`` layout) by unique suffix match.
+  `streaming=False` loads base + adapter as a `PeftModel` and uses PEFT's merge (needed for DoRA on embeddings and
+  the rare LoRA variants the streaming path refuses with a clear error).
 * `merge_model_in_memory(peft_model, output_dir)` — the end of training: the `PeftModel` is already in memory. A
-  full-precision model is merged with PEFT's `merge_and_unload` (after the tie fix below) and saved with
-  `save_pretrained`; a 4-bit (QLoRA) model is never merged into its 4-bit weights: its adapter is exported and merged
-  by the streaming path onto the base read from disk. The model is consumed (upcast to fp32 and merged in place).
+  full-precision model is merged with PEFT's layer merges, each layer's base weight upcast to fp32 for its merge
+  (after the tie fix below), and saved with `save_pretrained`; it gives bitwise the same tensors as the streaming
+  merge. A 4-bit (QLoRA) model is never merged into its 4-bit weights: its adapter is exported and merged by the
+  streaming path onto the base read from disk. The model is consumed (merged in place).
 
 Modes (`MergeResult.mode`, also in `merge_report.json` and the model card):
 
@@ -34,18 +40,23 @@ or LoRA on one of them changes only that one. (peft 0.21's own ``merge_and_unloa
 tied model: it merges in place into the shared tensor, so LoRA on ``lm_head``/``embed_tokens`` or token rows on
 ``lm_head`` leak into the other matrix; the in-memory path unties before merging to avoid that.)
 
-Parity check after every merge: logits of the saved model (loaded normally with ``from_pretrained``, fp32) versus
-base + adapter as a `PeftModel` (fp32; for ``qlora-dequantized`` on the dequantized base, i.e. what the 4-bit layers
-compute; for ``qlora-original-base`` on the original base) over a few rows (`parity_input_ids`, default four fixed
-short rows that include any trained token ids). The max abs difference is printed and saved in
-``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
+Parity check after every merge: logits of the saved model (loaded normally with ``from_pretrained``) versus base +
+adapter as a `PeftModel` (for ``qlora-dequantized`` on the dequantized base, i.e. what the 4-bit layers compute; for
+``qlora-original-base`` on the original base) over a few rows (`parity_input_ids`, default four fixed short rows
+that include any trained token ids). Both are computed in fp32; a bf16 model is held in bf16 and each module is
+upcast only while it runs (exactly the fp32 result at half the memory; models are loaded one at a time), and the
+merge refuses up front when even that does not fit (pass ``parity=False``). The max abs difference is printed and
+saved in ``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
 
-* saved in fp32: ``1e-3`` (measured ~1e-6);
-* saved in bf16/fp16: ``max(0.05, 0.02 * max|reference logit|)`` — the merged weights are rounded to 8 (bf16) or 11
-  (fp16) mantissa bits, which moves logits by a few 1e-3 relative; a wrong merge (missing module, wrong scaling,
-  transposed delta, wrong tie) moves them by the size of the adapter's effect, typically far more.
-* QLoRA: the same rule by saved dtype, because the reference is the dequantized base in fp32. Against the real 4-bit
-  model the difference also contains the 4-bit matmul's compute-dtype rounding (bf16 compute: ~1e-2 relative).
+* saved in fp32: ``1e-3`` (measured 3e-7 .. 4e-6 on tiny models);
+* saved in bf16/fp16: ``max(0.05, 0.02 * max|reference logit|)``: the merged weights are rounded to 8 (bf16) or 11
+  (fp16) mantissa bits. Measured on the real Qwen2.5-Coder-0.5B (bf16, LoRA r16 all-linear): 0.08 .. 0.12 at a
+  largest logit of ~18 (0.5 %), tolerance 0.37; the adapter itself moved logits by 4.9 and a 2x scaling error by 8.6.
+* QLoRA: the same rule by saved dtype, because the reference is the dequantized base. Against the real 4-bit model
+  the difference also contains the 4-bit matmuls' compute-dtype rounding: with fp32 compute ~4e-6 (tiny model),
+  with bf16 compute about 1-2 % of the largest logit. (bitsandbytes 0.50 on an AVX512-BF16 CPU repacks 4-bit weights
+  for inference on the first eval-mode no-grad forward and rounds their absmax to bf16, so eval-mode logits of the
+  4-bit model differ slightly from training-mode ones; the merge reproduces the training-time weights.)
 
 Above tolerance: `QwentuneError`, and nothing is left at ``output_dir``.
 
@@ -351,7 +362,33 @@ def merge_adapter(
 
     `quantization` (or the sidecar's ``quantization`` block) marks a QLoRA adapter; `qlora_merge` is then
     ``"dequantized"`` (merge onto the base as the 4-bit layers saw it) or ``"original"`` (onto the full-precision
-    base). `parity=False` skips the parity check (it loads base+adapter and the result in fp32, one at a time)."""
+    base). `parity=False` skips the parity check (it loads base + adapter, then the result, one at a time, held in
+    the base's dtype and computed in fp32) — for models that do not fit in memory once."""
+    return _merge_adapter_impl(
+        adapter_dir, output_dir, base=base, qlora_merge=qlora_merge, quantization=quantization,
+        parity_input_ids=parity_input_ids, chat_template=chat_template, tokenizer_source=tokenizer_source,
+        generation_eos_ids=generation_eos_ids, model_card=model_card, tolerance=tolerance, streaming=streaming,
+        parity=parity, adapter_label=None,
+    )
+
+
+def _merge_adapter_impl(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    base: str | Path | None,
+    qlora_merge: str,
+    quantization: QuantSpec | dict | None,
+    parity_input_ids: list[list[int]] | None,
+    chat_template: str | None,
+    tokenizer_source: Path | None,
+    generation_eos_ids: list[int] | None,
+    model_card: dict | None,
+    tolerance: float | None,
+    streaming: bool,
+    parity: bool,
+    adapter_label: str | None,
+) -> MergeResult:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QwentuneError(
@@ -386,6 +423,7 @@ def merge_adapter(
         tolerance=tolerance,
         parity=parity,
         streaming=streaming,
+        adapter_label=adapter_label,
     )
     target = _prepare_target(output_dir, forbidden=[adapter_dir, base_dir])
     if streaming:
@@ -411,9 +449,11 @@ def merge_model_in_memory(
 ) -> MergeResult:
     """Merge a `PeftModel` that is already in memory (end of training) and write a plain checkpoint.
 
-    The model is consumed: it is upcast to fp32 and merged in place. A 4-bit (QLoRA) model is not merged into its
-    4-bit weights: its adapter is exported and merged onto the base read from disk (`base`, or the adapter config's
-    ``base_model_name_or_path``), exactly as `merge_adapter` does."""
+    The model is consumed (merged in place, like PEFT's ``merge_and_unload``); each layer is merged in fp32 and
+    cast back, so the result equals the streaming merge's. `base` (default: the adapter config's
+    ``base_model_name_or_path``) supplies the saved dtype, generation config and tokenizer when it is a local dir. A
+    4-bit (QLoRA) model is not merged into its 4-bit weights: its adapter is exported and merged onto the base read
+    from disk, exactly as `merge_adapter` does (`base` is then required to exist)."""
     _check_qlora_merge(qlora_merge)
     from peft import PeftModel
 
@@ -431,6 +471,11 @@ def merge_model_in_memory(
     base_ref = base if base is not None else peft_cfg.base_model_name_or_path
     inner = peft_model.get_base_model()
 
+    qc = getattr(inner.config, "quantization_config", None)
+    if qc is not None and not _is_4bit(inner):
+        raise QwentuneError(
+            "the model is quantized, but not with bitsandbytes 4-bit", hint="only 4-bit (nf4/fp4) QLoRA models merge"
+        )
     if _is_4bit(inner):
         if base_ref is None:
             raise QwentuneError(
@@ -438,21 +483,20 @@ def merge_model_in_memory(
                 hint="pass base=<local model dir>",
             )
         if quantization is None:
-            qc = getattr(inner.config, "quantization_config", None)
             if qc is None:
                 raise QwentuneError("4-bit layers but no quantization_config", hint="pass quantization={...}")
             spec = QuantSpec.from_bnb_config(qc)
-            emb = inner.get_input_embeddings()
-            load_dtype = getattr(_innermost(emb), "weight", None)
-            if load_dtype is not None and load_dtype.dtype in (torch.float32, torch.bfloat16, torch.float16):
-                spec = QuantSpec(**{**spec.__dict__, "load_dtype": _dtype_name(load_dtype.dtype, where="model")})
+            # the dtype the unquantized weights were loaded in is the one the 4-bit weights were quantized from
+            emb_weight = getattr(_innermost(inner.get_input_embeddings()), "weight", None)
+            if emb_weight is not None and emb_weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                spec = QuantSpec(**{**spec.__dict__, "load_dtype": _dtype_name(emb_weight.dtype, where="model")})
         else:
             spec = QuantSpec.from_dict(quantization)
         target = _prepare_target(output_dir, forbidden=[])
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.adapter-", dir=target.parent) as tmp_adapter:
             peft_model.save_pretrained(tmp_adapter, selected_adapters=[adapter_name])
             saved = Path(tmp_adapter) / adapter_name if adapter_name != "default" else Path(tmp_adapter)
-            return merge_adapter(
+            return _merge_adapter_impl(
                 saved,
                 target,
                 base=base_ref,
@@ -466,6 +510,7 @@ def merge_model_in_memory(
                 tolerance=tolerance,
                 streaming=True,
                 parity=parity,
+                adapter_label="(in memory: 4-bit PeftModel)",
             )
 
     base_dir = None
@@ -514,6 +559,7 @@ class _Job:
     streaming: bool
     report: dict = field(default_factory=dict)
     parity_dtype: torch.dtype = torch.float32
+    adapter_label: str | None = None
 
 
 def _check_qlora_merge(qlora_merge: str) -> None:
@@ -724,13 +770,17 @@ def _parity_rows(job: _Job, vocab_size: int, special_ids: list[int]) -> list[lis
 @torch.no_grad()
 def _logits(model: Any, rows: list[list[int]]) -> list[torch.Tensor]:
     """Logits for each row, computed in fp32 even when the model is held in 16-bit (see `_fp32_compute`)."""
+    if not rows:
+        return []
     device = next(model.parameters()).device
-    out = []
+    width = max(len(r) for r in rows)
+    # one batch, right-padded: a causal model's logits at the real positions do not see the padding after them
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     with _fp32_compute(model):
-        for row in rows:
-            ids = torch.tensor([row], dtype=torch.long, device=device)
-            out.append(model(input_ids=ids).logits[0].float().cpu())
-    return out
+        logits = model(input_ids=ids).logits.float().cpu()
+    return [logits[i, : len(row)] for i, row in enumerate(rows)]
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -907,7 +957,7 @@ def _write_report(job: _Job, tmp: Path, result: MergeResult, save_dtype: torch.d
         "untied": result.untied,
         "dtype": str(save_dtype).removeprefix("torch."),
         "base": job.base_name,
-        "adapter": str(job.adapter_dir) if job.adapter_dir else "(in memory)",
+        "adapter": job.adapter_label or (str(job.adapter_dir) if job.adapter_dir else "(in memory)"),
         "streaming": job.streaming,
         "quantization": job.spec.to_dict() if job.spec else None,
         **job.report,
@@ -1511,12 +1561,14 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
     tied_pairs = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
     index = _KeyIndex(ckpt.key_to_shard)
     emb_key = head_key = None
+    head_virtual = False  # lm_head is not stored (the usual tied checkpoint): it is made from embed_tokens
     for target_name, source_name in tied_pairs.items():
         src = index.find(source_name)
-        if src is not None and index.find(target_name) is None:
-            emb_key, head_key = src, target_name
+        if src is not None:
+            found = index.find(target_name)
+            emb_key, head_key, head_virtual = src, found or target_name, found is None
             break
-    if head_key:
+    if head_virtual:
         index = _KeyIndex([*ckpt.key_to_shard, head_key])
 
     # ops per checkpoint key
@@ -1546,8 +1598,9 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
     if emb_key and emb_key in ops and ops[emb_key].rows and not (head_key in ops and ops[head_key].rows):
         ops.setdefault(head_key, _KeyOps()).rows.extend(ops[emb_key].rows)
     untied = bool(emb_key) and (emb_key in ops or head_key in ops)
-    if head_key and not untied:
+    if head_virtual and not untied:
         ops.pop(head_key, None)
+    make_head = head_virtual and untied
 
     quantized: set[str] = set()
     qnames: list[str] = []
@@ -1579,13 +1632,13 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
             with _ShardReader(job.base_dir / shard) as reader:
                 specs = []
                 for key in reader.keys():
-                    if key == emb_key and untied:
+                    if key == emb_key and make_head:
                         specs.append(_out_spec(head_key, reader, key, ops, save_dtype))
                     specs.append(_out_spec(key, reader, key, ops, save_dtype))
                 with _ShardWriter(tmp / shard, specs) as writer:
                     for key in reader.keys():
                         tensor = reader.get(key)
-                        if key == emb_key and untied:
+                        if key == emb_key and make_head:
                             writer.write(
                                 head_key,
                                 _apply(tensor, ops.get(head_key), False, job.spec, load_dtype, save_dtype, head_key),

@@ -128,35 +128,46 @@ def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = N
     )
 
 
-def add_adapter(recipe: Recipe, model, trainable_token_ids: list[int] | None = None):
-    """Wrap the base in a PEFT LoRA model (QLoRA: after k-bit preparation)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def _prepare_for_adapter(recipe: Recipe, model):
+    """k-bit preparation (QLoRA) and non-reentrant gradient checkpointing, before PEFT wraps the model."""
+    from peft import prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}
     if recipe.peft.method == "qlora":
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
-    elif recipe.training.gradient_checkpointing:
+    if recipe.training.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
+    return model
+
+
+def add_adapter(recipe: Recipe, model, trainable_token_ids: list[int] | None = None):
+    """Wrap the base in a PEFT LoRA model (QLoRA: after k-bit preparation)."""
+    from peft import get_peft_model
+
+    model = _prepare_for_adapter(recipe, model)
     peft_model = get_peft_model(model, lora_config(recipe, model, trainable_token_ids))
     patch_output_bias(peft_model)
     return peft_model
 
 
-def load_adapter_for_training(model, adapter_dir: Path):
-    """Continue training an existing adapter (e.g. DPO after SFT)."""
+def load_adapter_for_training(recipe: Recipe, model, adapter_dir: Path):
+    """Continue training an existing adapter (e.g. DPO after SFT), prepared exactly like a fresh one."""
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QwentuneError("not an adapter dir (no adapter_config.json)", where=str(adapter_dir))
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    model = _prepare_for_adapter(recipe, model)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    patch_output_bias(peft_model)
+    return peft_model
 
 
 def read_json(path: Path) -> dict:

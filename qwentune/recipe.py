@@ -131,6 +131,9 @@ class OutputSection:
     merge: bool = True
     qlora_merge: str = field(default="dequantized", metadata=_choices("dequantized", "original"))
     overwrite: bool = False
+    # After merging: greedy generation from the merged model (plain transformers) for the first eval (or train)
+    # prompt, printed and saved to sample.txt; 0 turns it off.
+    sample_tokens: int = 128
 
 
 @dataclass

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from .model import Precision
 from .recipe import Recipe
-from .runinfo import atomic_write_json
+from .runinfo import atomic_write_json, atomic_write_text
 
 ADAPTER_SIDECAR = "qwentune_train.json"
 
@@ -203,6 +203,7 @@ def finish_run(
     reports: list[dict],
     parity_rows: list[list[int]],
     precision: Precision,
+    sample_prompt: list[int] | None = None,
 ) -> TrainResult:
     """Save the adapter, metrics and plot, then merge (main process only); every process returns together."""
     result = TrainResult(run_dir=run_dir, metrics=metrics, data_reports=reports)
@@ -236,9 +237,39 @@ def finish_run(
                 "untied": merged.untied,
             }
             log(f"merged ({merged.mode}) into {merged.output_dir}; parity max |Δlogit| = {merged.max_abs_diff:.2e}")
+            if recipe.output.sample_tokens > 0 and sample_prompt:
+                metrics["sample"] = sample_generation(merged.output_dir, sample_prompt, recipe.output.sample_tokens)
+                atomic_write_text(
+                    run_dir / "sample.txt", metrics["sample"]["prompt"] + metrics["sample"]["completion"]
+                )
+                log(
+                    "sample generation from the merged model (plain transformers, greedy):\n"
+                    + metrics["sample"]["completion"]
+                )
         atomic_write_json(run_dir / "metrics.json", _plain(metrics))
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def prompt_of(row: dict) -> list[int]:
+    """The ids a model sees before its first trained token: the official rendering up to the generation prompt."""
+    if "prompt_input_ids" in row:
+        return list(row["prompt_input_ids"])
+    first = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    return list(row["input_ids"][:first])
+
+
+def sample_generation(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> dict[str, str]:
+    """Greedy generation from a merged dir loaded the way a user would: plain AutoModelForCausalLM + AutoTokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    completion = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=False)
+    return {"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "completion": completion}
 
 
 def _plain(metrics: dict) -> dict:

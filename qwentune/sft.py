@@ -15,6 +15,7 @@ from .run import (
     finish_run,
     is_main_process,
     log,
+    prompt_of,
     trainer_arguments,
 )
 from .runinfo import atomic_write_json, prepare_run_dir
@@ -91,4 +92,5 @@ def train_sft(recipe: Recipe) -> TrainResult:
         reports=reports,
         parity_rows=[row["input_ids"] for row in data.train.select(range(min(3, len(data.train))))],
         precision=precision,
+        sample_prompt=prompt_of((data.eval if data.eval is not None else data.train)[0]),
     )

@@ -288,6 +288,44 @@ def test_streaming_equals_in_memory(tmp_path, lora):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
+def test_bf16_in_memory_equals_streaming(tmp_path):
+    """A bf16 PeftModel (as trained in bf16) merges layer by layer in fp32: the same bf16 tensors as streaming."""
+    base = make_base(tmp_path / "base", dtype=torch.bfloat16, shard="300KB")
+    adapter = make_adapter(tmp_path / "adapter", base, model=load(base, torch.bfloat16),
+                           trainable_token_indices=[5, 7])
+    streamed = merge_adapter(adapter, tmp_path / "streamed", parity_input_ids=ROWS)
+    in_memory = merge_model_in_memory(peft_model(base, adapter, torch.bfloat16), tmp_path / "in_memory",
+                                      parity_input_ids=ROWS)
+    assert streamed.untied and in_memory.untied
+    assert streamed.max_abs_diff == pytest.approx(in_memory.max_abs_diff)
+    a, b = keys_of(tmp_path / "streamed"), keys_of(tmp_path / "in_memory")
+    assert set(a.values()) == set(b.values()) == {torch.bfloat16}
+    sa, sb = state(tmp_path / "streamed"), state(tmp_path / "in_memory")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fp32_compute_of_a_bf16_model_equals_its_fp32_copy(tmp_path):
+    base = make_base(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = make_adapter(tmp_path / "adapter", base, model=load(base, torch.float32), use_dora=True,
+                           trainable_token_indices=[5])
+    held = merge_mod._logits(peft_model(base, adapter, torch.bfloat16), ROWS)
+    full = merge_mod._logits(peft_model(base, adapter, torch.float32), ROWS)
+    assert maxdiff(held, full) < 1e-5
+    assert maxdiff(full, logits(peft_model(base, adapter, torch.float32))) < 1e-5  # batching rows changes nothing
+
+
+def test_parity_memory_check_refuses_before_writing(tmp_path, monkeypatch):
+    base = make_base(tmp_path / "base")
+    adapter = make_adapter(tmp_path / "adapter", base)
+    monkeypatch.setattr(merge_mod, "_available_memory", lambda: 10 << 20)
+    with pytest.raises(QwentuneError, match="parity=False"):
+        merge_adapter(adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    result = merge_adapter(adapter, tmp_path / "out", parity=False)
+    assert result.max_abs_diff != result.max_abs_diff  # nan: not checked
+    assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["parity"] == "skipped"
+
+
 def test_streaming_false_uses_peft_merge(tmp_path):
     base = make_base(tmp_path / "base")
     adapter = make_adapter(tmp_path / "adapter", base, trainable_token_indices=[5])

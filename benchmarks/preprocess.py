@@ -1,7 +1,7 @@
 """Rows/s of `chat.render_batch` (ids + exact masks) against a loop of `apply_chat_template(tokenize=True)` (ids only,
 no mask) and against TRL's own SFT dataset preparation, on ~1000 generated tool-calling conversations.
 
-    python benchmarks/bench_chat.py [--rows 1000] [--repeat 3] [--no-trl]
+    python benchmarks/preprocess.py [--rows 1000] [--repeat 3] [--no-trl]
 
 Prints the best of `--repeat` runs of each, and the ratios (timings on a shared 2-core machine are noisy).
 """
