@@ -9,9 +9,9 @@ linear layers with random non-zero B. Each variant runs in a fresh Python proces
 (`ru_maxrss`), so the numbers do not mix:
 
 * `imports`   — python + torch + transformers + peft + qwentune.merge, nothing loaded (the fixed floor);
-* `streaming` — `merge_adapter(..., streaming=True, parity=False)`: shard by shard;
+* `streaming` — `merge_adapter(..., streaming=True, check_parity=False)`: shard by shard;
 * `naive`     — `from_pretrained` (bf16) + `PeftModel.from_pretrained` + `merge_and_unload` + `save_pretrained`;
-* `in_memory` — `merge_adapter(..., streaming=False, parity=False)`: in-memory path (fp32 upcast, PEFT merge);
+* `in_memory` — `merge_adapter(..., streaming=False, check_parity=False)`: PEFT layer merges, each in fp32;
 * `streaming+parity` — the default standalone merge including its fp32 parity check (loads the model twice, in turn).
 """
 
@@ -74,11 +74,11 @@ def _child(variant: str, work: Path) -> dict:
     out = work / f"out-{variant.replace('+', '-')}"
     start = time.time()
     if variant == "streaming":
-        merge_adapter(work / "adapter", out, base=work / "base", parity=False)
+        merge_adapter(work / "adapter", out, base=work / "base", check_parity=False)
     elif variant == "streaming+parity":
-        merge_adapter(work / "adapter", out, base=work / "base", parity=True)
+        merge_adapter(work / "adapter", out, base=work / "base", check_parity=True)
     elif variant == "in_memory":
-        merge_adapter(work / "adapter", out, base=work / "base", parity=False, streaming=False)
+        merge_adapter(work / "adapter", out, base=work / "base", check_parity=False, streaming=False)
     elif variant == "naive":
         model = transformers.AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.bfloat16)
         model = PeftModel.from_pretrained(model, str(work / "adapter")).merge_and_unload()

@@ -87,7 +87,8 @@ def cmd_merge(args) -> int:
         qlora_merge=args.qlora_merge,
         check_parity=not args.no_parity,
     )
-    print(f"merged ({result.mode}) into {result.output_dir}; parity max |Δlogit| = {result.max_abs_diff:.2e}")
+    parity = "skipped" if args.no_parity else f"max |Δlogit| = {result.max_abs_diff:.2e}"
+    print(f"merged ({result.mode}) into {result.output_dir}; parity {parity}")
     return 0
 
 

@@ -534,7 +534,8 @@ def prepare_data(
     tools = _default_tools(recipe)
     train_loaded = _load_split(recipe, "train", limit)
     if d.eval:
-        splits = {"train": (train_loaded, None), "eval": (_load_split(recipe, "eval", limit), None)}
+        eval_limit = min(x for x in (limit, d.eval_limit, 10**12) if x is not None)
+        splits = {"train": (train_loaded, None), "eval": (_load_split(recipe, "eval", eval_limit), None)}
     elif d.eval_fraction > 0:
         splits = _fraction_split(train_loaded, d.eval_fraction, d.seed)
     else:

@@ -1,21 +1,22 @@
 """DPO with LoRA or QLoRA, one readable script: recipe → model source → preference pairs rendered with the official
 template (exact prompt and completion ids) → model + adapter → TRL DPOTrainer → adapter → merged checkpoint.
 
-The reference is the policy with its adapter disabled (no second model in memory); when training continues an
-existing adapter (`model.adapter`), TRL keeps a frozen copy of that adapter as the reference instead. An explicit
-reference model source (`dpo.reference`) is loaded as a separate frozen model.
+The reference model, in one of three forms:
+- a fresh adapter (the default): the policy with its adapter disabled, i.e. the base — no second copy in memory;
+- continuing an adapter (`model.adapter`, e.g. after SFT): a frozen copy of that adapter, made by TRL as "ref";
+- `dpo.reference`: a separate model source, loaded frozen (in 4-bit under QLoRA).
+With `dpo.precompute_ref_log_probs` the reference log-probs of every pair are computed once before training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 
 from transformers import set_seed
 
 from .data import prepare_data
-from .errors import QwentuneError
+from .errors import QwentuneError, did_you_mean
 from .model import add_adapter, load_adapter_for_training, load_base_model, load_tokenizer, resolve_precision
 from .recipe import Recipe, resolve_path
 from .run import (
@@ -39,49 +40,80 @@ TRL_COLUMNS = {
     "chosen_input_ids": "chosen_ids",
     "rejected_input_ids": "rejected_ids",
 }
+# dpo.<key> → the DPOConfig field it is passed as.
+CONFIG_FIELDS = {
+    "beta": "beta",
+    "loss_type": "loss_type",
+    "loss_weights": "loss_weights",
+    "label_smoothing": "label_smoothing",
+    "precompute_ref_log_probs": "precompute_ref_log_probs",
+}
+# dpo.<key> that older TRL releases had and the installed one may not: what to write instead.
+REMOVED_FIELDS = {
+    "rpo_alpha": "RPO is now a loss combination: loss_type: [sigmoid, sft] with loss_weights: [1.0, ALPHA]",
+}
 _FALLBACK_LOSSES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
+EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+             "logps/chosen", "logps/rejected")  # fmt: skip
 
 
 def supported_loss_types() -> tuple[str, ...]:
-    """The loss types the installed TRL's DPOTrainer accepts (read from its own error message; fallback: TRL 1.16)."""
+    """The loss types the installed TRL's DPOConfig documents (`loss_type` help), else those of TRL 1.16."""
     try:
-        from trl.trainer import dpo_trainer
+        from trl import DPOConfig
 
-        m = re.search(r"Should be one of \[([^\]]+)\]", inspect.getsource(dpo_trainer).replace('"\n', ""))
-        if m:
-            found = tuple(re.findall(r"'([a-z_]+)'", m.group(1)))
-            if found:
-                return found
-    except (ImportError, OSError):
+        help_text = {f.name: f for f in dataclasses.fields(DPOConfig)}["loss_type"].metadata.get("help", "")
+        found = tuple(dict.fromkeys(re.findall(r"`'([a-z0-9_]+)'`", help_text)))
+        if found:
+            return found
+    except (ImportError, KeyError):
         pass
     return _FALLBACK_LOSSES
 
 
 def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
-    """Recipe keys against what the installed TRL supports: loss types, and DPOConfig fields we map onto."""
+    """The dpo section against what the installed TRL supports (loss types, DPOConfig fields), and the adapter to
+    continue, before any weights load. Raises QwentuneError naming the key."""
     from trl import DPOConfig
 
+    d = recipe.dpo
     losses = supported_loss_types()
-    for loss in recipe.dpo.loss_type:
+    for loss in d.loss_type:
         if loss not in losses:
-            from .errors import did_you_mean
-
             raise QwentuneError(
                 f"'dpo.loss_type' has {loss!r}, which the installed TRL does not support",
                 where=where,
                 hint=did_you_mean(loss, losses) or f"one or more of {', '.join(losses)}",
             )
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    for ours, theirs in (("beta", "beta"), ("loss_weights", "loss_weights"), ("label_smoothing", "label_smoothing"),
-                         ("precompute_ref_log_probs", "precompute_ref_log_probs")):  # fmt: skip
+    for ours, theirs in CONFIG_FIELDS.items():
         if theirs not in fields:
             raise QwentuneError(
                 f"'dpo.{ours}' maps to DPOConfig.{theirs}, which the installed TRL no longer has (renamed or removed)",
                 where=where,
-                hint="pin trl>=1.16,<2 or remove the key",
+                hint="install the TRL version in qwentune's requirements, or remove the key",
+            )
+    for ours, instead in REMOVED_FIELDS.items():
+        if getattr(d, ours, None) is not None and ours not in fields:
+            raise QwentuneError(
+                f"'dpo.{ours}' is set, but the installed TRL's DPOConfig has no '{ours}' (removed)",
+                where=where,
+                hint=instead,
+            )
+    if "exo_pair" in d.loss_type and d.label_smoothing <= 0:
+        raise QwentuneError(
+            "'dpo.loss_type' exo_pair needs 'dpo.label_smoothing' > 0", where=where, hint="the EXO paper uses 1e-3"
+        )
+    if recipe.model.adapter is not None:
+        adapter = resolve_path(recipe, recipe.model.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise QwentuneError(
+                f"'model.adapter' is not a PEFT adapter dir (no adapter_config.json): {adapter}",
+                where=where,
+                hint="point it at the adapter/ dir of an earlier run, e.g. runs/<sft run>/adapter",
             )
 
 
@@ -89,9 +121,60 @@ def _pretokenized_dpo_trainer():
     from trl import DPOTrainer
 
     class PretokenizedDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer on our exact ids, with the reference settled before TRL first uses it."""
+
+        def __init__(self, *args, continuing: bool, **kwargs):
+            self._continuing = continuing
+            self._reference_settled = False
+            super().__init__(*args, **kwargs)
+            self._settle_reference()
+
         # TRL re-renders and re-tokenizes text pairs and adds a trained "\n" after <|im_end|>; ours are already exact.
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self._settle_reference()  # TRL precomputes inside its __init__, right after it made its "ref" copy
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+        def _settle_reference(self) -> None:
+            """The one place where TRL's reference adapter is fixed up.
+
+            Given a PeftModel and no ref_model, TRL 1.16 adds an adapter "ref" and copies every parameter whose name
+            contains ".default." into it; the reference forward then runs with "ref" active.
+            - Fresh adapter: the copy is zero-initialised LoRA (B = 0) and trainable-token rows equal to the base
+              rows, i.e. exactly the base, which the policy with its adapter disabled already is. We delete it:
+              the reference is the adapter-disabled model, with no copy kept.
+            - Continued adapter: PEFT trainable tokens are named `…trainable_tokens_delta.default` (no trailing
+              dot), so TRL leaves "ref" with the *base* token rows and the reference would be neither the base nor
+              the adapter it continues. We copy every "default" tensor into "ref", frozen."""
+            if self._reference_settled:
+                return
+            self._reference_settled = True
+            from peft import PeftModel
+
+            model = self.accelerator.unwrap_model(self.model)
+            if self.ref_model is not None or not isinstance(model, PeftModel) or "ref" not in model.peft_config:
+                return
+            if not self._continuing:
+                model.delete_adapter("ref")
+                model.set_adapter("default")
+                return
+            named = dict(model.named_parameters())
+            for name, param in named.items():
+                parts = name.split(".")
+                if "default" not in parts:
+                    continue
+                parts[parts.index("default")] = "ref"
+                ref = named.get(".".join(parts))
+                if ref is None:
+                    raise QwentuneError(
+                        f"TRL's reference adapter has no copy of {name}",
+                        where="dpo reference",
+                        hint="set dpo.reference to the merged model of the adapter you continue",
+                    )
+                ref.data = param.data.detach().clone()
+                ref.requires_grad_(False)
 
     return PretokenizedDPOTrainer
 
@@ -106,8 +189,9 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     )
     tokenizer = load_tokenizer(source.path, recipe)
 
+    # The same code path as `qwentune preprocess`: official template, exact prompt/completion ids, bad pairs counted.
     data = prepare_data(recipe, tokenizer)
-    tokenizer.chat_template = data.template.text
+    tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
     reports = [r.to_dict() for r in data.reports]
     if is_main_process():
         atomic_write_json(run_dir / "data_report.json", reports)
@@ -119,25 +203,43 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     model = load_base_model(recipe, source.path, precision)
     continuing = recipe.model.adapter is not None
     if continuing:
-        # The adapter keeps the trainable rows it was made with; the check is still reported.
+        # The adapter keeps the trainable token rows it was made with; the check is still reported.
         new_tokens = check_tokens(model, tokenizer, data.train)
-        model = load_adapter_for_training(recipe, model, resolve_path(recipe, recipe.model.adapter))
+        log(new_tokens.summary())
+        adapter_dir = resolve_path(recipe, recipe.model.adapter)
+        model = load_adapter_for_training(recipe, model, adapter_dir)
+        reference = f"frozen copy of the adapter {adapter_dir}"
     else:
         new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
         model = add_adapter(recipe, model, new_tokens.ids)
+        reference = "the policy with its adapter disabled (the base model)"
 
     ref_model = None
     if recipe.dpo.reference:
         ref_source = resolve_model(recipe.dpo.reference, trust_remote_code=recipe.model.trust_remote_code)
         ref_model = load_base_model(recipe, ref_source.path, precision).eval()
+        if ref_model.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            raise QwentuneError(
+                f"the reference {recipe.dpo.reference} has another vocabulary than {recipe.model.source}",
+                where="dpo.reference",
+                hint="the reference must share the policy's tokenizer",
+            )
+        reference = f"the model {recipe.dpo.reference}"
+    if is_main_process():
+        model.print_trainable_parameters()
 
     batch, processes = effective_batch(recipe)
+    d = recipe.dpo
     log(
         f"effective batch {batch} pairs = {recipe.training.per_device_batch_size} per device × "
         f"{recipe.training.grad_accum} accumulation × {processes} process(es); precision {precision.name}; "
         f"{len(train)} train pairs" + (f", {len(evals)} eval pairs" if evals is not None else "")
     )
-    d = recipe.dpo
+    log(
+        f"dpo: loss {' + '.join(f'{w}×{t}' for t, w in zip(d.loss_type, d.loss_weights or [1.0] * len(d.loss_type)))}"
+        f", beta {d.beta}, label_smoothing {d.label_smoothing}; reference: {reference}"
+        + (", log-probs precomputed" if d.precompute_ref_log_probs else "")
+    )
     args = DPOConfig(
         **trainer_arguments(recipe, precision, run_dir, has_eval=evals is not None),
         beta=d.beta,
@@ -145,7 +247,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         loss_weights=d.loss_weights,
         label_smoothing=d.label_smoothing,
         precompute_ref_log_probs=d.precompute_ref_log_probs,
-        max_length=None,  # pairs were fitted to data.max_length by the data pipeline
+        max_length=None,  # pairs were fitted to data.max_length by the data pipeline; TRL must not cut them again
     )
     score_only_trained_positions()
     trainer = _pretokenized_dpo_trainer()(
@@ -156,19 +258,37 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         eval_dataset=evals,
         processing_class=tokenizer,
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+        continuing=continuing,
     )
-    if not continuing and ref_model is None and "ref" in trainer.model.peft_config:
-        # TRL copies a fresh adapter as "ref"; a zero-initialised copy is the base, so disable the adapter instead.
-        trainer.model.delete_adapter("ref")
+    if d.precompute_ref_log_probs and ref_model is not None:
+        trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 
-    metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
+    metrics: dict = {
+        "effective_batch": batch,
+        "processes": processes,
+        "trainable_tokens": new_tokens.to_dict(),
+        "dpo": {"loss_type": list(d.loss_type), "loss_weights": d.loss_weights, "beta": d.beta,
+                "label_smoothing": d.label_smoothing, "reference": reference,
+                "precompute_ref_log_probs": d.precompute_ref_log_probs},
+    }  # fmt: skip
     if evals is not None:
         metrics["eval_before"] = _eval_summary(trainer.evaluate())
     train_output = trainer.train()
     metrics.update(train_output.metrics, global_step=train_output.global_step)
     if evals is not None:
-        metrics["eval_after"] = _eval_summary(trainer.evaluate())
+        metrics["eval_after"] = _eval_summary(_final_eval(trainer, train_output.global_step) or trainer.evaluate())
+        log(
+            "eval reward accuracy {:.3f} → {:.3f}, mean margin {:.4f} → {:.4f}".format(
+                metrics["eval_before"].get("rewards/accuracies", float("nan")),
+                metrics["eval_after"].get("rewards/accuracies", float("nan")),
+                metrics["eval_before"].get("rewards/margins", float("nan")),
+                metrics["eval_after"].get("rewards/margins", float("nan")),
+            )
+        )
 
+    if continuing and "ref" in trainer.model.peft_config:
+        trainer.model.delete_adapter("ref")  # save and merge the trained adapter only, not the reference copy
+        trainer.model.set_adapter("default")
     parity_rows = [r["prompt_ids"] + r["chosen_ids"] for r in train.select(range(min(3, len(train))))]
     return finish_run(
         recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
@@ -177,12 +297,13 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     )  # fmt: skip
 
 
+def _final_eval(trainer, step: int) -> dict | None:
+    """The evaluation the trainer already ran at the last step (eval_strategy epoch/steps), so it is not repeated."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            return entry if entry.get("step") == step else None
+    return None
+
+
 def _eval_summary(metrics: dict) -> dict:
-    keys = (
-        "eval_loss",
-        "eval_rewards/accuracies",
-        "eval_rewards/margins",
-        "eval_rewards/chosen",
-        "eval_rewards/rejected",
-    )
-    return {k.removeprefix("eval_"): metrics[k] for k in keys if k in metrics}
+    return {k: metrics[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in metrics}

@@ -45,8 +45,8 @@ adapter as a `PeftModel` (for ``qlora-dequantized`` on the dequantized base, i.e
 ``qlora-original-base`` on the original base) over a few rows (`parity_input_ids`, default four fixed short rows
 that include any trained token ids). Both are computed in fp32; a bf16 model is held in bf16 and each module is
 upcast only while it runs (exactly the fp32 result at half the memory; models are loaded one at a time), and the
-merge refuses up front when even that does not fit (pass ``parity=False``). The max abs difference is printed and
-saved in ``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
+merge refuses up front when even that does not fit (pass ``check_parity=False``). The max abs difference is printed
+and saved in ``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
 
 * saved in fp32: ``1e-3`` (measured 3e-7 .. 4e-6 on tiny models);
 * saved in bf16/fp16: ``max(0.05, 0.02 * max|reference logit|)``: the merged weights are rounded to 8 (bf16) or 11
@@ -78,7 +78,7 @@ Training sidecar ``qwentune_train.json`` (beside ``adapter_config.json``; writte
         "compute_dtype": "bfloat16",          # bnb_4bit_compute_dtype (informational for the merge)
         "blocksize": 64,                      # optional, bitsandbytes' default 64
         "load_dtype": "bfloat16",             # optional: dtype the base was loaded in before quantizing
-                                              #   (default: the base config's dtype)
+                                              #   (default: compute_dtype, as qwentune's trainer loads it)
         "skip_modules": null                  # optional: llm_int8_skip_modules used at training time
       },
       "chat_template": "...",                 # the template the training data was rendered with
@@ -172,7 +172,7 @@ _DTYPES = {
 class MergeResult:
     output_dir: Path
     mode: str  # "lora" | "qlora-dequantized" | "qlora-original-base"
-    max_abs_diff: float  # parity: merged logits vs base+adapter (nan when parity=False)
+    max_abs_diff: float  # parity: merged logits vs base+adapter (nan when check_parity=False)
     tolerance: float
     untied: bool  # whether tied embeddings were untied deliberately
 
@@ -274,17 +274,10 @@ def _dtype_name(value: Any, *, where: str) -> str:
 
 
 def resolve_base(source: str | Path) -> Path:
-    """Turn a base-model reference into a local directory with ``config.json`` and safetensors weights.
+    """A base-model reference (local dir, hub id, .gguf, offline:…) → a local directory, via the one model resolver."""
+    from .sources import resolve_model
 
-    Hook: treats `source` as a local directory for now; the project's model-source resolver plugs in here."""
-    path = Path(source).expanduser()
-    if not (path / "config.json").is_file():
-        raise QwentuneError(
-            f"no base model at '{source}' (expected a directory with config.json and *.safetensors)",
-            where="base",
-            hint="pass base=<local model dir> to override adapter_config.json's base_model_name_or_path",
-        )
-    return path
+    return resolve_model(str(source)).path
 
 
 def read_train_sidecar(adapter_dir: str | Path) -> dict:
@@ -356,19 +349,19 @@ def merge_adapter(
     model_card: dict | None = None,
     tolerance: float | None = None,
     streaming: bool = True,
-    parity: bool = True,
+    check_parity: bool = True,
 ) -> MergeResult:
     """Merge the adapter saved in `adapter_dir` into its base and write a plain checkpoint to `output_dir`.
 
     `quantization` (or the sidecar's ``quantization`` block) marks a QLoRA adapter; `qlora_merge` is then
     ``"dequantized"`` (merge onto the base as the 4-bit layers saw it) or ``"original"`` (onto the full-precision
-    base). `parity=False` skips the parity check (it loads base + adapter, then the result, one at a time, held in
-    the base's dtype and computed in fp32) — for models that do not fit in memory once."""
+    base). `check_parity=False` skips the parity check (it loads base + adapter, then the result, one at a time,
+    held in the base's dtype and computed in fp32) — for models that do not fit in memory even once."""
     return _merge_adapter_impl(
         adapter_dir, output_dir, base=base, qlora_merge=qlora_merge, quantization=quantization,
         parity_input_ids=parity_input_ids, chat_template=chat_template, tokenizer_source=tokenizer_source,
         generation_eos_ids=generation_eos_ids, model_card=model_card, tolerance=tolerance, streaming=streaming,
-        parity=parity, adapter_label=None,
+        check_parity=check_parity, adapter_label=None,
     )
 
 
@@ -386,7 +379,7 @@ def _merge_adapter_impl(
     model_card: dict | None,
     tolerance: float | None,
     streaming: bool,
-    parity: bool,
+    check_parity: bool,
     adapter_label: str | None,
 ) -> MergeResult:
     adapter_dir = Path(adapter_dir)
@@ -421,7 +414,7 @@ def _merge_adapter_impl(
         eos_ids=generation_eos_ids,
         card=card,
         tolerance=tolerance,
-        parity=parity,
+        parity=check_parity,
         streaming=streaming,
         adapter_label=adapter_label,
     )
@@ -444,7 +437,7 @@ def merge_model_in_memory(
     generation_eos_ids: list[int] | None = None,
     model_card: dict | None = None,
     tolerance: float | None = None,
-    parity: bool = True,
+    check_parity: bool = True,
     max_shard_size: str | int = "2GB",
 ) -> MergeResult:
     """Merge a `PeftModel` that is already in memory (end of training) and write a plain checkpoint.
@@ -509,7 +502,7 @@ def merge_model_in_memory(
                 model_card=model_card,
                 tolerance=tolerance,
                 streaming=True,
-                parity=parity,
+                check_parity=check_parity,
                 adapter_label="(in memory: 4-bit PeftModel)",
             )
 
@@ -531,7 +524,7 @@ def merge_model_in_memory(
         eos_ids=generation_eos_ids,
         card=dict(model_card or {}),
         tolerance=tolerance,
-        parity=parity,
+        parity=check_parity,
         streaming=False,
     )
     target = _prepare_target(output_dir, forbidden=[base_dir] if base_dir else [])
@@ -1085,18 +1078,19 @@ def _merge_layers_fp32(pm: Any, adapter_name: str) -> Any:
             if not isinstance(module, BaseTunerLayer):
                 continue
             base = module.get_base_layer()
-            held = [(p, p.dtype) for p in base.parameters(recurse=False) if p.dtype in _HALF]
+            held = [(p, p.data) for p in base.parameters(recurse=False) if p.dtype in _HALF]
             for p, _ in held:
                 p.data = p.data.float()
             module.merge(safe_merge=True, adapter_names=[adapter_name])
-            for p, dtype in held:
-                p.data = p.data.to(dtype)
+            for p, original in held:  # back into the original storage: no second copy of the model
+                original.copy_(p.data)
+                p.data = original
         return pm.merge_and_unload(progressbar=False, adapter_names=[adapter_name])
 
 
 def _parity_on_dir(job: _Job, tmp: Path, ref: list, rows: list, save_dtype: torch.dtype) -> tuple[float, float]:
     if not job.parity:
-        print("[qwentune merge] parity check skipped (parity=False)")
+        print("[qwentune merge] parity check skipped (check_parity=False)")
         job.report["parity"] = "skipped"
         return float("nan"), float(job.tolerance if job.tolerance is not None else float("nan"))
     model = _load_model(tmp, job.parity_dtype)
@@ -1121,9 +1115,11 @@ def _trained_token_ids_in_memory(pm: Any, adapter_name: str) -> list[int]:
 
 
 def _load_dtype(job: _Job) -> torch.dtype:
-    if job.spec is not None and job.spec.load_dtype is not None:
+    """The dtype the base weights had when bitsandbytes quantized them: the sidecar's ``load_dtype``, else the
+    compute dtype (qwentune's trainer, like most QLoRA recipes, loads the base in the compute dtype)."""
+    if job.spec.load_dtype is not None:
         return _DTYPES[job.spec.load_dtype]
-    return _config_dtype(_read_json(job.base_dir / "config.json"))
+    return _DTYPES[job.spec.compute_dtype]
 
 
 def _quant_roundtrip(weight: torch.Tensor, spec: QuantSpec, load_dtype: torch.dtype) -> torch.Tensor:
@@ -1733,7 +1729,7 @@ def _check_parity_memory(ckpt: _BaseCheckpoint, hold: torch.dtype) -> None:
             f"the parity check loads the model (~{need / 2**30:.1f} GiB) and only {available / 2**30:.1f} GiB are "
             "available",
             where="merge parity check",
-            hint="pass parity=False (qwentune merge --no-parity) to merge without it, or free memory",
+            hint="pass check_parity=False (qwentune merge --no-parity) to merge without it, or free memory",
         )
 
 

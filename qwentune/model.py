@@ -99,7 +99,20 @@ def load_base_model(recipe: Recipe, model_path: Path, precision: Precision | Non
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False
+    if recipe.peft.method == "qlora":
+        keep_4bit_layers_differentiable(model)
     return model
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks a Linear4bit's weight for a bf16 inference kernel the
+    first time the layer runs in eval mode without grad (an evaluation before training; precomputed DPO reference
+    log-probs) and uses that kernel from then on, in training too. It has no autograd: no gradient flows back through
+    the frozen 4-bit layers any more (torch only warns), and it asserts on widths that are not a multiple of 32.
+    Keep every 4-bit layer on the dequantize + matmul path, in eval as in training."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = None):
@@ -112,9 +125,12 @@ def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = N
         targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     token_indices = None
     if trainable_token_ids:
-        token_indices = {"embed_tokens": list(trainable_token_ids)}
-        if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-            token_indices["lm_head"] = list(trainable_token_ids)  # untied: the output rows need their own copy
+        # Both layers, always, with the same ids: on a tied model PEFT then ties one token adapter to both (it reads
+        # the tie from the config, which Qwen2-VL's text_config lacks); untied, each gets its own rows. A layer
+        # already trained whole (modules_to_save) is left out: PEFT refuses both on one layer.
+        token_indices = {
+            layer: list(trainable_token_ids) for layer in ("embed_tokens", "lm_head") if layer not in p.modules_to_save
+        } or None
     return LoraConfig(
         r=p.r,
         lora_alpha=p.alpha,

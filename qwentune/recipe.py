@@ -56,6 +56,7 @@ class DataSection:
     bad_rows: str = field(default="skip", metadata=_choices("skip", "error"))
     train_on: str = field(default="all", metadata=_choices("all", "last"))
     limit: int | None = None  # use only the first N rows of each file (for quick runs)
+    eval_limit: int | None = None  # use only the first N rows of each data.eval file
     num_proc: int = 1
     split: str = "train"  # split name for hub / saved datasets
     seed: int = 42  # for the eval_fraction split

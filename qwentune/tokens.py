@@ -1,16 +1,27 @@
 """Special tokens the model never learned.
 
 A token whose embedding and output rows were never trained (e.g. `<tool_call>` in Qwen2.5-Coder-0.5B-Instruct: its
-output row has cosine > 0.999 with ~2,450 never-used rows and 0.6× the median norm) cannot be produced by LoRA on
+output row has cosine > 0.99 with ~3,200 never-used rows and 0.63× the median norm) cannot be produced by LoRA on
 the linear layers alone: the model learns the call's JSON but writes another token where `<tool_call>` belongs.
-We find such tokens among those the labels train, and make exactly their rows trainable (PEFT trainable tokens).
+We find such tokens among those the labels train, and make exactly their rows trainable (PEFT trainable tokens:
+`peft.train_new_tokens: auto`, the default; `off` only reports them).
+
+Three entry points:
+
+* `trainable_token_ids` — training: the check on the loaded base model, printed, saved as
+  ``run_dir/special_tokens.json`` and in the run metrics; with ``auto`` the flagged ids become trainable.
+* `flagged_in_model_files` — `qwentune preview`: the same check on the embedding/lm_head tensors read straight from
+  the model dir's safetensors files (nothing else is loaded).
+* `patch_output_bias` — the one workaround TRL/PEFT need for trainable tokens on the output layer.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .recipe import Recipe
@@ -21,13 +32,14 @@ from .runinfo import atomic_write_json
 NEAR_COSINE = 0.99
 NEAR_COUNT = 8
 NORM_RATIO = 0.5
+_CHUNK_ROWS = 16384  # rows upcast to fp32 at a time: the check never copies a whole (151,936 × hidden) matrix
 
 
 @dataclass
 class RowCheck:
     token_id: int
     token: str
-    matrix: str  # "input" | "output"
+    matrix: str  # "input" | "output" | "tied" (one matrix serves both)
     norm_ratio: float  # row norm / median row norm of the matrix
     near_rows: int  # other rows with cosine > NEAR_COSINE
     flagged: bool
@@ -69,42 +81,70 @@ class TokenCheck:
                 f"{r.near_rows} near-identical rows → {mark}"
             )
         if self.ids:
-            lines.append(f"  made trainable: {self.ids}")
+            lines.append(f"  made trainable (embed_tokens and lm_head rows): {self.ids}")
         return "\n".join(lines)
 
 
 def special_token_ids(tokenizer) -> set[int]:
     """Added and special tokens (`<|im_end|>`, `<tool_call>`, …): the ones whose rows may never have been trained."""
-    return {int(i) for i in tokenizer.added_tokens_decoder}
+    return {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})} | {
+        int(i) for i in getattr(tokenizer, "all_special_ids", [])
+    }
 
 
 def trained_special_tokens(dataset, specials: set[int]) -> list[int]:
+    """The ids of `specials` that occur in trained positions: SFT `labels`, or DPO chosen/rejected completions."""
+    names = ["labels"] if "labels" in dataset.column_names else ["chosen_input_ids", "rejected_input_ids"]
+    wanted = np.array(sorted(specials), dtype=np.int64)
     seen: set[int] = set()
-    for labels in dataset["labels"] if "labels" in dataset.column_names else _dpo_completions(dataset):
-        seen.update(t for t in labels if t in specials)
+    arrow = dataset.with_format("arrow")  # respects select/shuffle indices; no Python lists per row
+    for name in names:
+        if name not in dataset.column_names or not len(dataset):
+            continue
+        column = arrow[name]
+        values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        seen.update(int(t) for t in np.unique(values[np.isin(values, wanted)]))
     return sorted(seen)
-
-
-def _dpo_completions(dataset):
-    for column in ("chosen_input_ids", "rejected_input_ids"):
-        if column in dataset.column_names:
-            yield from dataset[column]
 
 
 @torch.no_grad()
 def check_rows(matrix: torch.Tensor, token_ids: list[int], name: str, tokenizer) -> list[RowCheck]:
-    weight = matrix.detach().float()
-    norms = weight.norm(dim=1)
+    """Norm ratio and near-identical-row count of each of `token_ids` in `matrix` (any float dtype and device;
+    fp32 math, `_CHUNK_ROWS` rows at a time)."""
+    if not token_ids:
+        return []
+    weight = matrix.detach()
+    targets = weight[torch.tensor(token_ids, device=weight.device)].float()
+    target_norms = targets.norm(dim=1)
+    target_unit = targets / target_norms.clamp(min=1e-12)[:, None]
+    norms = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    near = torch.zeros(len(token_ids), dtype=torch.long, device=weight.device)
+    for start in range(0, weight.shape[0], _CHUNK_ROWS):
+        block = weight[start : start + _CHUNK_ROWS].float()
+        block_norms = block.norm(dim=1)
+        norms[start : start + block.shape[0]] = block_norms
+        cos = (block @ target_unit.T) / block_norms.clamp(min=1e-12)[:, None]
+        near += (cos > NEAR_COSINE).sum(dim=0)
+    near -= (target_norms > 0).long()  # a non-zero row is near itself; a zero row is near nothing
     median = norms.median().clamp(min=1e-12)
-    unit = weight / norms.clamp(min=1e-12)[:, None]
     checks = []
-    for tid in token_ids:
-        cos = unit @ unit[tid]
-        near = int((cos > NEAR_COSINE).sum().item()) - 1  # minus itself
-        ratio = float(norms[tid] / median)
-        flagged = near > NEAR_COUNT or ratio < NORM_RATIO
-        checks.append(RowCheck(tid, tokenizer.convert_ids_to_tokens(tid), name, round(ratio, 3), near, flagged))
+    for i, tid in enumerate(token_ids):
+        ratio = float(target_norms[i] / median)
+        count = int(near[i])
+        flagged = count > NEAR_COUNT or ratio < NORM_RATIO
+        checks.append(RowCheck(tid, tokenizer.convert_ids_to_tokens(tid), name, round(ratio, 3), count, flagged))
     return checks
+
+
+def check_matrices(
+    input_matrix: torch.Tensor, output_matrix: torch.Tensor | None, token_ids: list[int], tokenizer
+) -> list[RowCheck]:
+    """The check on both matrices; `output_matrix` None means tied (one matrix is both)."""
+    if output_matrix is None:
+        return check_rows(input_matrix, token_ids, "tied", tokenizer)
+    return check_rows(input_matrix, token_ids, "input", tokenizer) + check_rows(
+        output_matrix, token_ids, "output", tokenizer
+    )
 
 
 def _output_matrix(model) -> torch.Tensor | None:
@@ -119,12 +159,8 @@ def check_tokens(model, tokenizer, dataset) -> TokenCheck:
     specials = special_token_ids(tokenizer)
     trained = trained_special_tokens(dataset, specials)
     result = TokenCheck(trained_special=trained)
-    if not trained:
-        return result
-    result.rows = check_rows(model.get_input_embeddings().weight, trained, "input", tokenizer)
-    output = _output_matrix(model)
-    if output is not None:
-        result.rows += check_rows(output, trained, "output", tokenizer)
+    if trained:
+        result.rows = check_matrices(model.get_input_embeddings().weight, _output_matrix(model), trained, tokenizer)
     return result
 
 
@@ -143,9 +179,83 @@ def trainable_token_ids(recipe: Recipe, model, tokenizer, dataset, run_dir: Path
     return result
 
 
+# --- the same check from the files (preview: no model is loaded) ---------------------------------------------
+
+
+def _tied(config: dict) -> bool:
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it (sharded via the index, or every *.safetensors file)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    names: dict[str, Path] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(dict.fromkeys(f.keys(), path))
+    return names
+
+
+def _pick(names: dict[str, Path], suffix: str) -> str | None:
+    """The language model's tensor ending in `suffix` (shortest name: `model.embed_tokens.weight` over a vision
+    tower's or a draft head's)."""
+    found = sorted((n for n in names if n == suffix or n.endswith("." + suffix)), key=len)
+    return found[0] if found else None
+
+
+def embedding_matrices(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The input embedding and (untied) output matrices, read from the safetensors files of a model dir; output None
+    when tied. None when the dir has no safetensors with an input embedding (e.g. .bin only)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    names = _tensor_files(model_dir)
+    embed = _pick(names, "embed_tokens.weight")
+    if embed is None:
+        return None
+    head = None if _tied(config) else _pick(names, "lm_head.weight")
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(names[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read(embed), (read(head) if head is not None else None)
+
+
+def check_model_files(model_dir: Path, tokenizer, token_ids: list[int] | None = None) -> list[RowCheck] | None:
+    """The row check for `token_ids` (default: every special/added token) from the model dir's files."""
+    matrices = embedding_matrices(model_dir)
+    if matrices is None:
+        return None
+    ids = sorted(special_token_ids(tokenizer) if token_ids is None else token_ids)
+    ids = [i for i in ids if i < matrices[0].shape[0]]
+    return check_matrices(matrices[0], matrices[1], ids, tokenizer)
+
+
+def flagged_in_model_files(model_dir: Path, tokenizer) -> set[int] | None:
+    """Special/added token ids whose rows look untrained in the model dir (for `preview`'s `flagged`); None when
+    the embeddings cannot be read without loading the model."""
+    rows = check_model_files(model_dir, tokenizer)
+    return None if rows is None else {r.token_id for r in rows if r.flagged}
+
+
+# --- the one TRL/PEFT workaround -------------------------------------------------------------------------------
+
+
 def patch_output_bias(peft_model) -> None:
-    """TRL's fused LM-head loss reads `lm_head.bias`; PEFT's trainable-token wrapper has none (AttributeError on the
-    first step). Its `weight` is already base + trained rows, so the base layer's bias (None for Qwen) is right."""
+    """TRL's fused LM-head loss (`trl.trainer.utils.add_fused_lm_head`, used by SFTTrainer and DPOTrainer) reads
+    `lm_head.weight` and `lm_head.bias`. PEFT's trainable-token wrapper (`TrainableTokensWrapper`) forwards only
+    `weight` (base + trained rows) and raises AttributeError for `bias` on the first training step. We give the
+    wrapper instance the base layer's bias (None for Qwen) as a plain attribute: its `weight` is already the trained
+    one, and a bias is never a trainable-token row. Call after PEFT wraps the model (fresh or loaded adapter)."""
     from peft.utils.other import TrainableTokensWrapper
 
     head = peft_model.get_output_embeddings()

@@ -318,10 +318,10 @@ def test_parity_memory_check_refuses_before_writing(tmp_path, monkeypatch):
     base = make_base(tmp_path / "base")
     adapter = make_adapter(tmp_path / "adapter", base)
     monkeypatch.setattr(merge_mod, "_available_memory", lambda: 10 << 20)
-    with pytest.raises(QwentuneError, match="parity=False"):
+    with pytest.raises(QwentuneError, match="check_parity=False"):
         merge_adapter(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    result = merge_adapter(adapter, tmp_path / "out", parity=False)
+    result = merge_adapter(adapter, tmp_path / "out", check_parity=False)
     assert result.max_abs_diff != result.max_abs_diff  # nan: not checked
     assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["parity"] == "skipped"
 
@@ -374,6 +374,29 @@ def test_quant_roundtrip_is_what_bitsandbytes_loads(tmp_path):
             assert torch.equal(got, expected), name
     names = merge_mod._quantized_module_names(merge_mod._skeleton(base), spec)
     assert set(names) == {n for n, m in model4.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_qlora_fp32_base_loaded_in_compute_dtype(tmp_path):
+    """qwentune's trainer loads the base in the compute dtype (bf16) before quantizing, even when the checkpoint is
+    fp32: without a load_dtype in the sidecar the merge quantizes from the compute dtype, reproducing the 4-bit
+    weights exactly; the result is saved in the base's dtype (fp32)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    base = make_base(tmp_path / "base")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    model4 = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, dtype=torch.bfloat16)
+    pm = randomize(peft.get_peft_model(model4, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])))
+    pm.save_pretrained(tmp_path / "adapter")
+    write_train_sidecar(tmp_path / "adapter", quantization={"compute_dtype": "bfloat16"})
+    merge_adapter(tmp_path / "adapter", tmp_path / "out", parity_input_ids=ROWS)
+    merged = load(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    for name, module in model4.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and "q_proj" not in name:
+            expected = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            assert torch.equal(merged.get_submodule(name).weight.detach(), expected), name
 
 
 def test_qlora_dequantized_matches_4bit_model_and_original_does_not(tmp_path):
@@ -562,6 +585,6 @@ def test_refusals(tmp_path):
     cfg["init_lora_weights"] = True
     cfg["base_model_name_or_path"] = str(tmp_path / "missing")
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QwentuneError, match="no base model"):
+    with pytest.raises(QwentuneError, match="missing.*does not exist"):
         merge_adapter(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()

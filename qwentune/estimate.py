@@ -1,0 +1,433 @@
+"""Peak memory of one training process, from the model's config alone (no weights load) — `qwentune estimate`.
+
+Everything is per process: under DDP every rank holds all of it. The activation constants are what the code paths
+actually keep for backward (PEFT LoRA, Qwen2 layers, SDPA, TRL's fused head), checked tensor by tensor against
+saved-tensor hooks and against measured peaks in tests/test_estimate.py. Tokens per step are counted at the worst
+case, data.max_length × per_device_batch_size, all of them trained.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QwentuneError
+from .recipe import Recipe
+
+GiB = 1024**3
+CARDS_GB = (8, 12, 16, 24, 40, 48, 80)  # GPU memory sizes (GiB) the verdict picks from
+CUDA_CONTEXT = 0.5 * GiB  # CUDA context + kernels, outside torch's allocator
+ALLOCATOR_HEADROOM = 1.10  # fragmentation in torch's caching allocator
+TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's chunked log-prob kernel: [tokens, vocab] projection tile
+CPU_TILE_TEMPS = 7.25  # fp32 tile-sized temporaries of that kernel's torch fallback (CPU), measured here
+NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size; double-quant block size over the absmax
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Shape:
+    """The numbers of a Qwen2 / Qwen2.5 / Qwen2-VL text model that memory depends on."""
+
+    origin: str  # where they came from
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    head_dim: int = 0
+    vision: dict | None = None
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden // self.heads
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+def _from_facts(facts: dict, origin: str, tied: bool | None = None) -> Shape:
+    return Shape(
+        origin=origin,
+        hidden=facts["hidden"],
+        intermediate=facts["intermediate"],
+        layers=facts["layers"],
+        heads=facts["heads"],
+        kv_heads=facts["kv_heads"],
+        vocab=facts["vocab"],
+        tied=facts["tied"] if tied is None else tied,
+        vision=facts.get("vision"),
+    )
+
+
+def _from_config(cfg: dict, origin: str) -> Shape:
+    text = cfg.get("text_config") or cfg
+    get = lambda key, default=None: text.get(key, cfg.get(key, default))  # noqa: E731
+    vision = cfg.get("vision_config") if cfg.get("model_type") == "qwen2_vl" else None
+    heads = get("num_attention_heads")
+    return Shape(
+        origin=origin,
+        hidden=get("hidden_size"),
+        intermediate=get("intermediate_size"),
+        layers=get("num_hidden_layers"),
+        heads=heads,
+        kv_heads=get("num_key_value_heads", heads),
+        vocab=get("vocab_size"),
+        tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        head_dim=get("head_dim") or 0,
+        vision=vision,
+    )
+
+
+def _from_gguf(path: Path) -> Shape:
+    from gguf import GGUFReader  # memory-maps the file; only the header is read
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str):
+        f = reader.fields[key]
+        return f.parts[f.data[0]][0].item()
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    names = {t.name: t for t in reader.tensors}
+    return Shape(
+        origin=f"GGUF header of {path.name}",
+        hidden=value(f"{arch}.embedding_length"),
+        intermediate=value(f"{arch}.feed_forward_length"),
+        layers=value(f"{arch}.block_count"),
+        heads=value(f"{arch}.attention.head_count"),
+        kv_heads=value(f"{arch}.attention.head_count_kv"),
+        vocab=int(max(names["token_embd.weight"].shape)),
+        tied="output.weight" not in names,
+    )
+
+
+def model_shape(source: str) -> Shape:
+    """The shape of `source` without loading weights: seed models from qwentune.shapes, local dirs and cached Hub
+    models from config.json, GGUF files from their header."""
+    from .shapes import SHAPES, shape
+    from .sources import OFFLINE_MODEL, _classify
+
+    if source.strip() == OFFLINE_MODEL:
+        # Qwen2.5-Coder-0.5B-Instruct has the Qwen2.5-0.5B shape; its GGUF stores output.weight: untied.
+        return _from_facts(shape("qwen2.5-0.5b-instruct"), "Qwen2.5-0.5B shape, untied (offline GGUF)", tied=False)
+    kind, payload = _classify(source)
+    if kind == "local":
+        return _from_config(json.loads((Path(payload) / "config.json").read_text()), f"{payload}/config.json")
+    if kind == "gguf":
+        return _from_gguf(Path(payload))
+    for name, facts in SHAPES.items():
+        if facts["hf_id"].lower() == str(payload).lower():
+            return _from_facts(shape(name), f"qwentune.shapes['{name}']")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(payload), "config.json")
+    except Exception:  # noqa: BLE001 — any failure means "not cached"
+        cached = None
+    if isinstance(cached, str):
+        return _from_config(json.loads(Path(cached).read_text()), f"cached config.json of {payload}")
+    raise QwentuneError(
+        f"no config for '{payload}': not a seed model in qwentune.shapes and not in the Hugging Face cache",
+        where="model.source",
+        hint="download it once, or point model.source at a local model directory",
+    )
+
+
+def vision_params(v: dict, text_hidden: int) -> tuple[int, int]:
+    """(linear weight params, other params) of the Qwen2-VL vision tower."""
+    e, d, ratio = v["embed_dim"], v["depth"], v.get("mlp_ratio", 4)
+    merged = e * v.get("spatial_merge_size", 2) ** 2
+    linear = d * (e * 3 * e + e * e + 2 * e * ratio * e) + merged * merged + merged * text_hidden
+    patch = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2 * e
+    other = d * (3 * e + e + ratio * e + e + 4 * e) + 2 * e + merged + text_hidden + patch
+    return linear, other
+
+
+# ------------------------------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Line:
+    name: str
+    bytes: float
+    formula: str
+    counted: bool = True  # False: shown for comparison, not in the total
+
+
+@dataclass
+class Estimate:
+    title: str
+    setting: str
+    lines: list[Line] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    device: str = "cuda"
+
+    @property
+    def total(self) -> float:
+        return sum(line.bytes for line in self.lines if line.counted)
+
+    @property
+    def needed(self) -> float:
+        """What a GPU must have: the total with allocator headroom, plus the CUDA context."""
+        return self.total * ALLOCATOR_HEADROOM + CUDA_CONTEXT
+
+    @property
+    def fits_in_gb(self) -> int | None:
+        return next((card for card in CARDS_GB if self.needed <= card * GiB), None)
+
+    def verdict(self) -> str:
+        if self.device == "cpu":
+            return f"CPU: about {gib(self.total)} of RAM for tensors on top of the Python process"
+        how = f"{gib(self.total)} × {ALLOCATOR_HEADROOM} allocator headroom + {gib(CUDA_CONTEXT)} CUDA context"
+        card = self.fits_in_gb
+        if card is None:
+            return f"does not fit in {CARDS_GB[-1]} GB ({how} = {gib(self.needed)}): shard (FSDP/ZeRO) or shrink"
+        return f"fits in {card} GB ({how} = {gib(self.needed)})"
+
+    def render(self) -> str:
+        width = max(len(line.name) for line in self.lines) + 2
+        out = [self.title, self.setting, ""]
+        for line in self.lines:
+            mark = "" if line.counted else "  (not counted)"
+            out.append(f"{line.name:<{width}}{gib(line.bytes):>10}  {line.formula}{mark}")
+        out.append(f"{'total':<{width}}{gib(self.total):>10}")
+        out.append(f"verdict: {self.verdict()}")
+        out.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+    def to_dict(self) -> dict:
+        return {
+            "title": self.title,
+            "setting": self.setting,
+            "device": self.device,
+            "lines": [line.__dict__ for line in self.lines],
+            "total_bytes": self.total,
+            "needed_bytes": self.needed if self.device != "cpu" else self.total,
+            "fits_in_gb": self.fits_in_gb if self.device != "cpu" else None,
+            "notes": self.notes,
+        }
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,.0f}"
+
+
+def nf4_bytes(n: int, double_quant: bool) -> float:
+    """Bytes of one 4-bit weight of n params: packed nibbles + one absmax per 64 (fp32, or uint8 + fp32 per 256
+    blocks + the 256-entry code with double quantization)."""
+    blocks = n / NF4_BLOCK
+    if double_quant:
+        return n / 2 + blocks + 4 * blocks / DQ_BLOCK + 4 * 256
+    return n / 2 + 4 * blocks
+
+
+OPTIMIZER_BYTES = (  # (substring of training.optim, bytes per trainable param, description)
+    ("8bit", 2 + 2 * 4 / 256, "2 states × 1 B + blockwise absmax"),
+    ("sgd", 0.0, "no state (momentum 0)"),
+    ("adafactor", 0.5, "factored second moment, ≤ 0.5 B"),
+    ("lion", 4.0, "1 state × fp32"),
+    ("adagrad", 4.0, "1 state × fp32"),
+    ("rmsprop", 4.0, "1 state × fp32"),
+    ("adam", 8.0, "2 states × fp32"),
+)
+
+
+def estimate(
+    recipe: Recipe, *, device: str = "cuda", trainable_token_rows: int | None = None, shape: Shape | None = None
+) -> Estimate:
+    """The peak-memory estimate of training `recipe` on one `device` ("cuda" or "cpu") per process.
+
+    `trainable_token_rows`: rows made trainable by `peft.train_new_tokens` (known only once weights load); None
+    counts 2 for `auto` (e.g. <tool_call>, </tool_call>) as the worst case, 0 for `off`."""
+    s = shape or model_shape(recipe.model.source)
+    t, p, q = recipe.training, recipe.peft, recipe.peft.quant
+    qlora = p.method == "qlora"
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    autocast = {"bf16": 2, "fp16": 2}.get(precision)  # bytes of the autocast dtype; None: no autocast
+    if qlora and q.compute_dtype == "float32" and precision == "fp32":
+        autocast = None
+    weight_bytes = 4 if (precision == "fp32" or (precision == "fp16" and recipe.model.dtype == "auto")) else 2
+    if recipe.model.dtype != "auto":
+        weight_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.model.dtype]
+
+    # ---- parameters
+    dims = s.linear_dims()
+    per_layer_linear = sum(i * o for i, o in dims.values())
+    text_linear = s.layers * per_layer_linear
+    q_out, kv_out = dims["q_proj"][1], dims["k_proj"][1]
+    heads_other = s.vocab * s.hidden * (1 if s.tied else 2)
+    norms_biases = s.layers * (2 * s.hidden + q_out + 2 * kv_out) + s.hidden
+    v_linear, v_other = vision_params(s.vision, s.hidden) if s.vision else (0, 0)
+    linear, other = text_linear + v_linear, heads_other + norms_biases + v_other
+    total_params = linear + other
+    n_quantized = s.layers * len(LINEARS) + (s.vision["depth"] * 4 + 2 if s.vision else 0)
+    w4 = sum(nf4_bytes(i * o, q.double_quant) for i, o in dims.values()) * s.layers
+    w4 += nf4_bytes(v_linear, q.double_quant) if v_linear else 0
+    w4_total = w4 + 4 * other  # PEFT's k-bit preparation upcasts every bf16/fp16 non-4-bit param to fp32
+    embed_desc = f"{_m(heads_other)} embedding{'' if s.tied else ' + lm_head'} + {_m(norms_biases + v_other)} other"
+    dq = " + double-quant absmax" if q.double_quant else " + fp32 absmax/64"
+    weights = [
+        Line(
+            "weights 4-bit (QLoRA)",
+            w4_total,
+            f"{_m(linear)} linear params × {w4 / linear:.3f} B (nf4{dq}) + ({embed_desc}) × 4 B "
+            "(kept unquantized, fp32 after k-bit preparation)",
+            counted=qlora,
+        ),
+        Line("weights bf16 (LoRA)", 2 * total_params, f"{_m(total_params)} params × 2 B", counted=False),
+        Line("weights fp32 (LoRA)", 4 * total_params, f"{_m(total_params)} params × 4 B", counted=False),
+    ]
+    if not qlora:
+        weights[1 if weight_bytes == 2 else 2].counted = True
+
+    targets = [m for m in LINEARS if p.target_modules == ["all-linear"] or m in p.target_modules]
+    lora_layer = sum(p.r * (dims[m][0] + dims[m][1]) + (dims[m][1] if p.use_dora else 0) for m in targets)
+    lora = lora_layer * s.layers
+    rows = trainable_token_rows if trainable_token_rows is not None else (2 if p.train_new_tokens == "auto" else 0)
+    token_matrices = 1 if s.tied else 2
+    tokens = rows * s.hidden * token_matrices
+    saved_matrices = [m for m in p.modules_to_save if m in ("embed_tokens", "lm_head")]
+    full_copies = len(saved_matrices) * s.vocab * s.hidden
+    trainable = lora + tokens + full_copies
+    opt_bytes, opt_desc = next(((b, d) for key, b, d in OPTIMIZER_BYTES if key in t.optim), (8.0, "assumed AdamW"))
+
+    lines = [*weights]
+    lines.append(
+        Line(
+            "LoRA parameters (fp32)",
+            4 * lora,
+            f"{_m(lora)} = r {p.r} × (in + out) over {len(targets)} modules × {s.layers} layers × 4 B",
+        )
+    )
+    if full_copies:
+        lines.append(
+            Line(f"modules_to_save {saved_matrices}", weight_bytes * full_copies, f"{_m(full_copies)} × {weight_bytes} B")
+        )
+    lines.append(Line("gradients (fp32)", 4 * trainable, f"{_m(trainable)} trainable × 4 B"))
+    paged = " (paged: may spill to CPU)" if "paged" in t.optim else ""
+    lines.append(
+        Line(f"optimizer ({t.optim})", opt_bytes * trainable, f"{_m(trainable)} × {opt_bytes:g} B: {opt_desc}{paged}")
+    )
+
+    # ---- activations, per token of data.max_length × per_device_batch_size (DPO: chosen + rejected rows)
+    rows_per_step = t.per_device_batch_size * (2 if recipe.method == "dpo" else 1)
+    L = recipe.data.max_length
+    N = rows_per_step * L
+    h, i, kv = s.hidden, s.intermediate, kv_out
+    padded = rows_per_step > 1 and not recipe.sft.packing  # padding → an attention mask → SDPA gets k/v repeated
+    kvx = q_out if padded else kv
+    a = autocast or 4
+    dropout_mask = 0 if p.dropout == 0 else (1 if device == "cuda" else 4)  # fused bool mask | CPU float noise
+    in_dims = {m: dims[m][0] for m in targets}
+    resid = 4 if (qlora or weight_bytes == 4) else 2  # residual stream dtype (QLoRA: fp32 embeddings)
+    mlp_out = a if not qlora and weight_bytes == 2 else 4  # gate/up outputs (bnb returns the input's fp32)
+    base = 8 * h + 8 + a * (2 * q_out + 2 * kvx) + 4 * s.heads + 3 * i * mlp_out
+    if autocast:
+        adapters = sum(d * (a + dropout_mask) for d in in_dims.values())  # the autocast copy of each input (+ mask)
+        lora_out = a * p.r * len(targets)
+    elif p.dropout:
+        adapters = sum(d * (4 + dropout_mask) for d in in_dims.values())  # dropout output + mask, per module
+        lora_out = 4 * p.r * len(targets)
+    else:  # the adapters read the shared norm outputs (and the MLP product); o_proj reads SDPA's saved output
+        shared = {"norm1": any(m in targets for m in ("q_proj", "k_proj", "v_proj"))}
+        shared["norm2"] = any(m in targets for m in ("gate_proj", "up_proj"))
+        adapters = 4 * (h * (shared["norm1"] + shared["norm2"]) + i * ("down_proj" in targets))
+        lora_out = 4 * p.r * len(targets)
+    per_token_layer = base + adapters + lora_out
+    cast_weights = (autocast or 0) * lora_layer  # autocast keeps a low-precision copy of each adapter weight
+    layer_full = per_token_layer * N + cast_weights
+    full_all = s.layers * layer_full
+    ckpt_all = s.layers * resid * h * N
+    backward_transients = (4 * i + 4 * h) * 4 * N  # grads of one layer's hidden/MLP tensors in flight
+    mask = N * L if padded else 0  # bool [batch, 1, L, L], shared by all layers
+    outside = (4 * h + 4) * N + mask  # final norm's fp32 input
+    formula = (
+        f"per token per layer: 8h + {a}·(2h + 2·{'h' if padded else 'kv'}) + 4·heads + 3i·{mlp_out} "
+        f"+ adapter inputs {adapters // 1:,.0f} B + LoRA-A outputs {lora_out:,} B = {per_token_layer:,.0f} B; "
+        f"× {N:,} tokens ({rows_per_step} × {L}) × {s.layers} layers"
+    )
+    gc = t.gradient_checkpointing
+    ckpt_line = Line(
+        "activations, gradient checkpointing",
+        ckpt_all + outside,
+        f"{resid}·h B × {N:,} tokens × {s.layers} layers (checkpointed layer inputs) + final norm input 4·h B/token",
+        counted=gc,
+    )
+    full_line = Line("activations, no checkpointing", full_all + outside, formula, counted=not gc)
+    lines += [ckpt_line, full_line]
+
+    # ---- logits and loss over the vocabulary
+    hidden_bytes = resid if qlora or weight_bytes == 4 else a  # the final norm's output dtype
+    compute = autocast or hidden_bytes
+    T = min(N, TILE_TOKENS)
+    tile = T * TILE_VOCAB * compute
+    fused = N * h * hidden_bytes + tile + N * h * 4 + (N * h * hidden_bytes if hidden_bytes != 4 else 0)
+    fused_desc = (
+        f"tile {T:,} tokens × {TILE_VOCAB:,} vocab × {compute} B + saved hidden {N:,}×{h}×{hidden_bytes} B "
+        f"+ its fp32 grad"
+    )
+    if device == "cpu":
+        fused += CPU_TILE_TEMPS * T * TILE_VOCAB * 4
+        fused_desc += f" + {CPU_TILE_TEMPS} fp32 tiles of the kernel's CPU torch fallback"
+    head_trainable = rows > 0 or "lm_head" in saved_matrices or (s.tied and "embed_tokens" in saved_matrices)
+    if head_trainable:
+        head_w = 4 if qlora else weight_bytes
+        fused += s.vocab * h * (head_w + 4 + (head_w if head_w != 4 else 0))
+        fused_desc += f" + trainable head rows: merged weight copy {s.vocab:,}×{h}×{head_w} B and its fp32 grad"
+    lines.append(Line("logits/loss: TRL fused chunked head", fused, fused_desc))
+    naive = N * s.vocab * (4 + 4 + (compute if compute != 4 else 0))
+    lines.append(
+        Line(
+            "logits/loss: naive full logits",
+            naive,
+            f"{N:,} tokens × {s.vocab:,} vocab × (4 B fp32 logits + 4 B grad"
+            + (f" + {compute} B {precision} logits)" if compute != 4 else ")"),
+            counted=False,
+        )
+    )
+    # Backward runs the head first (every saved activation still alive), then one layer at a time: with
+    # checkpointing a layer is recomputed in full; the peak is the larger of the two working sets.
+    recompute = layer_full + backward_transients
+    ckpt_line.formula += f"; + one layer recomputed in backward with its gradients ({gib(recompute)})"
+    if recompute > fused:
+        ckpt_line.bytes += recompute - fused
+        ckpt_line.formula += f", minus the head's smaller working set that comes first ({gib(fused)})"
+    else:
+        ckpt_line.formula += ", not counted: the head's working set before it is larger"
+
+    peft_desc = f"QLoRA {q.quant_type}{' double-quant' if q.double_quant else ''}" if qlora else "LoRA"
+    setting = (
+        f"per process on {device}: {peft_desc}, precision {precision}, r {p.r} on {len(targets)} modules × "
+        f"{s.layers} layers, {rows_per_step} × {L} tokens per micro-batch, gradient checkpointing "
+        f"{'on' if gc else 'off'}, {t.optim}, trainable token rows {rows}"
+        + (" (assumed for train_new_tokens: auto)" if trainable_token_rows is None and rows else "")
+    )
+    title = (
+        f"{recipe.model.source}: {s.origin}; hidden {h}, intermediate {i}, {s.layers} layers, "
+        f"{s.heads}/{s.kv_heads} heads, vocab {s.vocab:,}, {'tied' if s.tied else 'untied'}; {_m(total_params)} params"
+    )
+    est = Estimate(title=title, setting=setting, lines=lines, device=device)
+    est.notes.append("worst case: every row max_length tokens long and every position trained")
+    if s.vision:
+        est.notes.append("vision tower weights counted; its activations (they depend on the image pixels) are not")
+    if p.use_dora:
+        est.notes.append("DoRA's magnitude vectors counted; its extra activations (weight norms) are not")
+    est.notes.append("DDP adds one fp32 copy of the gradients for its buckets; FSDP/ZeRO shard weights and states")
+    return est
