@@ -59,8 +59,8 @@ def main() -> int:
     rows = {}
     for name, model_dir in (("base", base_dir), ("merged DPO", merged)):
         rows[name] = preference_margin(model_dir, HELD_OUT, limit=args.pairs)
-        r = rows[name]
-        print(f"  {name:12} mean log-prob margin {r['mean_margin']:9.3f}   chosen preferred {r['chosen_preferred']:.2f}")
+        margin, won = rows[name]["mean_margin"], rows[name]["chosen_preferred"]
+        print(f"  {name:12} mean log-prob margin {margin:9.3f}   chosen preferred {won:.2f}")
     delta = rows["merged DPO"]["mean_margin"] - rows["base"]["mean_margin"]
     print(f"  change in mean margin: {delta:+.3f} nats")
     return 0

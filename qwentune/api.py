@@ -63,11 +63,20 @@ def preprocess(
 
 
 def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3, color: bool = False) -> str:
-    """Tokens of the first rows with the trained ones highlighted, and the data report."""
+    """Tokens of the first rows with the trained ones highlighted, the data report, and the special tokens in trained
+    labels with those whose rows look untrained flagged (read from the embedding tensors only, no model load)."""
+    from .model import load_tokenizer
     from .preview import preview as render_preview
+    from .sources import resolve_model
+    from .tokens import flagged_in_model_files
 
     recipe = _recipe(recipe, overrides)
-    return render_preview(recipe, load_model_tokenizer(recipe), rows=rows, color=color)
+    source = resolve_model(
+        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    tokenizer = load_tokenizer(source.path, recipe)
+    flagged = flagged_in_model_files(source.path, tokenizer)
+    return render_preview(recipe, tokenizer, rows=rows, color=color, flagged=flagged)
 
 
 def train(recipe: Recipe | str | Path | dict, overrides=None) -> TrainResult:

@@ -68,12 +68,23 @@ def cmd_preview(args) -> int:
 def cmd_train(args) -> int:
     from .api import train
 
-    recipe = _one_recipe(args.items)
+    recipe = _one_recipe(args.items + (["training.resume=true"] if args.resume else []))
     result = train(recipe)
     if result.adapter_dir is not None:
         print(f"adapter: {result.adapter_dir}")
     if result.merged_dir is not None:
         print(f"merged model: {result.merged_dir}")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    import json
+
+    from .estimate import estimate
+
+    recipe = _one_recipe(args.items)
+    result = estimate(recipe, device=args.device, seq_len=args.seq_len, trainable_token_rows=args.token_rows)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
     return 0
 
 
@@ -120,7 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (SFT or DPO per the recipe's method), save the adapter and merge")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--resume", action="store_true", help="continue the run dir's newest checkpoint (same recipe)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("estimate", help="peak memory per process from the model's config (nothing loads)")
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (default cuda)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: data.max_length)")
+    p.add_argument("--token-rows", type=int, default=None, help="trainable token rows (default: 2 if auto, else 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("merge", help="merge an adapter dir into its base, shard by shard, with a parity check")
     p.add_argument("adapter_dir")

@@ -19,6 +19,7 @@ from .data import prepare_data
 from .errors import QwentuneError, did_you_mean
 from .model import add_adapter, load_adapter_for_training, load_base_model, load_tokenizer, resolve_precision
 from .recipe import Recipe, resolve_path
+from .resume import resume_checkpoint, train_until_stopped
 from .run import (
     MetricsFile,
     TrainResult,
@@ -183,6 +184,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     from trl import DPOConfig
 
     check_dpo_recipe(recipe, str(recipe.path or "recipe"))
+    checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
     run_dir = prepare_run_dir(recipe, is_main=is_main_process())
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
@@ -273,7 +275,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     }  # fmt: skip
     if evals is not None:
         metrics["eval_before"] = _eval_summary(trainer.evaluate())
-    train_output = trainer.train()
+    train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
     metrics.update(train_output.metrics, global_step=train_output.global_step)
     if evals is not None:
         metrics["eval_after"] = _eval_summary(_final_eval(trainer, train_output.global_step) or trainer.evaluate())

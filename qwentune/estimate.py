@@ -172,6 +172,7 @@ class Estimate:
     lines: list[Line] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     device: str = "cuda"
+    parts: dict[str, float] = field(default_factory=dict)  # the named terms the lines are made of (tests, --json)
 
     @property
     def total(self) -> float:
@@ -196,12 +197,14 @@ class Estimate:
         return f"fits in {card} GB ({how} = {gib(self.needed)})"
 
     def render(self) -> str:
+        """A table: '+' lines add up to the total; the others are the alternatives, shown for comparison."""
         width = max(len(line.name) for line in self.lines) + 2
         out = [self.title, self.setting, ""]
         for line in self.lines:
-            mark = "" if line.counted else "  (not counted)"
-            out.append(f"{line.name:<{width}}{gib(line.bytes):>10}  {line.formula}{mark}")
-        out.append(f"{'total':<{width}}{gib(self.total):>10}")
+            mark = "+" if line.counted else " "
+            out.append(f"{mark} {line.name:<{width}}{gib(line.bytes):>10}{'' if line.counted else '  (alternative)'}")
+            out.append(f"      {line.formula}")
+        out.append(f"= {'total':<{width}}{gib(self.total):>10}")
         out.append(f"verdict: {self.verdict()}")
         out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
@@ -216,6 +219,7 @@ class Estimate:
             "needed_bytes": self.needed if self.device != "cpu" else self.total,
             "fits_in_gb": self.fits_in_gb if self.device != "cpu" else None,
             "notes": self.notes,
+            "parts": self.parts,
         }
 
 
@@ -248,12 +252,20 @@ OPTIMIZER_BYTES = (  # (substring of training.optim, bytes per trainable param, 
 
 
 def estimate(
-    recipe: Recipe, *, device: str = "cuda", trainable_token_rows: int | None = None, shape: Shape | None = None
+    recipe: Recipe,
+    *,
+    device: str = "cuda",
+    trainable_token_rows: int | None = None,
+    seq_len: int | None = None,
+    trained_tokens: int | None = None,
+    shape: Shape | None = None,
 ) -> Estimate:
     """The peak-memory estimate of training `recipe` on one `device` ("cuda" or "cpu") per process.
 
     `trainable_token_rows`: rows made trainable by `peft.train_new_tokens` (known only once weights load); None
-    counts 2 for `auto` (e.g. <tool_call>, </tool_call>) as the worst case, 0 for `off`."""
+    counts 2 for `auto` (e.g. <tool_call>, </tool_call>) as the worst case, 0 for `off`.
+    `seq_len` (default data.max_length): padded tokens per row; `trained_tokens` (default all of them): positions per
+    micro-batch whose label is trained (TRL's head projects only those)."""
     s = shape or model_shape(recipe.model.source)
     t, p, q = recipe.training, recipe.peft, recipe.peft.quant
     qlora = p.method == "qlora"
@@ -277,7 +289,6 @@ def estimate(
     v_linear, v_other = vision_params(s.vision, s.hidden) if s.vision else (0, 0)
     linear, other = text_linear + v_linear, heads_other + norms_biases + v_other
     total_params = linear + other
-    n_quantized = s.layers * len(LINEARS) + (s.vision["depth"] * 4 + 2 if s.vision else 0)
     w4 = sum(nf4_bytes(i * o, q.double_quant) for i, o in dims.values()) * s.layers
     w4 += nf4_bytes(v_linear, q.double_quant) if v_linear else 0
     w4_total = w4 + 4 * other  # PEFT's k-bit preparation upcasts every bf16/fp16 non-4-bit param to fp32
@@ -301,12 +312,12 @@ def estimate(
     lora_layer = sum(p.r * (dims[m][0] + dims[m][1]) + (dims[m][1] if p.use_dora else 0) for m in targets)
     lora = lora_layer * s.layers
     rows = trainable_token_rows if trainable_token_rows is not None else (2 if p.train_new_tokens == "auto" else 0)
-    token_matrices = 1 if s.tied else 2
-    tokens = rows * s.hidden * token_matrices
     saved_matrices = [m for m in p.modules_to_save if m in ("embed_tokens", "lm_head")]
     full_copies = len(saved_matrices) * s.vocab * s.hidden
-    trainable = lora + tokens + full_copies
+    trainable = lora + full_copies
     opt_bytes, opt_desc = next(((b, d) for key, b, d in OPTIMIZER_BYTES if key in t.optim), (8.0, "assumed AdamW"))
+    head_w = 4 if qlora else weight_bytes  # the output layer's dtype during training
+    head_grad = s.vocab * s.hidden * (4 + (head_w if head_w != 4 else 0))  # the fused head's fp32 weight grad (+ cast)
 
     lines = [*weights]
     lines.append(
@@ -317,8 +328,27 @@ def estimate(
         )
     )
     if full_copies:
+        extra = head_grad if "lm_head" in saved_matrices or (s.tied and "embed_tokens" in saved_matrices) else 0
         lines.append(
-            Line(f"modules_to_save {saved_matrices}", weight_bytes * full_copies, f"{_m(full_copies)} × {weight_bytes} B")
+            Line(
+                f"modules_to_save {saved_matrices}",
+                head_w * full_copies + extra,
+                f"{_m(full_copies)} × {head_w} B"
+                + (" + the head's fp32 weight grad in its backward" if extra else ""),
+            )
+        )
+    if rows:
+        matrices = 1 if s.tied else 2
+        small = rows * s.hidden * matrices * (4 + 4 + 4 + opt_bytes)
+        lines.append(
+            Line(
+                "trainable token rows",
+                small + s.vocab * s.hidden * head_w + head_grad,
+                f"{rows} rows{' (assumed for train_new_tokens: auto)' if trainable_token_rows is None else ''} × "
+                f"{s.hidden} × {matrices} matrices × (delta + original + grad + optimizer); PEFT rebuilds the output "
+                f"weight with them: a {s.vocab:,}×{s.hidden}×{head_w} B copy kept for backward, and the fused head "
+                f"then computes a full fp32 weight grad ({gib(head_grad)})",
+            )
         )
     lines.append(Line("gradients (fp32)", 4 * trainable, f"{_m(trainable)} trainable × 4 B"))
     paged = " (paged: may spill to CPU)" if "paged" in t.optim else ""
@@ -328,8 +358,9 @@ def estimate(
 
     # ---- activations, per token of data.max_length × per_device_batch_size (DPO: chosen + rejected rows)
     rows_per_step = t.per_device_batch_size * (2 if recipe.method == "dpo" else 1)
-    L = recipe.data.max_length
+    L = seq_len or recipe.data.max_length
     N = rows_per_step * L
+    n_head = min(trained_tokens, N) if trained_tokens is not None else N
     h, i, kv = s.hidden, s.intermediate, kv_out
     padded = rows_per_step > 1 and not recipe.sft.packing  # padding → an attention mask → SDPA gets k/v repeated
     kvx = q_out if padded else kv
@@ -337,7 +368,7 @@ def estimate(
     dropout_mask = 0 if p.dropout == 0 else (1 if device == "cuda" else 4)  # fused bool mask | CPU float noise
     in_dims = {m: dims[m][0] for m in targets}
     resid = 4 if (qlora or weight_bytes == 4) else 2  # residual stream dtype (QLoRA: fp32 embeddings)
-    mlp_out = a if not qlora and weight_bytes == 2 else 4  # gate/up outputs (bnb returns the input's fp32)
+    mlp_out = 4 if qlora else a  # gate/up outputs (bitsandbytes returns its input's dtype: fp32 here)
     base = 8 * h + 8 + a * (2 * q_out + 2 * kvx) + 4 * s.heads + 3 * i * mlp_out
     if autocast:
         adapters = sum(d * (a + dropout_mask) for d in in_dims.values())  # the autocast copy of each input (+ mask)
@@ -352,21 +383,28 @@ def estimate(
         lora_out = 4 * p.r * len(targets)
     per_token_layer = base + adapters + lora_out
     cast_weights = (autocast or 0) * lora_layer  # autocast keeps a low-precision copy of each adapter weight
-    layer_full = per_token_layer * N + cast_weights
+    mask = rows_per_step * L * L * a if padded else 0  # SDPA turns the padding mask into a float bias, per layer
+    layer_full = per_token_layer * N + cast_weights + mask
     full_all = s.layers * layer_full
     ckpt_all = s.layers * resid * h * N
     backward_transients = (4 * i + 4 * h) * 4 * N  # grads of one layer's hidden/MLP tensors in flight
-    mask = N * L if padded else 0  # bool [batch, 1, L, L], shared by all layers
-    outside = (4 * h + 4) * N + mask  # final norm's fp32 input
+    final_norm = (4 * h + 4) * N  # the final norm's fp32 input and 1/rms
+    outside = final_norm + 2 * L * s.head_dim * resid  # + RoPE's cos and sin, shared by the layers
+    if rows == 0 and "embed_tokens" not in saved_matrices:
+        # The embeddings are frozen, so the first layer's input needs no gradient: its first norm keeps nothing, the
+        # q/k/v adapters keep no dropout mask and (under autocast) no copy of their weights.
+        qkv = [m for m in targets if m in ("q_proj", "k_proj", "v_proj")]
+        outside -= (4 * h + 4 + len(qkv) * h * dropout_mask) * N + (autocast or 0) * p.r * h * len(qkv)
     formula = (
         f"per token per layer: 8h + {a}·(2h + 2·{'h' if padded else 'kv'}) + 4·heads + 3i·{mlp_out} "
         f"+ adapter inputs {adapters // 1:,.0f} B + LoRA-A outputs {lora_out:,} B = {per_token_layer:,.0f} B; "
         f"× {N:,} tokens ({rows_per_step} × {L}) × {s.layers} layers"
+        + (f"; + the padding mask as a float bias, {rows_per_step}·{L}²·{a} B per layer" if padded else "")
     )
     gc = t.gradient_checkpointing
     ckpt_line = Line(
         "activations, gradient checkpointing",
-        ckpt_all + outside,
+        ckpt_all + final_norm,
         f"{resid}·h B × {N:,} tokens × {s.layers} layers (checkpointed layer inputs) + final norm input 4·h B/token",
         counted=gc,
     )
@@ -376,28 +414,23 @@ def estimate(
     # ---- logits and loss over the vocabulary
     hidden_bytes = resid if qlora or weight_bytes == 4 else a  # the final norm's output dtype
     compute = autocast or hidden_bytes
-    T = min(N, TILE_TOKENS)
+    T = min(n_head, TILE_TOKENS)
     tile = T * TILE_VOCAB * compute
-    fused = N * h * hidden_bytes + tile + N * h * 4 + (N * h * hidden_bytes if hidden_bytes != 4 else 0)
+    fused = n_head * h * (hidden_bytes + 4 + (hidden_bytes if hidden_bytes != 4 else 0)) + tile
     fused_desc = (
-        f"tile {T:,} tokens × {TILE_VOCAB:,} vocab × {compute} B + saved hidden {N:,}×{h}×{hidden_bytes} B "
+        f"tile {T:,} tokens × {TILE_VOCAB:,} vocab × {compute} B + saved hidden {n_head:,}×{h}×{hidden_bytes} B "
         f"+ its fp32 grad"
     )
     if device == "cpu":
         fused += CPU_TILE_TEMPS * T * TILE_VOCAB * 4
         fused_desc += f" + {CPU_TILE_TEMPS} fp32 tiles of the kernel's CPU torch fallback"
-    head_trainable = rows > 0 or "lm_head" in saved_matrices or (s.tied and "embed_tokens" in saved_matrices)
-    if head_trainable:
-        head_w = 4 if qlora else weight_bytes
-        fused += s.vocab * h * (head_w + 4 + (head_w if head_w != 4 else 0))
-        fused_desc += f" + trainable head rows: merged weight copy {s.vocab:,}×{h}×{head_w} B and its fp32 grad"
     lines.append(Line("logits/loss: TRL fused chunked head", fused, fused_desc))
-    naive = N * s.vocab * (4 + 4 + (compute if compute != 4 else 0))
+    naive = n_head * s.vocab * (4 + 4 + (compute if compute != 4 else 0))
     lines.append(
         Line(
             "logits/loss: naive full logits",
             naive,
-            f"{N:,} tokens × {s.vocab:,} vocab × (4 B fp32 logits + 4 B grad"
+            f"{n_head:,} tokens × {s.vocab:,} vocab × (4 B fp32 logits + 4 B grad"
             + (f" + {compute} B {precision} logits)" if compute != 4 else ")"),
             counted=False,
         )
@@ -416,15 +449,26 @@ def estimate(
     setting = (
         f"per process on {device}: {peft_desc}, precision {precision}, r {p.r} on {len(targets)} modules × "
         f"{s.layers} layers, {rows_per_step} × {L} tokens per micro-batch, gradient checkpointing "
-        f"{'on' if gc else 'off'}, {t.optim}, trainable token rows {rows}"
-        + (" (assumed for train_new_tokens: auto)" if trainable_token_rows is None and rows else "")
+        f"{'on' if gc else 'off'}, {t.optim}"
     )
     title = (
         f"{recipe.model.source}: {s.origin}; hidden {h}, intermediate {i}, {s.layers} layers, "
         f"{s.heads}/{s.kv_heads} heads, vocab {s.vocab:,}, {'tied' if s.tied else 'untied'}; {_m(total_params)} params"
     )
-    est = Estimate(title=title, setting=setting, lines=lines, device=device)
-    est.notes.append("worst case: every row max_length tokens long and every position trained")
+    parts = {
+        "saved_per_token_layer": per_token_layer,
+        "saved_layer": layer_full,
+        "saved_all_layers": full_all,
+        "saved_checkpoints": ckpt_all,
+        "saved_outside_layers": final_norm if gc else outside,
+        "layer_recompute": recompute,
+        "head": fused,
+        "tokens": N,
+        "head_tokens": n_head,
+    }
+    est = Estimate(title=title, setting=setting, lines=lines, device=device, parts=parts)
+    if seq_len is None and trained_tokens is None:
+        est.notes.append("worst case: every row max_length tokens long and every position trained")
     if s.vision:
         est.notes.append("vision tower weights counted; its activations (they depend on the image pixels) are not")
     if p.use_dora:

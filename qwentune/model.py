@@ -124,13 +124,16 @@ def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = N
         # Language-model linears only: the vision tower (qkv, proj, fc1, fc2, merger) stays frozen.
         targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     token_indices = None
-    if trainable_token_ids:
-        # Both layers, always, with the same ids: on a tied model PEFT then ties one token adapter to both (it reads
-        # the tie from the config, which Qwen2-VL's text_config lacks); untied, each gets its own rows. A layer
-        # already trained whole (modules_to_save) is left out: PEFT refuses both on one layer.
+    whole = [layer for layer in ("embed_tokens", "lm_head") if layer in p.modules_to_save]  # trained in full
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if trainable_token_ids and not (whole and tied):
+        # Both layers, always, with the same ids: on a tied model PEFT ties one token adapter to both, untied each
+        # gets its own rows, so nothing hangs on reading the tie from a config (Qwen2-VL's text_config has none).
+        # A layer in modules_to_save already trains every row (PEFT refuses both on one layer, or on a tied pair).
         token_indices = {
-            layer: list(trainable_token_ids) for layer in ("embed_tokens", "lm_head") if layer not in p.modules_to_save
-        } or None
+            layer: list(trainable_token_ids) for layer in ("embed_tokens", "lm_head") if layer not in whole
+        }
     return LoraConfig(
         r=p.r,
         lora_alpha=p.alpha,

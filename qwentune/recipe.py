@@ -124,6 +124,8 @@ class TrainingSection:
     save_steps: int | None = None  # periodic checkpoints; None: none
     save_total_limit: int = 2
     dataloader_num_workers: int = 0
+    shuffle: bool = True  # false: rows in file order (multi-process runs then match one process with accumulation)
+    resume: bool = False  # continue from the run dir's newest complete checkpoint (CLI: train --resume)
 
 
 @dataclass

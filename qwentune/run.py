@@ -32,10 +32,17 @@ class TrainResult:
     data_reports: list[dict] = field(default_factory=list)
 
 
-def is_main_process() -> bool:
+def process_state():
+    """accelerate's view of the processes. On a machine without CUDA it must be asked for CPU ranks (as Trainer asks
+    later): the first call fixes it for the whole process, and without `cpu=True` ranks started by torchrun would
+    each think they run alone."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not _cuda())
+
+
+def is_main_process() -> bool:
+    return process_state().is_main_process
 
 
 def log(message: str) -> None:
@@ -79,6 +86,7 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
         run_name=recipe.logging.run_name or run_dir.name,
         gradient_checkpointing=False,  # the adapter code enables it (non-reentrant) before PEFT wraps the model
         dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy="random" if t.shuffle else "sequential",
         remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -161,9 +169,7 @@ def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
 
 
 def effective_batch(recipe: Recipe) -> tuple[int, int]:
-    from accelerate import PartialState
-
-    processes = PartialState().num_processes
+    processes = process_state().num_processes
     t = recipe.training
     return t.per_device_batch_size * t.grad_accum * processes, processes
 

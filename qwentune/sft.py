@@ -8,6 +8,7 @@ from transformers import set_seed
 from .data import prepare_data
 from .model import add_adapter, load_base_model, load_tokenizer, resolve_precision
 from .recipe import Recipe
+from .resume import resume_checkpoint, train_until_stopped
 from .run import (
     MetricsFile,
     TrainResult,
@@ -27,6 +28,7 @@ from .tokens import trainable_token_ids
 def train_sft(recipe: Recipe) -> TrainResult:
     from trl import SFTConfig, SFTTrainer
 
+    checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
     run_dir = prepare_run_dir(recipe, is_main=is_main_process())
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
@@ -55,12 +57,14 @@ def train_sft(recipe: Recipe) -> TrainResult:
         f"{len(data.train)} train rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else "")
     )
 
+    arguments = trainer_arguments(recipe, precision, run_dir, has_eval=data.eval is not None)
+    if recipe.sft.group_by_length:
+        arguments["train_sampling_strategy"] = "group_by_length"
     args = SFTConfig(
-        **trainer_arguments(recipe, precision, run_dir, has_eval=data.eval is not None),
+        **arguments,
         max_length=None,  # rows were fitted to data.max_length by the data pipeline; TRL must not cut them again
         packing=recipe.sft.packing,
         padding_free=recipe.sft.packing,
-        train_sampling_strategy="group_by_length" if recipe.sft.group_by_length else "random",
         dataset_num_proc=recipe.data.num_proc,
     )
     score_only_trained_positions()
@@ -76,7 +80,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
     metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
     if data.eval is not None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    train_output = trainer.train()
+    train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
     metrics.update(train_output.metrics, global_step=train_output.global_step)
     if data.eval is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]

@@ -4,7 +4,12 @@ A token whose embedding and output rows were never trained (e.g. `<tool_call>` i
 output row has cosine > 0.99 with ~3,200 never-used rows and 0.63× the median norm) cannot be produced by LoRA on
 the linear layers alone: the model learns the call's JSON but writes another token where `<tool_call>` belongs.
 We find such tokens among those the labels train, and make exactly their rows trainable (PEFT trainable tokens:
-`peft.train_new_tokens: auto`, the default; `off` only reports them).
+`peft.train_new_tokens: auto`, the default; `off` only reports them). With `auto`, in SFT, each such row also starts
+from the mean of the rows of the text it stands for (`<tool_call>` → `<`, `tool`, `_call`, `>`), in both matrices:
+on the offline real model that alone takes `<tool_call>` from NLL 23.8 (rank ~110,000) to 8.1 (rank ~20) at the
+call position, `</tool_call>` from 20.8 to 6.7, and the mean NLL of all trained tokens from 1.90 to 1.03 (4 held-out
+tool-call rows, before any training). PEFT's token rows hold whole values, so the start is part of the adapter and
+the merge needs nothing extra.
 
 Three entry points:
 
@@ -52,6 +57,7 @@ class TokenCheck:
     trained_special: list[int] = field(default_factory=list)
     rows: list[RowCheck] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)  # made trainable
+    initialised: dict[int, list[int]] = field(default_factory=dict)  # made-trainable id -> its text's token ids
     measure: str = (
         f"flag a row if > {NEAR_COUNT} other rows have cosine > {NEAR_COSINE} with it, "
         f"or its norm < {NORM_RATIO} × the median row norm"
@@ -67,6 +73,7 @@ class TokenCheck:
             "trained_special_tokens": self.trained_special,
             "flagged": self.flagged,
             "made_trainable": self.ids,
+            "initialised_from_text": {str(k): v for k, v in self.initialised.items()},
             "rows": [r.__dict__ for r in self.rows],
         }
 
@@ -82,6 +89,9 @@ class TokenCheck:
             )
         if self.ids:
             lines.append(f"  made trainable (embed_tokens and lm_head rows): {self.ids}")
+        names = {r.token_id: r.token for r in self.rows}
+        for tid, src in self.initialised.items():
+            lines.append(f"  {names.get(tid, tid)!r} starts from the mean of the rows of its text (ids {src})")
         return "\n".join(lines)
 
 
@@ -95,15 +105,16 @@ def special_token_ids(tokenizer) -> set[int]:
 def trained_special_tokens(dataset, specials: set[int]) -> list[int]:
     """The ids of `specials` that occur in trained positions: SFT `labels`, or DPO chosen/rejected completions."""
     names = ["labels"] if "labels" in dataset.column_names else ["chosen_input_ids", "rejected_input_ids"]
+    names = [n for n in names if n in dataset.column_names]
+    if not names or not len(dataset):
+        return []
     wanted = np.array(sorted(specials), dtype=np.int64)
     seen: set[int] = set()
-    arrow = dataset.with_format("arrow")  # respects select/shuffle indices; no Python lists per row
-    for name in names:
-        if name not in dataset.column_names or not len(dataset):
-            continue
-        column = arrow[name]
-        values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        seen.update(int(t) for t in np.unique(values[np.isin(values, wanted)]))
+    # Arrow batches (respecting select/shuffle indices), never Python lists per row; memory bounded by the batch.
+    for batch in dataset.select_columns(names).with_format("arrow").iter(batch_size=8192):
+        for name in names:
+            values = batch[name].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            seen.update(int(t) for t in np.unique(values[np.isin(values, wanted)]))
     return sorted(seen)
 
 
@@ -171,12 +182,48 @@ def trainable_token_ids(recipe: Recipe, model, tokenizer, dataset, run_dir: Path
     result = check_tokens(model, tokenizer, dataset)
     if recipe.peft.train_new_tokens == "auto":
         result.ids = result.flagged
+        if recipe.method == "sft":
+            # Not for DPO: its reference is the adapter-disabled base, and the policy must start equal to it.
+            result.initialised = init_rows_from_text(model, tokenizer, result.ids)
     log(result.summary())
     if result.flagged and not result.ids:
         log("flagged rows stay frozen (peft.train_new_tokens: off): the model may not learn to emit these tokens")
     if run_dir is not None and is_main_process():
         atomic_write_json(run_dir / "special_tokens.json", result.to_dict())
     return result
+
+
+def text_token_ids(tokenizer, token_id: int) -> list[int]:
+    """The ids the token's text gets as plain text (`<tool_call>` → `<`, `tool`, `_call`, `>`); [] when the
+    tokenizer has no fast backend to split it with."""
+    text = tokenizer.convert_ids_to_tokens(token_id)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not text:
+        return []
+    pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+    ids = [t.id for piece, _ in pieces for t in backend.model.tokenize(piece)]
+    specials = special_token_ids(tokenizer)
+    return [i for i in ids if i not in specials]
+
+
+@torch.no_grad()
+def init_rows_from_text(model, tokenizer, token_ids: list[int]) -> dict[int, list[int]]:
+    """Set each token's input (and untied output) row of the base model, in place, to the mean of the rows of its
+    text. Call before PEFT wraps the model: the trainable rows start from these values (PEFT copies them; the rows
+    in the saved adapter are whole values, so the base on disk + adapter is still exactly the trained model)."""
+    matrices = [model.get_input_embeddings().weight]
+    output = _output_matrix(model)
+    if output is not None:
+        matrices.append(output)
+    done: dict[int, list[int]] = {}
+    for tid in token_ids:
+        source = [i for i in text_token_ids(tokenizer, tid) if i < matrices[0].shape[0]]
+        if not source:
+            continue
+        for weight in matrices:
+            weight[tid] = weight[source].float().mean(dim=0).to(weight.dtype)
+        done[tid] = source
+    return done
 
 
 # --- the same check from the files (preview: no model is loaded) ---------------------------------------------
