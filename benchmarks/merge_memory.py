@@ -8,7 +8,7 @@ The base is a random-weight model with the real Qwen2.5-0.5B dimensions (hidden 
 linear layers with random non-zero B. Each variant runs in a fresh Python process and reports its own peak RSS
 (`ru_maxrss`), so the numbers do not mix:
 
-* `imports`   — python + torch + transformers + peft + qwentune.merge, nothing loaded (the fixed floor);
+* `imports`   — python + torch + transformers + peft + qwentune.export, nothing loaded (the fixed floor);
 * `streaming` — `merge_adapter(..., streaming=True, check_parity=False)`: shard by shard;
 * `naive`     — `from_pretrained` (bf16) + `PeftModel.from_pretrained` + `merge_and_unload` + `save_pretrained`;
 * `in_memory` — `merge_adapter(..., streaming=False, check_parity=False)`: PEFT layer merges, each in fp32;
@@ -42,9 +42,18 @@ def _make_fixture(work: Path, layers: int, shard: str) -> dict:
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=layers, num_attention_heads=14,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151643,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151643,
     )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=151643)
@@ -59,8 +68,13 @@ def _make_fixture(work: Path, layers: int, shard: str) -> dict:
     shards = sorted(p.name for p in (work / "base").glob("*.safetensors"))
     sizes = [(work / "base" / s).stat().st_size for s in shards]
     adapter_mb = (work / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20
-    return {"params": params, "shards": len(shards), "largest_shard_mb": max(sizes) / 2**20,
-            "base_mb": sum(sizes) / 2**20, "adapter_mb": adapter_mb}
+    return {
+        "params": params,
+        "shards": len(shards),
+        "largest_shard_mb": max(sizes) / 2**20,
+        "base_mb": sum(sizes) / 2**20,
+        "adapter_mb": adapter_mb,
+    }
 
 
 def _child(variant: str, work: Path) -> dict:
@@ -69,7 +83,7 @@ def _child(variant: str, work: Path) -> dict:
     import transformers  # noqa: F401
     from peft import PeftModel
 
-    from qwentune.merge import merge_adapter
+    from qwentune.export import merge_adapter
 
     out = work / f"out-{variant.replace('+', '-')}"
     start = time.time()
@@ -138,8 +152,10 @@ def main() -> None:
             print(f"naive / streaming peak RSS: {n / s:.2f}x")
             if "imports" in results:
                 floor = results["imports"]["peak_rss_mb"]
-                print(f"above the import floor ({floor:.0f} MiB): naive {n - floor:.0f} MiB, streaming "
-                      f"{s - floor:.0f} MiB -> {(n - floor) / max(s - floor, 1):.2f}x")
+                print(
+                    f"above the import floor ({floor:.0f} MiB): naive {n - floor:.0f} MiB, streaming "
+                    f"{s - floor:.0f} MiB -> {(n - floor) / max(s - floor, 1):.2f}x"
+                )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

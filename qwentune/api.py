@@ -65,8 +65,8 @@ def preprocess(
 def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3, color: bool = False) -> str:
     """Tokens of the first rows with the trained ones highlighted, the data report, and the special tokens in trained
     labels with those whose rows look untrained flagged (read from the embedding tensors only, no model load)."""
+    from .highlight import preview as render_preview
     from .model import load_tokenizer
-    from .preview import preview as render_preview
     from .sources import resolve_model
     from .tokens import flagged_in_model_files
 
@@ -93,7 +93,7 @@ def train(recipe: Recipe | str | Path | dict, overrides=None) -> TrainResult:
 
 def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, **kwargs):
     """Merge an adapter into its base (shard by shard) with a parity check; returns MergeResult."""
-    from .merge import merge_adapter
+    from .export import merge_adapter
 
     return merge_adapter(Path(adapter_dir), Path(output), base=base, **kwargs)
 

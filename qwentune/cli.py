@@ -89,7 +89,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_adapter
+    from .export import merge_adapter
 
     result = merge_adapter(
         Path(args.adapter_dir),

@@ -218,7 +218,7 @@ def finish_run(
         tokenizer.save_pretrained(result.adapter_dir)
         plot_losses(run_dir)
         if recipe.output.merge:
-            from .merge import merge_adapter
+            from .export import merge_adapter
 
             merged = merge_adapter(
                 result.adapter_dir,

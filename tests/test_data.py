@@ -16,7 +16,7 @@ from tiny_models import shared_tokenizer
 from qwentune.chat import IGNORE_INDEX, load_template, render_batch
 from qwentune.data import DPO_COLUMNS, DataReport, Unparsed, load_rows, prepare_data
 from qwentune.errors import QwentuneError
-from qwentune.preview import preview
+from qwentune.highlight import preview
 from qwentune.recipe import load_recipe
 
 WEATHER = {

@@ -1,4 +1,4 @@
-"""qwentune.merge on tiny random Qwen2 / Qwen2-VL models (CPU, a few seconds each)."""
+"""qwentune.export (merge) on tiny random Qwen2 / Qwen2-VL models (CPU, a few seconds each)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from qwentune.errors import QwentuneError
-from qwentune.merge import (
+from qwentune.export import (
     SIDECAR_NAME,
     QuantSpec,
     merge_adapter,
@@ -22,7 +22,7 @@ from qwentune.merge import (
     write_train_sidecar,
 )
 
-merge_mod = importlib.import_module("qwentune.merge")  # the module (qwentune.merge is also a function name)
+merge_mod = importlib.import_module("qwentune.export")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -30,8 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "assets" / "qwen2.5-tokenizer"
 TEMPLATE = (ROOT / "qwentune" / "templates" / "qwen2.5-instruct.jinja").read_text()
 ROWS = [[1, 5, 7, 9, 11, 300, 17, 2], [3, 4, 5, 6], [900, 7, 5, 1000, 42]]
-BASE_GEN = {"bos_token_id": 151643, "eos_token_id": 151643, "do_sample": True, "temperature": 0.7, "top_p": 0.8,
-            "top_k": 20, "repetition_penalty": 1.05}
+BASE_GEN = {
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.05,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +53,16 @@ def _quiet():
 
 def _config(*, vocab=1024, tied=True, **kw):
     return transformers.Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab, tie_word_embeddings=tied, initializer_range=0.1, max_position_embeddings=128, **kw
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        initializer_range=0.1,
+        max_position_embeddings=128,
+        **kw,
     )
 
 
@@ -189,7 +204,12 @@ def test_rslora_scaling(tmp_path):
 def test_rank_and_alpha_patterns(tmp_path):
     base = make_base(tmp_path / "base")
     adapter = make_adapter(
-        tmp_path / "adapter", base, r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 32},
+        tmp_path / "adapter",
+        base,
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"o_proj": 32},
         target_modules=["q_proj", "v_proj", "o_proj"],
     )
     result = merge_adapter(adapter, tmp_path / "out", parity_input_ids=ROWS)
@@ -291,11 +311,13 @@ def test_streaming_equals_in_memory(tmp_path, lora):
 def test_bf16_in_memory_equals_streaming(tmp_path):
     """A bf16 PeftModel (as trained in bf16) merges layer by layer in fp32: the same bf16 tensors as streaming."""
     base = make_base(tmp_path / "base", dtype=torch.bfloat16, shard="300KB")
-    adapter = make_adapter(tmp_path / "adapter", base, model=load(base, torch.bfloat16),
-                           trainable_token_indices=[5, 7])
+    adapter = make_adapter(
+        tmp_path / "adapter", base, model=load(base, torch.bfloat16), trainable_token_indices=[5, 7]
+    )
     streamed = merge_adapter(adapter, tmp_path / "streamed", parity_input_ids=ROWS)
-    in_memory = merge_model_in_memory(peft_model(base, adapter, torch.bfloat16), tmp_path / "in_memory",
-                                      parity_input_ids=ROWS)
+    in_memory = merge_model_in_memory(
+        peft_model(base, adapter, torch.bfloat16), tmp_path / "in_memory", parity_input_ids=ROWS
+    )
     assert streamed.untied and in_memory.untied
     assert streamed.max_abs_diff == pytest.approx(in_memory.max_abs_diff)
     a, b = keys_of(tmp_path / "streamed"), keys_of(tmp_path / "in_memory")
@@ -306,8 +328,9 @@ def test_bf16_in_memory_equals_streaming(tmp_path):
 
 def test_fp32_compute_of_a_bf16_model_equals_its_fp32_copy(tmp_path):
     base = make_base(tmp_path / "base", dtype=torch.bfloat16)
-    adapter = make_adapter(tmp_path / "adapter", base, model=load(base, torch.float32), use_dora=True,
-                           trainable_token_indices=[5])
+    adapter = make_adapter(
+        tmp_path / "adapter", base, model=load(base, torch.float32), use_dora=True, trainable_token_indices=[5]
+    )
     held = merge_mod._logits(peft_model(base, adapter, torch.bfloat16), ROWS)
     full = merge_mod._logits(peft_model(base, adapter, torch.float32), ROWS)
     assert maxdiff(held, full) < 1e-5
@@ -339,7 +362,9 @@ def test_streaming_false_uses_peft_merge(tmp_path):
 
 def _qlora_adapter(tmp_path, base, compute_dtype=torch.float32):
     cfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
     model4 = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg)
@@ -384,8 +409,12 @@ def test_qlora_fp32_base_loaded_in_compute_dtype(tmp_path):
     import bitsandbytes.functional as bnbf
 
     base = make_base(tmp_path / "base")
-    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     model4 = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, dtype=torch.bfloat16)
     pm = randomize(peft.get_peft_model(model4, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])))
     pm.save_pretrained(tmp_path / "adapter")
@@ -414,10 +443,20 @@ def test_qlora_dequantized_matches_4bit_model_and_original_does_not(tmp_path):
     d_orig = maxdiff(ref4, logits(load(tmp_path / "orig")))
     assert d_deq < 1e-4
     # "original" differs from the trained model by the base's quantization error
-    quant_error = maxdiff(logits(load(base)), logits(transformers.AutoModelForCausalLM.from_pretrained(
-        base, quantization_config=transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))))
+    quant_error = maxdiff(
+        logits(load(base)),
+        logits(
+            transformers.AutoModelForCausalLM.from_pretrained(
+                base,
+                quantization_config=transformers.BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.float32,
+                ),
+            )
+        ),
+    )
     assert d_orig > 100 * d_deq and d_orig > 0.1 * quant_error
     assert "ORIGINAL" in (tmp_path / "orig" / "README.md").read_text()
     assert json.loads((tmp_path / "deq" / "merge_report.json").read_text())["quantization"]["quant_type"] == "nf4"
@@ -508,11 +547,25 @@ def test_wrong_base_is_refused(tmp_path):
 def test_qwen2_vl_nested_layout(tmp_path):
     cfg = transformers.Qwen2VLConfig(
         text_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=1024, rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]}, tie_word_embeddings=True,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]},
+            tie_word_embeddings=True,
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -522,8 +575,12 @@ def test_qwen2_vl_nested_layout(tmp_path):
         assert not any("language_model" in k for k in f.keys())  # checkpoint layout differs from module names
     pm = peft.get_peft_model(
         cls.from_pretrained(tmp_path / "base"),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)",
-                        trainable_token_indices=[5, 9]),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)",
+            trainable_token_indices=[5, 9],
+        ),
     )
     randomize(pm).save_pretrained(tmp_path / "adapter")
     result = merge_adapter(tmp_path / "adapter", tmp_path / "out", parity_input_ids=[[1, 2, 3, 5, 9]])
@@ -531,15 +588,24 @@ def test_qwen2_vl_nested_layout(tmp_path):
     cfg_out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg_out["tie_word_embeddings"] is False and cfg_out["text_config"]["tie_word_embeddings"] is False
     ref = peft.PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter")).eval()
-    assert maxdiff(logits(ref, [[1, 2, 3, 5, 9]]), logits(cls.from_pretrained(tmp_path / "out"), [[1, 2, 3, 5, 9]])) \
+    assert (
+        maxdiff(logits(ref, [[1, 2, 3, 5, 9]]), logits(cls.from_pretrained(tmp_path / "out"), [[1, 2, 3, 5, 9]]))
         < 1e-5
+    )
 
 
 def test_key_index_suffix_matching():
-    index = merge_mod._KeyIndex(["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight",
-                                 "visual.blocks.0.attn.qkv.weight", "model.embed_tokens.weight"])
-    assert index.find("model.language_model.layers.1.self_attn.q_proj.weight") == \
-        "model.layers.1.self_attn.q_proj.weight"
+    index = merge_mod._KeyIndex(
+        [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "visual.blocks.0.attn.qkv.weight",
+            "model.embed_tokens.weight",
+        ]
+    )
+    assert (
+        index.find("model.language_model.layers.1.self_attn.q_proj.weight") == "model.layers.1.self_attn.q_proj.weight"
+    )
     assert index.find("model.visual.blocks.0.attn.qkv.weight") == "visual.blocks.0.attn.qkv.weight"
     assert index.find("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
     assert index.find("lm_head.weight") is None
@@ -551,9 +617,12 @@ def test_key_index_suffix_matching():
 
 
 def test_sidecar_format(tmp_path):
-    path = write_train_sidecar(tmp_path, quantization={"bits": 4, "quant_type": "nf4", "double_quant": True,
-                                                       "compute_dtype": "bfloat16"},
-                               chat_template="{{ x }}", model_card={"data": "d"})
+    path = write_train_sidecar(
+        tmp_path,
+        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        chat_template="{{ x }}",
+        model_card={"data": "d"},
+    )
     assert path.name == SIDECAR_NAME
     data = json.loads(path.read_text())
     assert data["format"] == "qwentune-train" and data["quantization"]["blocksize"] == 64

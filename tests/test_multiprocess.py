@@ -19,6 +19,7 @@ from tiny_models import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+DATA = {"sft": "data/instructions.jsonl", "dpo": "data/preferences.jsonl"}
 
 
 def free_port() -> int:
@@ -27,13 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_recipe(tmp_path: Path, model_dir: Path) -> Path:
+def write_recipe(tmp_path: Path, model_dir: Path, method: str = "sft") -> Path:
     """Short rows, fp32, no dropout, constant lr, rows in file order: the runs below differ only in how the
     4 rows of each optimizer step are spread over processes and accumulation steps."""
     recipe = {
         "model": {"source": str(model_dir)},
-        "data": {"train": [str(ROOT / "data/instructions.jsonl")], "limit": 8, "max_length": 256},
-        "method": "sft",
+        "data": {"train": [str(ROOT / DATA[method])], "limit": 8, "max_length": 256},
+        "method": method,
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "train_new_tokens": "off"},
         "training": {
             "learning_rate": 1e-3,
@@ -73,9 +74,10 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, method):
     model_dir = tiny_model_dir(tmp_path)
-    recipe = write_recipe(tmp_path, model_dir)
+    recipe = write_recipe(tmp_path, model_dir, method)
     one, two = tmp_path / "one", tmp_path / "two"
 
     single = run(
@@ -90,9 +92,10 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     )
 
     # the same effective batch, said once (by the main process) and recorded
-    assert "effective batch 2 = 1 per device × 2 accumulation × 1 process(es)" in single.stderr
+    unit = " pairs" if method == "dpo" else ""
+    assert f"effective batch 2{unit} = 1 per device × 2 accumulation × 1 process(es)" in single.stderr
     said = [line for line in ddp.stderr.splitlines() if "effective batch" in line]
-    assert len(said) == 1 and "effective batch 2 = 1 per device × 1 accumulation × 2 process(es)" in said[0], said
+    assert len(said) == 1 and f"effective batch 2{unit} = 1 per device × 1 accumulation × 2 process(es)" in said[0]
     for run_dir, processes in ((one, 1), (two, 2)):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["effective_batch"] == 2 and metrics["processes"] == processes

@@ -231,8 +231,10 @@ class QuantSpec:
         if isinstance(qc, dict):
             get = qc.get
         else:
+
             def get(key, default=None):
                 return getattr(qc, key, default)
+
         if not get("load_in_4bit", False):
             raise QwentuneError(
                 "the model is quantized but not with bitsandbytes 4-bit", hint="only 4-bit (nf4/fp4) QLoRA merges"
@@ -358,10 +360,20 @@ def merge_adapter(
     base). `check_parity=False` skips the parity check (it loads base + adapter, then the result, one at a time,
     held in the base's dtype and computed in fp32) — for models that do not fit in memory even once."""
     return _merge_adapter_impl(
-        adapter_dir, output_dir, base=base, qlora_merge=qlora_merge, quantization=quantization,
-        parity_input_ids=parity_input_ids, chat_template=chat_template, tokenizer_source=tokenizer_source,
-        generation_eos_ids=generation_eos_ids, model_card=model_card, tolerance=tolerance, streaming=streaming,
-        check_parity=check_parity, adapter_label=None,
+        adapter_dir,
+        output_dir,
+        base=base,
+        qlora_merge=qlora_merge,
+        quantization=quantization,
+        parity_input_ids=parity_input_ids,
+        chat_template=chat_template,
+        tokenizer_source=tokenizer_source,
+        generation_eos_ids=generation_eos_ids,
+        model_card=model_card,
+        tolerance=tolerance,
+        streaming=streaming,
+        check_parity=check_parity,
+        adapter_label=None,
     )
 
 
@@ -747,8 +759,9 @@ def _parity_rows(job: _Job, vocab_size: int, special_ids: list[int]) -> list[lis
         for row in rows:
             for i in row:
                 if not isinstance(i, int) or not 0 <= i < vocab_size:
-                    raise QwentuneError(f"token id {i!r} outside the vocabulary (0..{vocab_size - 1})",
-                                        where="parity_input_ids")
+                    raise QwentuneError(
+                        f"token id {i!r} outside the vocabulary (0..{vocab_size - 1})", where="parity_input_ids"
+                    )
         return [list(r) for r in rows]
     gen = torch.Generator().manual_seed(1234)
     high = min(vocab_size, 151643)
@@ -850,14 +863,19 @@ def _check_parity(job: _Job, ref: list[torch.Tensor], got: list[torch.Tensor], s
         f"[qwentune merge] parity ({job.mode}): max |logit diff| = {diff:.3g} over {len(ref)} rows "
         f"(tolerance {tol:.3g}, reference max |logit| {scale:.3g})"
     )
-    job.report["parity"] = {"max_abs_diff": diff, "tolerance": tol, "reference_max_abs_logit": scale,
-                            "rows": len(ref), "compute_dtype": "float32", "weights_held_in": held}
+    job.report["parity"] = {
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "reference_max_abs_logit": scale,
+        "rows": len(ref),
+        "compute_dtype": "float32",
+        "weights_held_in": held,
+    }
     if not math.isfinite(diff) or diff > tol:
         raise QwentuneError(
             f"merged model does not match base+adapter: max |logit diff| {diff:.4g} > tolerance {tol:.4g}",
             where="merge parity check",
             hint="nothing was written to the output directory; pass tolerance= only if the difference is expected",
-
         )
     return diff, tol
 
@@ -895,8 +913,11 @@ def _write_card(job: _Job, tmp: Path, title: str, *, dtype: torch.dtype, untied:
     lines.append(f"- **dtype**: {str(dtype).removeprefix('torch.')}")
     lines.append(
         "- **Embeddings**: "
-        + ("untied deliberately (the adapter changed embed_tokens or lm_head); `tie_word_embeddings: false`"
-           if untied else "as in the base")
+        + (
+            "untied deliberately (the adapter changed embed_tokens or lm_head); `tie_word_embeddings: false`"
+            if untied
+            else "as in the base"
+        )
     )
     if math.isnan(diff):
         lines.append("- **Parity check**: skipped")
@@ -1206,8 +1227,10 @@ class _ModuleParts:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
-                       r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$")
+_LORA_KEY = re.compile(
+    r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
+    r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$"
+)
 _TT_KEY = re.compile(r"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta$")
 _BASE_LAYER_KEY = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<param>weight|bias)$")
 _FULL_KEY = re.compile(r"^(?P<mod>.+)\.(?P<param>weight|bias)$")
@@ -1228,8 +1251,9 @@ def _check_adapter_config(cfg: dict, *, streaming: bool) -> None:
             raise QwentuneError(
                 f"{what} ({key}) is not supported by the streaming merge",
                 where="adapter_config.json",
-                hint="use streaming=False (PEFT's merge_and_unload)" if key != "alora_invocation_tokens" else
-                "activated LoRA only applies after its invocation tokens and cannot be merged",
+                hint="use streaming=False (PEFT's merge_and_unload)"
+                if key != "alora_invocation_tokens"
+                else "activated LoRA only applies after its invocation tokens and cannot be merged",
             )
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
@@ -1256,9 +1280,7 @@ def _scaling(cfg: dict, module: str, rank: int) -> float:
     r = rank_pattern[rk] if rk is not None else cfg.get("r", 8)
     alpha = alpha_pattern[ak] if ak is not None else cfg.get("lora_alpha", 8)
     if r != rank:
-        raise QwentuneError(
-            f"{module}: lora_A has rank {rank} but the config says r={r}", where="adapter_config.json"
-        )
+        raise QwentuneError(f"{module}: lora_A has rank {rank} but the config says r={r}", where="adapter_config.json")
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
@@ -1292,7 +1314,7 @@ def _parse_adapter(cfg: dict, tensors: dict[str, torch.Tensor]) -> _ParsedAdapte
         if not key.startswith(_PEFT_PREFIX):
             unknown.append(key)
             continue
-        rest = key[len(_PEFT_PREFIX):]
+        rest = key[len(_PEFT_PREFIX) :]
         if m := _LORA_KEY.match(rest):
             part = m["part"].removesuffix(".weight") if "magnitude" in m["part"] else m["part"]
             parts.setdefault(m["mod"], {})[part] = t
@@ -1300,8 +1322,7 @@ def _parse_adapter(cfg: dict, tensors: dict[str, torch.Tensor]) -> _ParsedAdapte
             tt[m["mod"]] = t
         elif m := _BASE_LAYER_KEY.match(rest):
             replace[f"{m['mod']}.{m['param']}"] = t
-        elif ("lora_" in rest or "trainable_tokens" in rest or "modules_to_save" in rest
-              or "token_adapter" in rest):
+        elif "lora_" in rest or "trainable_tokens" in rest or "modules_to_save" in rest or "token_adapter" in rest:
             unknown.append(key)
         elif m := _FULL_KEY.match(rest):
             replace[f"{m['mod']}.{m['param']}"] = t  # modules_to_save / bias="all"|"lora_only"
@@ -1432,8 +1453,16 @@ def _skeleton(base_dir: Path):
 # Shards are read and written one tensor at a time with plain file I/O (no mmap, no whole-shard buffers), so the
 # streaming merge holds about one tensor (plus its fp32 work copy) besides the adapter.
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -1650,8 +1679,9 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
             gc.collect()
         missing = set(ops) - done
         if missing:
-            raise QwentuneError(f"checkpoint tensors never seen while merging: {sorted(missing)[:4]}",
-                                where=str(job.base_dir))
+            raise QwentuneError(
+                f"checkpoint tensors never seen while merging: {sorted(missing)[:4]}", where=str(job.base_dir)
+            )
         if ckpt.indexed or len(ckpt.shards) > 1:
             index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
