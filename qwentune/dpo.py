@@ -15,11 +15,10 @@ import re
 
 from transformers import set_seed
 
-from .data import prepare_data
 from .errors import QwentuneError, did_you_mean
-from .model import add_adapter, load_adapter_for_training, load_base_model, load_tokenizer, resolve_precision
+from .model import add_adapter, load_adapter_for_training, load_base_model, resolve_precision
 from .recipe import Recipe, resolve_path
-from .resume import resume_checkpoint, train_until_stopped
+from .resume import train_until_stopped
 from .run import (
     MetricsFile,
     TrainResult,
@@ -28,9 +27,9 @@ from .run import (
     is_main_process,
     log,
     prompt_of,
+    start_run,
     trainer_arguments,
 )
-from .runinfo import atomic_write_json, prepare_run_dir
 from .sources import resolve_model
 from .speed import score_only_trained_positions
 from .tokens import check_tokens, trainable_token_ids
@@ -184,19 +183,8 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     from trl import DPOConfig
 
     check_dpo_recipe(recipe, str(recipe.path or "recipe"))
-    checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
-    run_dir = prepare_run_dir(recipe, is_main=is_main_process())
-    source = resolve_model(
-        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
-    tokenizer = load_tokenizer(source.path, recipe)
-
-    # The same code path as `qwentune preprocess`: official template, exact prompt/completion ids, bad pairs counted.
-    data = prepare_data(recipe, tokenizer)
-    tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
-    reports = [r.to_dict() for r in data.reports]
-    if is_main_process():
-        atomic_write_json(run_dir / "data_report.json", reports)
+    # run dir, model source, tokenizer, pairs rendered exactly (as `preprocess`)
+    checkpoint, run_dir, source, tokenizer, data, reports = start_run(recipe)
     train = data.train.rename_columns(TRL_COLUMNS)
     evals = data.eval.rename_columns(TRL_COLUMNS) if data.eval is not None else None
 

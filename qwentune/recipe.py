@@ -268,8 +268,10 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         if _is_section(tp):
             kwargs[key] = _build(tp, value, full, where)
             continue
-        value = _coerce(value, tp, full, where)
         choices = known[key].metadata.get("choices")
+        if value is False and choices and "off" in choices:
+            value = "off"  # YAML 1.1 reads a bare `off` as false
+        value = _coerce(value, tp, full, where)
         if choices and value not in choices:
             hint = did_you_mean(str(value), [str(c) for c in choices]) or ""
             raise QwentuneError(

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
@@ -172,6 +172,40 @@ def effective_batch(recipe: Recipe) -> tuple[int, int]:
     processes = process_state().num_processes
     t = recipe.training
     return t.per_device_batch_size * t.grad_accum * processes, processes
+
+
+class RunStart(NamedTuple):
+    """What both methods have before any weights load: run dir, resolved model, tokenizer, rendered data."""
+
+    checkpoint: str | None
+    run_dir: Path
+    source: Any
+    tokenizer: Any
+    data: Any
+    reports: list[dict]
+
+
+def start_run(recipe: Recipe) -> RunStart:
+    """Run dir, model source, tokenizer, and the data through the same code path as `qwentune preprocess`
+    (official template, exact masks / prompt+completion ids, bad rows counted by reason)."""
+    from .data import prepare_data
+    from .model import load_tokenizer
+    from .resume import resume_checkpoint
+    from .runinfo import prepare_run_dir
+    from .sources import resolve_model
+
+    checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
+    run_dir = prepare_run_dir(recipe, is_main=is_main_process())
+    source = resolve_model(
+        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    tokenizer = load_tokenizer(source.path, recipe)
+    data = prepare_data(recipe, tokenizer)
+    tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
+    reports = [r.to_dict() for r in data.reports]
+    if is_main_process():
+        atomic_write_json(run_dir / "data_report.json", reports)
+    return RunStart(checkpoint, run_dir, source, tokenizer, data, reports)
 
 
 def adapter_sidecar(recipe: Recipe, source, template, precision: Precision) -> dict[str, Any]:

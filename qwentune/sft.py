@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from transformers import set_seed
 
-from .data import prepare_data
-from .model import add_adapter, load_base_model, load_tokenizer, resolve_precision
+from .model import add_adapter, load_base_model, resolve_precision
 from .recipe import Recipe
-from .resume import resume_checkpoint, train_until_stopped
+from .resume import train_until_stopped
 from .run import (
     MetricsFile,
     TrainResult,
@@ -17,10 +16,9 @@ from .run import (
     is_main_process,
     log,
     prompt_of,
+    start_run,
     trainer_arguments,
 )
-from .runinfo import atomic_write_json, prepare_run_dir
-from .sources import resolve_model
 from .speed import score_only_trained_positions
 from .tokens import trainable_token_ids
 
@@ -28,19 +26,8 @@ from .tokens import trainable_token_ids
 def train_sft(recipe: Recipe) -> TrainResult:
     from trl import SFTConfig, SFTTrainer
 
-    checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
-    run_dir = prepare_run_dir(recipe, is_main=is_main_process())
-    source = resolve_model(
-        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
-    tokenizer = load_tokenizer(source.path, recipe)
-
-    # The same code path as `qwentune preprocess`: official template, exact masks, bad rows counted by reason.
-    data = prepare_data(recipe, tokenizer)
-    tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
-    reports = [r.to_dict() for r in data.reports]
-    if is_main_process():
-        atomic_write_json(run_dir / "data_report.json", reports)
+    # run dir, model source, tokenizer, data rendered with exact masks (as `preprocess`)
+    checkpoint, run_dir, source, tokenizer, data, reports = start_run(recipe)
 
     precision = resolve_precision(recipe)
     set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process

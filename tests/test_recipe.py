@@ -127,3 +127,9 @@ def test_tools_on_a_template_without_tool_support_is_refused():
         validate_recipe(
             ROOT / "recipes/qwen2-0.5b-instruct/sft_lora.yaml", [f"data.train={ROOT}/data/tool_calls.jsonl"]
         )
+
+
+def test_yaml_off_is_read_as_the_choice_off(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {source: x}\ndata: {train: a.jsonl}\npeft:\n  train_new_tokens: off\n")
+    assert load_recipe(path).peft.train_new_tokens == "off"  # YAML 1.1 reads a bare `off` as false
