@@ -393,7 +393,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch) -> Path:
-    """An empty Hugging Face cache, with HF_HUB_OFFLINE=1, that snapshot_download reads instead of the network."""
+    """An empty Hugging Face cache, with HF_HUB_OFFLINE=1, that the hub client reads instead of the network."""
     from huggingface_hub import constants
 
     hub = tmp_path / "hub"
