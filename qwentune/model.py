@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +186,3 @@ def load_adapter_for_training(recipe: Recipe, model, adapter_dir: Path):
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     patch_output_bias(peft_model)
     return peft_model
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
