@@ -9,6 +9,9 @@ every key seen in any other row). A row that cannot be trained on exactly comes 
 are counted per reason (with the first few row numbers) and removed, never dropped silently. The map result is cached
 on disk under a fingerprint of the raw rows, the tokenizer, the template text, the data keys and this code.
 
+Image rows (Qwen2-VL, `images` given): each image is opened and sized in the mapped step, its single template pad
+expanded to its token count, and its file kept in `image_files` for the collator (`vision.py`).
+
 Rows with tools on a template without tool support are always an error (not a skip): training a tool dataset on
 such a template is a configuration mistake, and skipping would silently train on whatever rows have no tools.
 """
@@ -24,7 +27,7 @@ import re
 import sys
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +37,16 @@ from .chat import ChatTemplate, fit_length, load_template, render_batch, render_
 from .errors import BadRow, QwentuneError
 from .formats import FORMATS, convert, detect_format, needs_tools, normalize_tools
 from .recipe import Recipe, resolve_path
+from .vision import (
+    IMAGE_COLUMNS,
+    ImageFile,
+    ImageSettings,
+    check_not_cut,
+    expand_pads,
+    has_images,
+    row_images,
+    trained_spans,
+)
 
 SFT_COLUMNS = ("input_ids", "labels", "length")
 # The prompt through the generation prompt, and each completion through its <|im_end|> (nothing after it). TRL 1.16's
@@ -93,6 +106,7 @@ class PreparedData:
     reports: list[DataReport]
     template: ChatTemplate
     method: str = "sft"
+    images: ImageSettings | None = None  # a vision model's: rows carry image_files / image_sizes
 
 
 # ---------------------------------------------------------------- sources
@@ -113,6 +127,14 @@ class Source:
     def arrow(self) -> bool:
         """Rows read through Arrow (struct columns): a null there may be a key that was never given."""
         return self.kind in ("parquet", "disk", "hub")
+
+    @property
+    def base_dir(self) -> str | None:
+        """Where relative image paths in the rows start: the data file's folder (a save_to_disk dir itself)."""
+        if self.kind == "hub":
+            return None
+        path = Path(self.path)
+        return str(path if path.is_dir() else path.parent)
 
     @property
     def index_kind(self) -> str:
@@ -296,6 +318,8 @@ class _Options:
     max_length: int
     overlong: str
     train_on: str
+    bases: tuple[str | None, ...] = ()  # per source index: the folder relative image paths start from
+    images: ImageSettings | None = None  # a vision model's image token counts; None: rows with images are refused
 
 
 def _bad_cols(reason: str = "", detail: str = "") -> dict:
@@ -307,6 +331,7 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
     n = len(batch["_raw"])
     results: list[Any] = [None] * n
     canonical: list[tuple[int, dict]] = []
+    images: dict[int, list[ImageFile]] = {}
     for i, (text, src) in enumerate(zip(batch["_raw"], batch["_src"])):
         fmt, arrow = opts.formats[src]
         try:
@@ -317,6 +342,10 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
             row = convert(raw, fmt, arrow=arrow, tools=opts.tools, system_prompt=opts.system_prompt)
             if not template.supports_tools and needs_tools(row):
                 raise BadRow("tools_unsupported", f"the row uses tools; template {template.name} has no tool support")
+            if opts.images is not None:
+                images[i] = row_images(row["messages"] if opts.method != "dpo" else row["prompt"], opts.bases[src])
+            elif has_images(row):
+                raise BadRow("images_unsupported", "the row has images; the model is not a vision model")
         except BadRow as bad:
             results[i] = bad
             continue
@@ -329,11 +358,13 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
     for (i, _), res in zip(canonical, rendered):
         if not isinstance(res, BadRow):
             try:
+                if opts.images is not None:
+                    res = _with_image_tokens(res, images[i], opts)
                 res = _fit_pair(res, opts) if opts.method == "dpo" else _fit_row(res, opts)
             except BadRow as bad:
                 res = bad
         results[i] = res
-    cols = DPO_COLUMNS if opts.method == "dpo" else SFT_COLUMNS
+    cols = (*(DPO_COLUMNS if opts.method == "dpo" else SFT_COLUMNS), *(IMAGE_COLUMNS if opts.images else ()))
     out: dict[str, list] = {c: [] for c in (*cols, "_truncated", "_bad_reason", "_bad_detail")}
     for res in results:
         if isinstance(res, BadRow):
@@ -346,14 +377,47 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
     return out
 
 
+def _with_image_tokens(rendered: Any, files: list[ImageFile], opts: _Options) -> Any:
+    """Each image's single pad expanded to its token count; the files travel with the row to the collator."""
+    settings = opts.images
+    counts = [settings.tokens(f.width, f.height) for f in files]
+    if opts.method == "dpo":
+        prompt, _ = expand_pads(rendered.prompt_input_ids, None, counts, settings)
+        rendered = replace(rendered, prompt_input_ids=prompt)
+    else:
+        ids, labels = expand_pads(rendered.input_ids, rendered.labels, counts, settings)
+        rendered = replace(rendered, input_ids=ids, labels=labels, trained_spans=trained_spans(labels))
+    return _WithImages(rendered, files)
+
+
+class _WithImages(NamedTuple):
+    rendered: Any
+    files: list[ImageFile]
+
+
+def _image_cols(files: list[ImageFile] | None) -> dict:
+    if files is None:
+        return {}
+    return {"image_files": [f.ref for f in files], "image_sizes": [[f.width, f.height] for f in files]}
+
+
 def _fit_row(rendered: Any, opts: _Options) -> dict:
+    rendered, files = rendered if isinstance(rendered, _WithImages) else (rendered, None)
     overlong = "drop" if opts.overlong == "error" else opts.overlong  # 'error' is raised by the main process
+    if files and overlong == "truncate" and len(rendered.input_ids) > opts.max_length:
+        check_not_cut(rendered.input_ids, opts.max_length, opts.images)
     fitted = fit_length(rendered, opts.max_length, overlong)
     ids = fitted.input_ids
-    return {"input_ids": ids, "labels": fitted.labels, "length": len(ids), "_truncated": fitted.truncated}
+    cols = {"input_ids": ids, "labels": fitted.labels, "length": len(ids), "_truncated": fitted.truncated}
+    return cols | _image_cols(files)
 
 
 def _fit_pair(pair: Any, opts: _Options) -> dict:
+    pair, files = pair if isinstance(pair, _WithImages) else (pair, None)
+    return _fit_pair_ids(pair, opts) | _image_cols(files)
+
+
+def _fit_pair_ids(pair: Any, opts: _Options) -> dict:
     """DPO lengths: a prompt over max_length is dropped (prompt_over_length); a pair over it is dropped (over_length)
     or, under `truncate`, its completions are cut from the end (they then lose <|im_end|>: counted as truncated);
     a prompt that fills max_length leaves nothing to cut to (completion_truncated_to_nothing)."""
@@ -375,11 +439,14 @@ def _fit_pair(pair: Any, opts: _Options) -> dict:
     return dict(zip(DPO_COLUMNS, (prompt, chosen, rejected))) | {"_truncated": truncated}
 
 
-def _features(method: str) -> datasets.Features:
+def _features(method: str, images: bool = False) -> datasets.Features:
     ids = datasets.List(datasets.Value("int32"))
     cols = {c: ids for c in (DPO_COLUMNS if method == "dpo" else SFT_COLUMNS[:2])}
     if method != "dpo":
         cols["length"] = datasets.Value("int32")
+    if images:
+        cols["image_files"] = datasets.List(datasets.Value("string"))
+        cols["image_sizes"] = datasets.List(datasets.List(datasets.Value("int32")))
     return datasets.Features(
         {
             **cols,
@@ -417,7 +484,7 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 def _code_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("data.py", "formats.py", "chat.py"):
+    for name in ("data.py", "formats.py", "chat.py", "vision.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
 
@@ -523,11 +590,18 @@ def _limit(recipe: Recipe, limit: int | None) -> int | None:
 
 
 def prepare_data(
-    recipe: Recipe, tokenizer: Any, *, limit: int | None = None, quiet: bool = False, keep_origin: bool = False
+    recipe: Recipe,
+    tokenizer: Any,
+    *,
+    limit: int | None = None,
+    quiet: bool = False,
+    keep_origin: bool = False,
+    images: ImageSettings | None = None,
 ) -> PreparedData:
     """Load, convert, render and length-fit data.train (and data.eval, or an eval_fraction of train).
     `limit` (and data.limit) keeps the first N rows of each file. Prints the per-file reports to stderr unless
-    `quiet`. `keep_origin` keeps the `_src`/`_row` columns (preview uses them to name rows)."""
+    `quiet`. `keep_origin` keeps the `_src`/`_row` columns (preview uses them to name rows). `images`: a vision
+    model's image settings (`vision.image_settings`); rows then keep their image files and expanded image pads."""
     d = recipe.data
     template = load_template(d.template, tokenizer)
     limit = _limit(recipe, limit)
@@ -543,13 +617,13 @@ def prepare_data(
     out: dict[str, datasets.Dataset] = {}
     reports: list[DataReport] = []
     for name, (loaded, keep) in splits.items():
-        ds, split_reports = _prepare_split(name, loaded, keep, recipe, tokenizer, template, tools, keep_origin)
+        ds, split_reports = _prepare_split(name, loaded, keep, recipe, tokenizer, template, tools, keep_origin, images)
         out[name] = ds
         reports += [r for r in split_reports if r.total]  # an eval_fraction may take no row of a file
     if not quiet:
         for report in reports:
             print(report.summary(), file=sys.stderr)
-    return PreparedData(out["train"], out.get("eval"), reports, template, recipe.method)
+    return PreparedData(out["train"], out.get("eval"), reports, template, recipe.method, images)
 
 
 def _fraction_split(loaded: list[_Loaded], fraction: float, seed: int) -> dict:
@@ -578,6 +652,7 @@ def _prepare_split(
     template: ChatTemplate,
     tools: list | None,
     keep_origin: bool,
+    images: ImageSettings | None = None,
 ) -> tuple[datasets.Dataset, list[DataReport]]:
     d = recipe.data
     raw: dict[str, list] = {"_raw": [], "_src": [], "_row": []}
@@ -597,6 +672,8 @@ def _prepare_split(
         max_length=d.max_length,
         overlong=d.overlong,
         train_on=d.train_on,
+        bases=tuple(x.source.base_dir for x in loaded),
+        images=images,
     )
     reports = [DataReport(x.source.label, x.fmt, split=split, index_kind=x.source.index_kind) for x in loaded]
     mapped = _map(raw, opts, tokenizer, template, d.num_proc, split)
@@ -605,6 +682,7 @@ def _prepare_split(
     details = table.column("_bad_detail").to_pylist()
     truncated = table.column("_truncated").to_pylist()
     _refuse_tool_rows(reasons, raw, reports, template, tools, split)
+    _refuse_image_rows(reasons, raw, reports, split)
     kept: list[int] = []
     for i, (reason, detail, src, row, cut) in enumerate(zip(reasons, details, raw["_src"], raw["_row"], truncated)):
         report = reports[src]
@@ -655,6 +733,19 @@ def _refuse_tool_rows(
     )
 
 
+def _refuse_image_rows(reasons: list[str], raw: dict, reports: list[DataReport], split: str) -> None:
+    """Rows with images for a text model: a configuration mistake, one error up front (never trained without them)."""
+    hits = [i for i, r in enumerate(reasons) if r == "images_unsupported"]
+    if not hits:
+        return
+    src, row = raw["_src"][hits[0]], raw["_row"][hits[0]]
+    raise QwentuneError(
+        f"{len(hits)} of {len(reasons)} {split} rows have images, but the model is not a vision model",
+        where=reports[src].where(row),
+        hint="use a Qwen2-VL model (recipes/qwen2-vl-2b-instruct/) or data without images",
+    )
+
+
 def _refuse_empty(reports: list[DataReport], total: int, split: str, max_length: int) -> None:
     """Never train on an empty set: say why every row went."""
     counts: dict[str, int] = {}
@@ -700,7 +791,7 @@ def _map(
         batch_size=256,
         num_proc=num_proc if num_proc > 1 and len(base) > 1 else None,
         remove_columns=["_raw"],
-        features=_features(opts.method),
+        features=_features(opts.method, opts.images is not None),
         fn_kwargs={"opts": opts, "tokenizer": tokenizer, "template": template},
         new_fingerprint=fingerprint,
         cache_file_name=cache_file,

@@ -33,6 +33,7 @@ from .run import (
 from .sources import resolve_model
 from .speed import score_only_trained_positions
 from .tokens import check_tokens, trainable_token_ids
+from .vision import text_only, vision_collator
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
 TRL_COLUMNS = {
@@ -239,11 +240,15 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         precompute_ref_log_probs=d.precompute_ref_log_probs,
         max_length=None,  # pairs were fitted to data.max_length by the data pipeline; TRL must not cut them again
     )
+    collator = None
+    if data.images is not None:  # Qwen2-VL: pixel inputs for the prompt's images, once per chosen/rejected row
+        collator = vision_collator(source.path, recipe, tokenizer, data.images, preference=True)
     score_only_trained_positions()
     trainer = _pretokenized_dpo_trainer()(
         model=model,
         ref_model=ref_model,
         args=args,
+        data_collator=collator,
         train_dataset=train,
         eval_dataset=evals,
         processing_class=tokenizer,
@@ -280,10 +285,13 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         trainer.model.delete_adapter("ref")  # save and merge the trained adapter only, not the reference copy
         trainer.model.set_adapter("default")
     parity_rows = [r["prompt_ids"] + r["chosen_ids"] for r in train.select(range(min(3, len(train))))]
+    if data.images is not None:  # the merge's parity rows are text: no pixels there
+        parity_rows = [text_only(ids, data.images) for ids in parity_rows]
+    sample_row = (data.eval if data.eval is not None else data.train)[0]
     return finish_run(
         recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
         reports=reports, parity_rows=parity_rows, precision=precision,
-        sample_prompt=prompt_of((data.eval if data.eval is not None else data.train)[0]),
+        sample_prompt=prompt_of(sample_row), sample_images=sample_row.get("image_files"),
     )  # fmt: skip
 
 

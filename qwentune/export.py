@@ -43,10 +43,11 @@ tied model: it merges in place into the shared tensor, so LoRA on ``lm_head``/``
 Parity check after every merge: logits of the saved model (loaded normally with ``from_pretrained``) versus base +
 adapter as a `PeftModel` (for ``qlora-dequantized`` on the dequantized base, i.e. what the 4-bit layers compute; for
 ``qlora-original-base`` on the original base) over a few rows (`parity_input_ids`, default four fixed short rows
-that include any trained token ids). Both are computed in fp32; a bf16 model is held in bf16 and each module is
-upcast only while it runs (exactly the fp32 result at half the memory; models are loaded one at a time), and the
-merge refuses up front when even that does not fit (pass ``check_parity=False``). The max abs difference is printed
-and saved in ``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
+that include any trained token ids; for Qwen2-VL also one row with a synthetic image, `_parity_image`, so the
+vision tower, the merger and any LoRA on them are checked too). Both are computed in fp32; a bf16 model is held in
+bf16 and each module is upcast only while it runs (exactly the fp32 result at half the memory; models are loaded one
+at a time), and the merge refuses up front when even that does not fit (pass ``check_parity=False``). The max abs
+difference is printed and saved in ``output_dir/merge_report.json``. Default tolerances (`default_tolerance`):
 
 * saved in fp32: ``1e-3`` (measured 3e-7 .. 4e-6 on tiny models);
 * saved in bf16/fp16: ``max(0.05, 0.02 * max|reference logit|)``: the merged weights are rounded to 8 (bf16) or 11
@@ -80,12 +81,17 @@ Training sidecar ``qwentune_train.json`` (beside ``adapter_config.json``; writte
         "load_dtype": "bfloat16",             # optional: dtype the base was loaded in before quantizing
                                               #   (default: compute_dtype, as qwentune's trainer loads it)
         "skip_modules": null                  # optional: llm_int8_skip_modules used at training time
+                                              #   (default: qwentune's, model.quant_skip_modules: Qwen2-VL
+                                              #   keeps lm_head and the vision tower unquantized)
       },
       "chat_template": "...",                 # the template the training data was rendered with
-      "model_card": {"data": ..., "recipe": ..., "metrics": {...}}
+      "model_card": {"data": ..., "recipe": ..., "metrics": {...}},
+      "image_processor": {"min_pixels": 3136, "max_pixels": 1003520}   # Qwen2-VL: written into the merged
+                                              #   image-processor config (see `merge_adapter`)
     }
 
-`merge_adapter`'s arguments override the sidecar (``quantization=``, ``chat_template=``, ``model_card=``).
+`merge_adapter`'s arguments override the sidecar (``quantization=``, ``chat_template=``, ``model_card=``,
+``image_processor=``).
 """
 
 from __future__ import annotations
@@ -300,6 +306,8 @@ def read_train_sidecar(adapter_dir: str | Path) -> dict:
         if not isinstance(data["chat_template"], str):
             raise QwentuneError("chat_template must be a string", where=str(path))
         out["chat_template"] = data["chat_template"]
+    if data.get("image_processor") is not None:
+        out["image_processor"] = _image_processor_settings(data["image_processor"])
     if data.get("model_card") is not None:
         if not isinstance(data["model_card"], dict):
             raise QwentuneError("model_card must be an object", where=str(path))
@@ -313,12 +321,14 @@ def write_train_sidecar(
     quantization: QuantSpec | dict | None = None,
     chat_template: str | None = None,
     model_card: dict | None = None,
+    image_processor: dict | None = None,
 ) -> Path:
     """Write ``qwentune_train.json`` beside an adapter (see the module docstring for the format)."""
     data: dict[str, Any] = {"format": SIDECAR_FORMAT, "version": 1}
     data["quantization"] = QuantSpec.from_dict(quantization).to_dict() if quantization is not None else None
     data["chat_template"] = chat_template
     data["model_card"] = model_card
+    data["image_processor"] = _image_processor_settings(image_processor)
     path = Path(adapter_dir) / SIDECAR_NAME
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -352,13 +362,16 @@ def merge_adapter(
     tolerance: float | None = None,
     streaming: bool = True,
     check_parity: bool = True,
+    image_processor: dict | None = None,
 ) -> MergeResult:
     """Merge the adapter saved in `adapter_dir` into its base and write a plain checkpoint to `output_dir`.
 
     `quantization` (or the sidecar's ``quantization`` block) marks a QLoRA adapter; `qlora_merge` is then
     ``"dequantized"`` (merge onto the base as the 4-bit layers saw it) or ``"original"`` (onto the full-precision
     base). `check_parity=False` skips the parity check (it loads base + adapter, then the result, one at a time,
-    held in the base's dtype and computed in fp32) — for models that do not fit in memory even once."""
+    held in the base's dtype and computed in fp32) — for models that do not fit in memory even once.
+    `image_processor` (Qwen2-VL): settings such as ``{"min_pixels": ..., "max_pixels": ...}`` written into the
+    merged dir's image-processor config (None values are left out; the pixel limits also go into ``size``)."""
     return _merge_adapter_impl(
         adapter_dir,
         output_dir,
@@ -374,6 +387,7 @@ def merge_adapter(
         streaming=streaming,
         check_parity=check_parity,
         adapter_label=None,
+        image_processor=image_processor,
     )
 
 
@@ -393,6 +407,7 @@ def _merge_adapter_impl(
     streaming: bool,
     check_parity: bool,
     adapter_label: str | None,
+    image_processor: dict | None = None,
 ) -> MergeResult:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -406,6 +421,8 @@ def _merge_adapter_impl(
     spec = QuantSpec.from_dict(quantization) if quantization is not None else sidecar.get("quantization")
     chat_template = chat_template if chat_template is not None else sidecar.get("chat_template")
     card = {**sidecar.get("model_card", {}), **(model_card or {})}
+    if image_processor is None:
+        image_processor = sidecar.get("image_processor")
     adapter_cfg = _read_json(adapter_dir / "adapter_config.json")
     base_ref = base if base is not None else adapter_cfg.get("base_model_name_or_path")
     if not base_ref:
@@ -429,6 +446,7 @@ def _merge_adapter_impl(
         parity=check_parity,
         streaming=streaming,
         adapter_label=adapter_label,
+        image_processor=_image_processor_settings(image_processor),
     )
     target = _prepare_target(output_dir, forbidden=[adapter_dir, base_dir])
     if streaming:
@@ -451,6 +469,7 @@ def merge_model_in_memory(
     tolerance: float | None = None,
     check_parity: bool = True,
     max_shard_size: str | int = "2GB",
+    image_processor: dict | None = None,
 ) -> MergeResult:
     """Merge a `PeftModel` that is already in memory (end of training) and write a plain checkpoint.
 
@@ -458,7 +477,8 @@ def merge_model_in_memory(
     cast back, so the result equals the streaming merge's. `base` (default: the adapter config's
     ``base_model_name_or_path``) supplies the saved dtype, generation config and tokenizer when it is a local dir. A
     4-bit (QLoRA) model is not merged into its 4-bit weights: its adapter is exported and merged onto the base read
-    from disk, exactly as `merge_adapter` does (`base` is then required to exist)."""
+    from disk, exactly as `merge_adapter` does (`base` is then required to exist). `image_processor`: as for
+    `merge_adapter`."""
     _check_qlora_merge(qlora_merge)
     from peft import PeftModel
 
@@ -491,10 +511,9 @@ def merge_model_in_memory(
             if qc is None:
                 raise QwentuneError("4-bit layers but no quantization_config", hint="pass quantization={...}")
             spec = QuantSpec.from_bnb_config(qc)
-            # the dtype the unquantized weights were loaded in is the one the 4-bit weights were quantized from
-            emb_weight = getattr(_innermost(inner.get_input_embeddings()), "weight", None)
-            if emb_weight is not None and emb_weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
-                spec = QuantSpec(**{**spec.__dict__, "load_dtype": _dtype_name(emb_weight.dtype, where="model")})
+            load_dtype = _quantized_from_dtype(inner)
+            if load_dtype is not None:
+                spec = QuantSpec(**{**spec.__dict__, "load_dtype": _dtype_name(load_dtype, where="model")})
         else:
             spec = QuantSpec.from_dict(quantization)
         target = _prepare_target(output_dir, forbidden=[])
@@ -516,6 +535,7 @@ def merge_model_in_memory(
                 streaming=True,
                 check_parity=check_parity,
                 adapter_label="(in memory: 4-bit PeftModel)",
+                image_processor=image_processor,
             )
 
     base_dir = None
@@ -538,6 +558,7 @@ def merge_model_in_memory(
         tolerance=tolerance,
         parity=check_parity,
         streaming=False,
+        image_processor=_image_processor_settings(image_processor),
     )
     target = _prepare_target(output_dir, forbidden=[base_dir] if base_dir else [])
     return _merge_peft_model(job, peft_model, adapter_name, target, max_shard_size=max_shard_size)
@@ -565,6 +586,8 @@ class _Job:
     report: dict = field(default_factory=dict)
     parity_dtype: torch.dtype = torch.float32
     adapter_label: str | None = None
+    image_processor: dict | None = None  # settings written into the merged image-processor config
+    parity_image: dict | None = None  # Qwen2-VL: one synthetic image row for the parity check
 
 
 def _check_qlora_merge(qlora_merge: str) -> None:
@@ -708,6 +731,10 @@ def _finish(job: _Job, tmp: Path, config_dict: dict, base_gen: dict | None, extr
         for name in _AUX_FILES:
             if (src / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(src / name, tmp / name)
+    if job.image_processor and config_dict.get("model_type") == "qwen2_vl":
+        facts["image_processor"] = job.report["image_processor"] = _write_image_processor(tmp, job.image_processor)
+    elif job.image_processor:
+        print("[qwentune merge] note: image-processor settings ignored (not a vision-language model)")
     if job.base_dir is not None:
         for item in job.base_dir.iterdir():
             if item.is_file() and item.name.upper().startswith(("LICENSE", "NOTICE")):
@@ -738,6 +765,56 @@ def _finish(job: _Job, tmp: Path, config_dict: dict, base_gen: dict | None, extr
     facts["eos_token_id"] = eos
     facts["tokenizer"] = tok
     return facts
+
+
+def _image_processor_settings(settings: dict | None) -> dict | None:
+    """Checked image-processor settings, None values dropped (a recipe's unset min/max pixels)."""
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise QwentuneError(f"expected a dict, got {type(settings).__name__}", where="image_processor")
+    out = {k: v for k, v in settings.items() if v is not None}
+    for key in ("min_pixels", "max_pixels"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] <= 0):
+            raise QwentuneError(f"{key} must be a positive integer, got {out[key]!r}", where="image_processor")
+    if out.get("min_pixels", 0) > out.get("max_pixels", math.inf):
+        raise QwentuneError(
+            f"min_pixels {out['min_pixels']} > max_pixels {out['max_pixels']}", where="image_processor"
+        )
+    return out or None
+
+
+def _write_image_processor(tmp: Path, settings: dict) -> dict:
+    """Put `settings` into the merged dir's image-processor config: preprocessor_config.json, and the nested
+    ``image_processor`` of processor_config.json when there is one (transformers reads that one first). The pixel
+    limits go into ``size`` (shortest_edge/longest_edge, where transformers 5 reads them) as well."""
+    targets = []
+    if (tmp / "preprocessor_config.json").is_file():
+        targets.append((tmp / "preprocessor_config.json", None))
+    if (tmp / "processor_config.json").is_file():
+        if isinstance(_read_json(tmp / "processor_config.json").get("image_processor"), dict):
+            targets.append((tmp / "processor_config.json", "image_processor"))
+    if not targets:
+        raise QwentuneError(
+            "image-processor settings were given, but neither the base nor the adapter dir has an image-processor "
+            "config (preprocessor_config.json) to put them in",
+            where="image_processor",
+            hint="pass tokenizer_source=<dir with the processor files>",
+        )
+    for path, nested in targets:
+        data = _read_json(path)
+        config = data[nested] if nested else data
+        config.update(settings)
+        size = dict(config.get("size") or {})
+        for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if key in settings:
+                size[edge] = settings[key]
+                if key in size:  # an older layout keeps the limits under their own names inside size
+                    size[key] = settings[key]
+        if size:
+            config["size"] = size
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return settings
 
 
 def _load_tokenizer(src: Path):
@@ -774,8 +851,9 @@ def _parity_rows(job: _Job, vocab_size: int, special_ids: list[int]) -> list[lis
 
 
 @torch.no_grad()
-def _logits(model: Any, rows: list[list[int]]) -> list[torch.Tensor]:
-    """Logits for each row, computed in fp32 even when the model is held in 16-bit (see `_fp32_compute`)."""
+def _logits(model: Any, rows: list[list[int]], image: dict | None = None) -> list[torch.Tensor]:
+    """Logits for each row (then for the image row, if any), computed in fp32 even when the model is held in 16-bit
+    (see `_fp32_compute`)."""
     if not rows:
         return []
     device = next(model.parameters()).device
@@ -786,7 +864,41 @@ def _logits(model: Any, rows: list[list[int]]) -> list[torch.Tensor]:
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     with _fp32_compute(model):
         logits = model(input_ids=ids).logits.float().cpu()
-    return [logits[i, : len(row)] for i, row in enumerate(rows)]
+        out = [logits[i, : len(row)] for i, row in enumerate(rows)]
+        if image is not None:
+            out.append(model(**{k: v.to(device) for k, v in image.items()}).logits[0].float().cpu())
+    return out
+
+
+def _parity_image(cfg: dict) -> dict | None:
+    """Qwen2-VL: forward inputs of one row holding a synthetic image (fixed random patches on a 4x4 patch grid), so
+    the parity check runs the vision tower and merger too (and any LoRA on them). None for text models, and for toy
+    vocabularies that do not reach the image token ids."""
+    if cfg.get("model_type") != "qwen2_vl":
+        return None
+    vision = cfg.get("vision_config") or {}
+    text = _text_cfg(cfg)
+    vocab = int(text.get("vocab_size") or cfg.get("vocab_size") or 0)
+    image_id = cfg.get("image_token_id", text.get("image_token_id", 151655))
+    start = cfg.get("vision_start_token_id", text.get("vision_start_token_id", 151652))
+    end = cfg.get("vision_end_token_id", text.get("vision_end_token_id", 151653))
+    if max(image_id, start, end) >= vocab:
+        return None
+    merge = int(vision.get("spatial_merge_size", 2))
+    channels = vision.get("in_channels", vision.get("in_chans", 3))  # in_chans: the published config.json's name
+    patch_dim = channels * vision.get("temporal_patch_size", 2) * vision.get("patch_size", 14) ** 2
+    grid = [1, 2 * merge, 2 * merge]
+    patches = math.prod(grid)
+    gen = torch.Generator().manual_seed(4321)
+    pixel_values = torch.randn(patches, patch_dim, generator=gen)
+    ids = torch.tensor([[11, 22, start] + [image_id] * (patches // merge**2) + [end, 33, 44, 55]])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixel_values,
+        "image_grid_thw": torch.tensor([grid]),
+        "mm_token_type_ids": (ids == image_id).long(),  # 1 marks image tokens; drives the 3-D rotary positions
+    }
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -868,6 +980,7 @@ def _check_parity(job: _Job, ref: list[torch.Tensor], got: list[torch.Tensor], s
         "tolerance": tol,
         "reference_max_abs_logit": scale,
         "rows": len(ref),
+        "image_rows": int(job.parity_image is not None),
         "compute_dtype": "float32",
         "weights_held_in": held,
     }
@@ -993,6 +1106,17 @@ def _is_4bit(model: Any) -> bool:
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def _quantized_from_dtype(model: Any) -> torch.dtype | None:
+    """The dtype a 4-bit model's weights had when bitsandbytes quantized them (kept in each weight's quant state).
+    Not the embedding's dtype: prepare_model_for_kbit_training upcasts that to fp32 after loading."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "dtype", None) in _DTYPES.values():
+            return state.dtype
+    emb_weight = getattr(_innermost(model.get_input_embeddings()), "weight", None)
+    return emb_weight.dtype if emb_weight is not None and emb_weight.dtype in _DTYPES.values() else None
+
+
 def _innermost(module: Any) -> Any:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
@@ -1054,7 +1178,8 @@ def _merge_peft_model(job: _Job, pm: Any, adapter_name: str, target: Path, *, ma
     pm.eval()
     vocab = _innermost(inner.get_input_embeddings()).weight.shape[0]
     rows = _parity_rows(job, vocab, _trained_token_ids_in_memory(pm, adapter_name)) if job.parity else []
-    ref = _logits(pm, rows) if job.parity else []
+    job.parity_image = _parity_image(base_cfg) if job.parity else None
+    ref = _logits(pm, rows, job.parity_image) if job.parity else []
     untied = _untie_in_memory(inner)
     merged = _merge_layers_fp32(pm, adapter_name)
     if untied:
@@ -1115,7 +1240,7 @@ def _parity_on_dir(job: _Job, tmp: Path, ref: list, rows: list, save_dtype: torc
         job.report["parity"] = "skipped"
         return float("nan"), float(job.tolerance if job.tolerance is not None else float("nan"))
     model = _load_model(tmp, job.parity_dtype)
-    got = _logits(model, rows)
+    got = _logits(model, rows, job.parity_image)
     del model
     gc.collect()
     return _check_parity(job, ref, got, save_dtype)
@@ -1166,11 +1291,11 @@ def _quantized_module_names(skeleton: Any, spec: QuantSpec) -> list[str]:
         from transformers.quantizers.base import HfQuantizer
         from transformers.quantizers.quantizers_utils import should_convert_module
 
-        skip = list(spec.skip_modules) if spec.skip_modules is not None else None
+        skip = _skip_modules(skeleton, spec)
         not_convert = HfQuantizer.get_modules_to_not_convert(skeleton, skip, skeleton._keep_in_fp32_modules)
     except (ImportError, AttributeError):  # older/newer transformers: fall back to the documented default
         out = skeleton.get_output_embeddings()
-        not_convert = [n for n, m in skeleton.named_modules() if m is out] + list(spec.skip_modules or [])
+        not_convert = [n for n, m in skeleton.named_modules() if m is out] + list(_skip_modules(skeleton, spec) or [])
 
         def should_convert_module(name, patterns):
             return not any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
@@ -1180,6 +1305,16 @@ def _quantized_module_names(skeleton: Any, spec: QuantSpec) -> list[str]:
         for name, module in skeleton.named_modules()
         if type(module) is nn.Linear and should_convert_module(name, not_convert)
     ]
+
+
+def _skip_modules(skeleton: Any, spec: QuantSpec) -> list[str] | None:
+    """The quantization's `llm_int8_skip_modules`: the sidecar's, else what qwentune's trainer passes for this model
+    type (Qwen2-VL: the vision tower and lm_head stay unquantized), else None (transformers' default)."""
+    if spec.skip_modules is not None:
+        return list(spec.skip_modules)
+    from .model import quant_skip_modules
+
+    return quant_skip_modules(getattr(skeleton.config, "model_type", ""))
 
 
 def _dequantize_modules_inplace(model: Any, names: list[str], spec: QuantSpec, load_dtype: torch.dtype) -> None:
@@ -1712,6 +1847,7 @@ def _streaming_merge(job: _Job, target: Path) -> MergeResult:
         if job.parity:
             vocab = emb_rows or _text_cfg(cfg_out).get("vocab_size") or 0
             rows = _parity_rows(job, int(vocab), specials)
+            job.parity_image = _parity_image(cfg_out)
             ref = _reference_logits(job, qnames, rows)
             diff, tol = _parity_on_dir(job, tmp, ref, rows, save_dtype)
         else:
@@ -1832,7 +1968,7 @@ def _reference_logits(job: _Job, qnames: list[str], rows: list[list[int]]) -> li
         warnings.simplefilter("ignore")
         pm = PeftModel.from_pretrained(model, str(job.adapter_dir))
     pm.eval()
-    out = _logits(pm, rows)
+    out = _logits(pm, rows, job.parity_image)
     del pm, model
     gc.collect()
     return out

@@ -14,6 +14,10 @@ Detection (first row of a file that has one of these key sets, in this order):
                      `system` and a glaive-style `tools` JSON string)
   alpaca             `instruction` and `output` (+ `input`, `system`, `history` [[q, a], ...])
   prompt_completion  `prompt` and `completion` (strings or message lists; only the completion is trained)
+
+Images (Qwen2-VL): content parts `{"type": "image", "image": PATH}` (or `image_url`) are kept as parts; a top-level
+`images` list (LLaVA, ShareGPT, TRL) fills the `<image>` placeholders in text and the image parts without a path, in
+order (`vision.attach_images`); placeholders ≠ images is the bad row `image_count_mismatch`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import BadRow
+from .vision import attach_images
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference")
 
@@ -190,7 +195,9 @@ def _content(value: Any, role: str, *, arrow: bool) -> str | list:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        parts = [drop_nulls(p) if arrow else p for p in value]
+        # Always drop null keys of parts: `datasets` gives every text part `image: None`, and the template renders
+        # any part with an `image` key as an image (files exported from a Dataset carry that too).
+        parts = [drop_nulls(p) for p in value]
         if any(_is_media(p) for p in parts):
             return parts
         texts = []
@@ -410,9 +417,15 @@ def to_sft_row(
     else:
         raise ValueError(f"unknown format {fmt!r}")
     row_tools = normalize_tools(raw.get("tools"), arrow=arrow)
-    messages = _with_system(messages, system_prompt)
+    messages = _with_system(_with_images(messages, raw), system_prompt)
     check_conversation(messages)
     return {"messages": messages, "tools": row_tools if row_tools is not None else tools}
+
+
+def _with_images(messages: list[dict], raw: dict) -> list[dict]:
+    """LLaVA/ShareGPT/TRL rows list their images at the top level (`images`, or one `image`)."""
+    images = raw.get("images", raw.get("image"))
+    return messages if images is None else attach_images(messages, images)
 
 
 def _common_prefix(a: list[dict], b: list[dict]) -> int:
@@ -444,7 +457,7 @@ def to_preference_row(
             n -= 1
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         prompt = _with_system(prompt, raw.get("system"))
-    prompt = _with_system(prompt, system_prompt)
+    prompt = _with_system(_with_images(prompt, raw), system_prompt)
     if not prompt or all(_is_empty(m) for m in prompt):
         raise BadRow("empty", "the prompt is empty")
     if prompt[-1]["role"] not in ("user", "tool"):

@@ -10,6 +10,7 @@ import numpy as np
 
 from .data import DPO_COLUMNS, PreparedData, prepare_data, resolve_sources
 from .recipe import Recipe
+from .vision import ImageSettings, image_runs
 
 IGNORE = -100
 TRAINED_ON = "\x1b[30;42m"  # black on green
@@ -42,15 +43,33 @@ def _paint(text: str, state: str, color: bool) -> str:
 
 
 def render_tokens(
-    tokenizer: Any, ids: list[int], labels: list[int] | None, *, color: bool = True, flagged: set[int] | None = None
+    tokenizer: Any,
+    ids: list[int],
+    labels: list[int] | None,
+    *,
+    color: bool = True,
+    flagged: set[int] | None = None,
+    images: tuple[int, list] | None = None,
 ) -> str:
-    """Text of `ids` with the trained ones (labels != -100; all of them when labels is None) marked."""
+    """Text of `ids` with the trained ones (labels != -100; all of them when labels is None) marked. `images`
+    (the image pad id, each image's [width, height]) shows each run of image pads as `<image k: W×H → N tokens>`."""
     trained = [True] * len(ids) if labels is None else [lab != IGNORE for lab in labels]
+    runs = image_runs(ids, images[0]) if images else []
     parts = []
-    for seg, state in _segments(list(ids), trained, flagged or set()):
-        text = tokenizer.decode(seg, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        parts.append(_paint(text, state, color))
+    start = 0
+    for k, (a, b) in enumerate([*runs, (len(ids), len(ids))]):
+        for seg, state in _segments(list(ids[start:a]), trained[start:a], flagged or set()):
+            text = tokenizer.decode(seg, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            parts.append(_paint(text, state, color))
+        if k < len(runs):
+            w, h = images[1][k] if k < len(images[1]) else ("?", "?")
+            parts.append(f"<image {k + 1}: {w}×{h} → {b - a} tokens>")
+        start = b
     return "".join(parts)
+
+
+def _images(row: dict, pad: int | None) -> tuple[int, list] | None:
+    return (pad, row.get("image_sizes") or []) if pad is not None else None
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
@@ -80,12 +99,14 @@ def preview(
     *,
     flagged: set[int] | None = None,
     limit: int | None = None,
+    images: ImageSettings | None = None,
 ) -> str:
     """The first `rows` kept train rows with trained tokens highlighted (ANSI background; with color=False, trained
     text is wrapped in [[ ]] and flagged tokens in [[! !]]), the data reports, and the special tokens in trained
     labels; `flagged` marks token ids whose embedding rows look untrained."""
     flagged = set(flagged or ())
-    data = prepare_data(recipe, tokenizer, limit=limit, quiet=True, keep_origin=True)
+    data = prepare_data(recipe, tokenizer, limit=limit, quiet=True, keep_origin=True, images=images)
+    pad = images.image_pad_id if images else None
     labels = {i: s.label for i, s in enumerate(_sources(recipe))}
     index_kind = {r.source: r.index_kind for r in data.reports}
     out: list[str] = [f"template: {data.template.name}  method: {recipe.method}"]
@@ -96,7 +117,10 @@ def preview(
             prompt, chosen, rejected = (row[c] for c in DPO_COLUMNS)
             n = len(prompt) + len(chosen) + len(rejected)
             out.append(f"── {where} · {n} tokens · {len(chosen)} chosen + {len(rejected)} rejected trained ──")
-            out.append(render_tokens(tokenizer, prompt, [IGNORE] * len(prompt), color=color, flagged=flagged))
+            shown = render_tokens(
+                tokenizer, prompt, [IGNORE] * len(prompt), color=color, flagged=flagged, images=_images(row, pad)
+            )
+            out.append(shown)
             for name, ids in (("chosen", chosen), ("rejected", rejected)):
                 out.append(f"·· {name} ··")
                 out.append(render_tokens(tokenizer, ids, None, color=color, flagged=flagged))
@@ -104,7 +128,7 @@ def preview(
             ids, labs = row["input_ids"], row["labels"]
             n_trained = sum(lab != IGNORE for lab in labs)
             out.append(f"── {where} · {len(ids)} tokens · {n_trained} trained ──")
-            out.append(render_tokens(tokenizer, ids, labs, color=color, flagged=flagged))
+            out.append(render_tokens(tokenizer, ids, labs, color=color, flagged=flagged, images=_images(row, pad)))
     out.append("── data ──")
     out += [r.summary() for r in data.reports]
     specials = trained_special_tokens(data, tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from .recipe import Recipe
 from .tokens import patch_output_bias
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Qwen2-VL's vision side by `peft.train_vision` (PEFT matches the whole module name): the merger MLP's two linears
+# (mlp.1 is its GELU); "all" adds every vision block's attention and MLP linears.
+_MERGER = r"visual\.merger\.mlp\.(?:0|2)"
+VISION_TARGETS = {
+    "off": None,
+    "merger": rf".*{_MERGER}",
+    "all": rf".*(?:{_MERGER}|visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2)))",
+}
+# QLoRA on Qwen2-VL quantizes the language model only: the output layer and the whole vision tower stay unquantized.
+VL_QUANT_SKIP_MODULES = ("lm_head", "model.visual")
 
 
 @dataclass
@@ -60,7 +72,15 @@ def device_for_this_process() -> str | int:
     return "cpu"
 
 
-def quantization_config(recipe: Recipe):
+def quant_skip_modules(model_type: str) -> list[str] | None:
+    """Modules QLoRA keeps unquantized, as `llm_int8_skip_modules` (None: transformers' default, the output layer).
+
+    transformers' default quantizes Qwen2-VL's vision tower and merger; a list replaces that default (it is not
+    added to it), so the output layer is named again. The merge reads the same list (export.py)."""
+    return list(VL_QUANT_SKIP_MODULES) if model_type == "qwen2_vl" else None
+
+
+def quantization_config(recipe: Recipe, model_type: str = "qwen2"):
     from transformers import BitsAndBytesConfig
 
     q = recipe.peft.quant
@@ -71,6 +91,7 @@ def quantization_config(recipe: Recipe):
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,  # lets FSDP shard the packed 4-bit weights alongside the bf16 ones
+        llm_int8_skip_modules=quant_skip_modules(model_type),
     )
 
 
@@ -80,6 +101,7 @@ def load_base_model(recipe: Recipe, model_path: Path, precision: Precision | Non
 
     precision = precision or resolve_precision(recipe)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    check_train_vision(recipe, config.model_type, where=str(model_path))
     kwargs = dict(
         revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
@@ -87,7 +109,10 @@ def load_base_model(recipe: Recipe, model_path: Path, precision: Precision | Non
         use_safetensors=True,
     )
     if recipe.peft.method == "qlora":
-        kwargs.update(quantization_config=quantization_config(recipe), device_map={"": device_for_this_process()})
+        kwargs.update(
+            quantization_config=quantization_config(recipe, config.model_type),
+            device_map={"": device_for_this_process()},
+        )
         kwargs["dtype"] = _DTYPES[recipe.peft.quant.compute_dtype]
     else:
         kwargs["dtype"] = precision.weights
@@ -114,14 +139,69 @@ def keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def check_train_vision(recipe: Recipe, model_type: str, where: str = "recipe") -> None:
+    """`peft.train_vision` other than off needs a vision tower: refused on a text model rather than ignored."""
+    if recipe.peft.train_vision != "off" and model_type != "qwen2_vl":
+        raise QwentuneError(
+            f"'peft.train_vision' is {recipe.peft.train_vision!r} but the model ({model_type}) has no vision tower",
+            where=where,
+            hint="set peft.train_vision: off (it applies to Qwen2-VL models only)",
+        )
+
+
+def _is_vl(model) -> bool:
+    return getattr(model.config, "model_type", "") == "qwen2_vl"
+
+
+def _vision_tower(model):
+    """Qwen2-VL's `visual` (vision blocks + merger), under `model.model` in the transformers-5 layout."""
+    tower = getattr(getattr(model, "model", None), "visual", None)
+    return tower if tower is not None else getattr(model, "visual", None)
+
+
+def lora_targets(recipe: Recipe, model) -> str | list[str]:
+    """PEFT `target_modules`. Qwen2-VL: a regex for the language model's linears (all of them, or the listed leaf
+    names), plus the vision side that `peft.train_vision` asks for; text models: the recipe's list as it is."""
+    p = recipe.peft
+    all_linear = p.target_modules == ["all-linear"]
+    if not _is_vl(model):
+        check_train_vision(recipe, getattr(model.config, "model_type", "?"))
+        return "all-linear" if all_linear else list(p.target_modules)
+    if all_linear:
+        language = rf".*language_model.*\.({'|'.join(LM_LINEARS)})"
+    else:
+        tower = _vision_tower(model)
+        vision_names = {name.rsplit(".", 1)[-1] for name, _ in tower.named_modules()} if tower is not None else set()
+        clash = sorted(set(p.target_modules) & (vision_names - set(LM_LINEARS)))
+        if clash:
+            raise QwentuneError(
+                f"'peft.target_modules' names vision-tower modules {clash}",
+                hint="target_modules applies to the language model; use peft.train_vision: merger | all for the "
+                "vision side",
+            )
+        names = "|".join(re.escape(name) for name in p.target_modules)
+        language = rf"(?:.*\blanguage_model\.(?:.*\.)?)?(?:{names})"  # under language_model, or lm_head itself
+    vision = VISION_TARGETS[p.train_vision]
+    return language if vision is None else f"(?:{language})|(?:{vision})"
+
+
+def keep_vision_in_compute_dtype(model, dtype: torch.dtype) -> None:
+    """prepare_model_for_kbit_training upcasts every parameter that is not 4-bit to fp32 (meant for norms and the
+    head); Qwen2-VL's unquantized vision tower (~0.7B parameters on the 2B) would double in memory. Put its weights
+    back in the compute dtype they were loaded in (its LoRA weights, added later by PEFT, stay fp32)."""
+    tower = _vision_tower(model) if _is_vl(model) else None
+    if tower is None or dtype == torch.float32:
+        return
+    for param in tower.parameters():
+        if param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+
+
 def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = None):
     from peft import LoraConfig
 
     p = recipe.peft
-    targets: str | list[str] = "all-linear" if p.target_modules == ["all-linear"] else list(p.target_modules)
-    if targets == "all-linear" and getattr(model.config, "model_type", "") == "qwen2_vl":
-        # Language-model linears only: the vision tower (qkv, proj, fc1, fc2, merger) stays frozen.
-        targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    targets = lora_targets(recipe, model)
     token_indices = None
     whole = [layer for layer in ("embed_tokens", "lm_head") if layer in p.modules_to_save]  # trained in full
     head = model.get_output_embeddings()
@@ -152,11 +232,13 @@ def _prepare_for_adapter(recipe: Recipe, model):
 
     gc_kwargs = {"use_reentrant": False}
     if recipe.peft.method == "qlora":
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
+        keep_vision_in_compute_dtype(model, _DTYPES[recipe.peft.quant.compute_dtype])
+        return model
     if recipe.training.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)

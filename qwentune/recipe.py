@@ -99,6 +99,9 @@ class PeftSection:
     modules_to_save: list[str] = field(default_factory=list)
     # Special/added tokens in the trained labels whose embedding rows look untrained get trainable rows.
     train_new_tokens: str = field(default="auto", metadata=_choices("auto", "off"))
+    # Qwen2-VL only: off (vision tower and merger frozen) | merger (LoRA also on the merger MLP) | all (LoRA also on
+    # every vision block's qkv/proj/fc1/fc2 and the merger). Text models refuse anything but off.
+    train_vision: str = field(default="off", metadata=_choices("off", "merger", "all"))
     quant: QuantSection = field(default_factory=QuantSection)
 
 

@@ -193,6 +193,7 @@ def start_run(recipe: Recipe) -> RunStart:
     from .resume import resume_checkpoint
     from .runinfo import prepare_run_dir
     from .sources import resolve_model
+    from .vision import image_settings
 
     checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
     run_dir = prepare_run_dir(recipe, is_main=is_main_process())
@@ -200,7 +201,7 @@ def start_run(recipe: Recipe) -> RunStart:
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
     tokenizer = load_tokenizer(source.path, recipe)
-    data = prepare_data(recipe, tokenizer)
+    data = prepare_data(recipe, tokenizer, images=image_settings(source.path, recipe, tokenizer))
     tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
     reports = [r.to_dict() for r in data.reports]
     if is_main_process():
@@ -228,6 +229,11 @@ def adapter_sidecar(recipe: Recipe, source, template, precision: Precision) -> d
         "quantization": quant,
         "template": template.name,
         "chat_template": template.text,
+        # Qwen2-VL: the recipe's pixel limits go into the merged image-processor config (the merge reads them here)
+        "image_processor": {
+            k: v for k, v in (("min_pixels", recipe.model.min_pixels), ("max_pixels", recipe.model.max_pixels)) if v
+        }
+        or None,
     }
 
 
@@ -244,6 +250,7 @@ def finish_run(
     parity_rows: list[list[int]],
     precision: Precision,
     sample_prompt: list[int] | None = None,
+    sample_images: list[str] | None = None,
 ) -> TrainResult:
     """Save the adapter, metrics and plot, then merge (main process only); every process returns together."""
     result = TrainResult(run_dir=run_dir, metrics=metrics, data_reports=reports)
@@ -278,7 +285,9 @@ def finish_run(
             }
             log(f"merged ({merged.mode}) into {merged.output_dir}; parity max |Δlogit| = {merged.max_abs_diff:.2e}")
             if recipe.output.sample_tokens > 0 and sample_prompt:
-                metrics["sample"] = sample_generation(merged.output_dir, sample_prompt, recipe.output.sample_tokens)
+                metrics["sample"] = sample_generation(
+                    merged.output_dir, sample_prompt, recipe.output.sample_tokens, images=sample_images
+                )
                 atomic_write_text(
                     run_dir / "sample.txt", metrics["sample"]["prompt"] + metrics["sample"]["completion"]
                 )
@@ -299,15 +308,27 @@ def prompt_of(row: dict) -> list[int]:
     return list(row["input_ids"][:first])
 
 
-def sample_generation(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> dict[str, str]:
-    """Greedy generation from a merged dir loaded the way a user would: plain AutoModelForCausalLM + AutoTokenizer."""
+def sample_generation(
+    model_dir: Path, prompt_ids: list[int], max_new_tokens: int, *, images: list[str] | None = None
+) -> dict[str, str]:
+    """Greedy generation from a merged dir loaded the way a user would: plain AutoModelForCausalLM + AutoTokenizer
+    (Qwen2-VL: AutoModelForImageTextToText, with the prompt's images through the saved image processor)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .vision import is_vision_model, pixel_inputs
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    inputs = {"input_ids": torch.tensor([prompt_ids])}
+    if is_vision_model(model_dir):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+        inputs |= pixel_inputs(model_dir, inputs["input_ids"], images or [])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     completion = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=False)
     return {"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "completion": completion}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import set_seed
 
+from .errors import QwentuneError
 from .model import add_adapter, load_base_model, resolve_precision
 from .recipe import Recipe
 from .resume import train_until_stopped
@@ -21,6 +22,7 @@ from .run import (
 )
 from .speed import score_only_trained_positions
 from .tokens import trainable_token_ids
+from .vision import text_only, vision_collator
 
 
 def train_sft(recipe: Recipe) -> TrainResult:
@@ -28,6 +30,15 @@ def train_sft(recipe: Recipe) -> TrainResult:
 
     # run dir, model source, tokenizer, data rendered with exact masks (as `preprocess`)
     checkpoint, run_dir, source, tokenizer, data, reports = start_run(recipe)
+    if data.images is not None and recipe.sft.packing:
+        raise QwentuneError(
+            "sft.packing does not work with images (Qwen2-VL's 3-D positions are per row)",
+            where="sft.packing",
+            hint="set sft.packing: false (sft.group_by_length: true keeps padding low)",
+        )
+
+    def text_ids(row: dict) -> list[int]:  # the merge's parity rows are text: no pixels there
+        return row["input_ids"] if data.images is None else text_only(row["input_ids"], data.images)
 
     precision = resolve_precision(recipe)
     set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process
@@ -49,15 +60,21 @@ def train_sft(recipe: Recipe) -> TrainResult:
         arguments["train_sampling_strategy"] = "group_by_length"
     args = SFTConfig(
         **arguments,
-        max_length=None,  # rows were fitted to data.max_length by the data pipeline; TRL must not cut them again
+        # Rows were fitted to data.max_length by the data pipeline; TRL must not cut them again. Packing needs the bin
+        # size, and TRL skips its truncation when it packs (bins of whole rows, BFD).
+        max_length=recipe.data.max_length if recipe.sft.packing else None,
         packing=recipe.sft.packing,
         padding_free=recipe.sft.packing,
         dataset_num_proc=recipe.data.num_proc,
     )
+    collator = None
+    if data.images is not None:  # Qwen2-VL: the collator adds pixel_values / image_grid_thw / mm_token_type_ids
+        collator = vision_collator(source.path, recipe, tokenizer, data.images)
     score_only_trained_positions()
     trainer = SFTTrainer(
         model=model,
         args=args,
+        data_collator=collator,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -72,6 +89,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
     if data.eval is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
+    sample_row = (data.eval if data.eval is not None else data.train)[0]
     return finish_run(
         recipe,
         trainer,
@@ -81,7 +99,8 @@ def train_sft(recipe: Recipe) -> TrainResult:
         template=data.template,
         metrics=metrics,
         reports=reports,
-        parity_rows=[row["input_ids"] for row in data.train.select(range(min(3, len(data.train))))],
+        parity_rows=[text_ids(row) for row in data.train.select(range(min(3, len(data.train))))],
         precision=precision,
-        sample_prompt=prompt_of((data.eval if data.eval is not None else data.train)[0]),
+        sample_prompt=prompt_of(sample_row),
+        sample_images=sample_row.get("image_files"),
     )

@@ -49,6 +49,7 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
 
     from .data import _read_source, resolve_sources
     from .formats import convert, detect_format, needs_tools
+    from .vision import has_images, row_images
 
     lines = []
     for which in ("train", "eval"):
@@ -68,10 +69,12 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
                     raise QwentuneError(
                         f"cannot tell the format of {source.label}", where=source.key, hint="set data.format"
                     )
-            good = 0
+            good = images = 0
             for i, raw in enumerate(rows):
                 try:
                     row = convert(raw, fmt, arrow=source.arrow) if raw is not None else None
+                    if row is not None and has_images(row):  # the files exist and open (relative to the data file)
+                        images += len(row_images([*row.get("messages", []), *row.get("prompt", [])], source.base_dir))
                 except BadRow:
                     continue
                 good += row is not None
@@ -82,7 +85,8 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
                         where=source.key,
                         hint="use a Qwen2.5 template/model for tool calling, or data without tools",
                     )
-            lines.append(f"{source.key}: {source.label} ({fmt}; {good}/{len(rows)} sample rows convert)")
+            shown = f", {images} images open" if images else ""
+            lines.append(f"{source.key}: {source.label} ({fmt}; {good}/{len(rows)} sample rows convert{shown})")
             if not good:
                 raise QwentuneError(
                     f"none of the first {len(rows)} rows of {source.label} convert as {fmt}",
@@ -105,6 +109,22 @@ def _combination_lines(recipe: Recipe) -> list[str]:
     return lines
 
 
+def _vision_lines(recipe: Recipe, model_dir: Path | None) -> list[str]:
+    """`peft.train_vision` needs a Qwen2-VL model: checked here when the model is on disk already."""
+    import json
+
+    config = model_dir / "config.json" if model_dir is not None else None
+    if config is None or not config.is_file():
+        return []
+    from .model import check_train_vision
+
+    model_type = json.loads(config.read_text()).get("model_type", "?")
+    check_train_vision(recipe, model_type, where=str(recipe.path or "recipe"))
+    if model_type != "qwen2_vl":
+        return []
+    return [f"vision: train_vision {recipe.peft.train_vision}"]
+
+
 def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> list[str]:
     """Check one recipe; returns the lines to print, raises QwentuneError on the first problem."""
     recipe = load_recipe(path, overrides)
@@ -117,4 +137,5 @@ def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> lis
         lines.append(f"  template: {template.name} ({'with' if template.supports_tools else 'no'} tool support)")
     lines += ["  " + line for line in _data_lines(recipe, template)]
     lines += ["  " + line for line in _combination_lines(recipe)]
+    lines += ["  " + line for line in _vision_lines(recipe, model_dir)]
     return lines

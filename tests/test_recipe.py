@@ -24,7 +24,13 @@ def qwentune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_there_is_a_recipe_for_every_seed_model():
     models = {p.parent.name for p in RECIPES}
-    assert {"qwen2.5-0.5b", "qwen2.5-0.5b-instruct", "qwen2.5-3b-instruct", "qwen2-0.5b-instruct"} <= models
+    assert {
+        "qwen2.5-0.5b",
+        "qwen2.5-0.5b-instruct",
+        "qwen2.5-3b-instruct",
+        "qwen2-0.5b-instruct",
+        "qwen2-vl-2b-instruct",
+    } <= models
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))

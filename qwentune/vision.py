@@ -1,0 +1,389 @@
+"""Images for Qwen2-VL: where a row's images are, how many `<|image_pad|>` tokens each one becomes, expanding the
+single pad the chat template writes into that many, and the collator that turns the images into pixel inputs.
+
+The official template writes one `<|vision_start|><|image_pad|><|vision_end|>` per image part; the processor would
+then repeat the pad t·h·w/merge² times (the image's patch grid, merged 2×2). We tokenize the rendering with the
+exact-mask code used for text (one pad token per image, so character offsets stay true) and expand the pads on the
+token ids afterwards. The count comes from the image's size alone (`ImageSettings.grid`, the processor's own
+`smart_resize`), so rows are sized without decoding pixels twice; the collator checks the processor agrees.
+
+Without torchvision (CPU machines: its PyPI wheels pull a CUDA torch) transformers cannot build `AutoProcessor` for
+Qwen2-VL, but the image processor alone works through its Pillow fallback — that is all this module needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRow
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IGNORE_INDEX = -100
+LLAVA_PLACEHOLDER = "<image>"
+IMAGE_COLUMNS = ("image_files", "image_sizes")  # not "images": TRL would take the rows for raw vision data
+
+
+# ---------------------------------------------------------------- how many tokens an image becomes
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """The image processor settings that decide an image's token count (part of the data cache fingerprint)."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_pad_id: int = 151655
+    vision_start_id: int = 151652
+    vision_end_id: int = 151653
+
+    def grid(self, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) patches of one image, as the processor computes them (resize to multiples of 28 px)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def tokens(self, width: int, height: int) -> int:
+        t, h, w = self.grid(width, height)
+        return t * h * w // (self.merge_size**2)
+
+
+def is_vision_model(model_dir: Path) -> bool:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "qwen2_vl"
+
+
+def load_image_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model's image processor (Pillow backend where torchvision is missing), with the recipe's pixel limits."""
+    from transformers import AutoImageProcessor
+
+    kwargs: dict[str, Any] = {}
+    if min_pixels is not None:
+        kwargs["min_pixels"] = min_pixels
+    if max_pixels is not None:
+        kwargs["max_pixels"] = max_pixels
+    return AutoImageProcessor.from_pretrained(model_dir, **kwargs)
+
+
+def settings_of(processor: Any, tokenizer: Any) -> ImageSettings:
+    size = processor.size
+    ids = tokenizer.convert_tokens_to_ids
+    return ImageSettings(
+        patch_size=processor.patch_size,
+        merge_size=processor.merge_size,
+        temporal_patch_size=processor.temporal_patch_size,
+        min_pixels=size["shortest_edge"],
+        max_pixels=size["longest_edge"],
+        image_pad_id=ids(IMAGE_PAD),
+        vision_start_id=ids(VISION_START),
+        vision_end_id=ids(VISION_END),
+    )
+
+
+def image_settings(model_dir: Path, recipe: Any, tokenizer: Any) -> ImageSettings | None:
+    """The settings for a Qwen2-VL model dir (recipe's model.min_pixels/max_pixels applied); None for text models."""
+    if not is_vision_model(model_dir):
+        return None
+    processor = load_image_processor(model_dir, recipe.model.min_pixels, recipe.model.max_pixels)
+    return settings_of(processor, tokenizer)
+
+
+# ---------------------------------------------------------------- images in canonical rows
+
+
+def is_image_part(part: Any) -> bool:
+    """What the official template renders as an image (any part with an `image`/`image_url` key, or type image)."""
+    return isinstance(part, Mapping) and (part.get("type") == "image" or "image" in part or "image_url" in part)
+
+
+def image_parts(messages: Iterable[Mapping]) -> list[Mapping]:
+    """Every image part in the order the template numbers them."""
+    return [
+        part
+        for msg in messages
+        if isinstance(msg.get("content"), list)
+        for part in msg["content"]
+        if is_image_part(part)
+    ]
+
+
+def has_images(row: Mapping) -> bool:
+    messages = [*row.get("messages", []), *row.get("prompt", []), *row.get("chosen", []), *row.get("rejected", [])]
+    return bool(image_parts(messages))
+
+
+def _reference(part: Mapping) -> Any:
+    value = part.get("image")
+    if value is None and "image_url" in part:
+        url = part["image_url"]
+        value = url.get("url") if isinstance(url, Mapping) else url
+    if value is None:
+        value = part.get("path")
+    return value
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image of a row: where it is (an absolute path or a data: URI) and its size in pixels."""
+
+    ref: str
+    width: int
+    height: int
+
+
+def resolve_reference(value: Any, base_dir: str | None) -> str:
+    """An absolute path (relative ones against the data file's folder), or a data: URI kept as is."""
+    if isinstance(value, Mapping) and isinstance(value.get("path"), str):  # a `datasets` Image struct
+        value = value["path"]
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow("image_missing", f"an image part has no path ({value!r})")
+    if value.startswith("data:image/"):
+        return value
+    if value.startswith(("http://", "https://")):
+        raise BadRow("image_unreadable", f"{value} is a URL; download the images and give their paths")
+    path = Path(value.removeprefix("file://")).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return str(path.resolve())
+
+
+def open_image(ref: str):
+    """The image as RGB (Pillow), or BadRow image_missing / image_unreadable."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        from .errors import QwentuneError
+
+        raise QwentuneError("images need Pillow", where="data", hint="pip install 'qwentune[vl]'") from None
+    try:
+        if ref.startswith("data:image/"):
+            source: Any = io.BytesIO(base64.b64decode(ref.split(",", 1)[1], validate=True))
+        else:
+            source = ref
+            if not Path(ref).is_file():
+                raise BadRow("image_missing", f"no image file at {ref}")
+        with Image.open(source) as image:
+            image.load()
+            return image.convert("RGB")
+    except BadRow:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadRow("image_unreadable", f"{_short(ref)}: {type(exc).__name__}: {exc}") from None
+
+
+def _short(ref: str) -> str:
+    return ref[:40] + "…" if ref.startswith("data:") else ref
+
+
+def row_images(messages: Iterable[Mapping], base_dir: str | None) -> list[ImageFile]:
+    """Open (to check) and size every image of a row, in template order."""
+    out = []
+    for part in image_parts(messages):
+        ref = resolve_reference(_reference(part), base_dir)
+        image = open_image(ref)
+        out.append(ImageFile(ref, image.width, image.height))
+    return out
+
+
+def attach_images(messages: list[dict], images: Any) -> list[dict]:
+    """LLaVA / ShareGPT / TRL rows: a top-level `images` list (or one `image`) fills, in order, the `<image>`
+    placeholders in text contents and the image parts that carry no image of their own. The counts must match."""
+    if isinstance(images, (str, Mapping)):
+        images = [images]
+    if not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
+        raise BadRow("image_count_mismatch", f"'images' must be a list of paths, got {type(images).__name__}")
+    pending = list(images)
+    placeholders = 0
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, str) and LLAVA_PLACEHOLDER in content:
+            parts: list[dict] = []
+            pieces = content.split(LLAVA_PLACEHOLDER)
+            for k, text in enumerate(pieces):
+                if k:
+                    placeholders += 1
+                    parts.append({"type": "image", "image": pending.pop(0) if pending else None})
+                if text:
+                    parts.append({"type": "text", "text": text})
+            msg = {**msg, "content": parts}
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if is_image_part(part) and _reference(part) is None:
+                    placeholders += 1
+                    part = {**part, "type": "image", "image": pending.pop(0) if pending else None}
+                parts.append(part)
+            msg = {**msg, "content": parts}
+        out.append(msg)
+    if placeholders != len(images):
+        raise BadRow(
+            "image_count_mismatch",
+            f"{placeholders} image placeholder(s) ({LLAVA_PLACEHOLDER} or image parts without a path) "
+            f"but {len(images)} image(s) in 'images'",
+        )
+    return out
+
+
+# ---------------------------------------------------------------- expanding the pads
+
+
+def image_runs(ids: Sequence[int], pad_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image pads."""
+    runs: list[tuple[int, int]] = []
+    for i, tid in enumerate(ids):
+        if tid != pad_id:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def expand_pads(
+    ids: Sequence[int], labels: Sequence[int] | None, counts: Sequence[int], settings: ImageSettings
+) -> tuple[list[int], list[int] | None]:
+    """`ids` (and `labels`) with the k-th single image pad repeated counts[k] times. Pads are never trained (an image
+    inside an assistant turn keeps its text trained around it)."""
+    singles = sum(1 for tid in ids if tid == settings.image_pad_id)
+    if singles != len(counts):
+        raise BadRow(
+            "image_count_mismatch", f"the template rendered {singles} image pad(s) for {len(counts)} image(s)"
+        )
+    new_ids: list[int] = []
+    new_labels: list[int] = []
+    k = 0
+    for i, tid in enumerate(ids):
+        if tid == settings.image_pad_id:
+            new_ids += [tid] * counts[k]
+            new_labels += [IGNORE_INDEX] * counts[k]
+            k += 1
+        else:
+            new_ids.append(tid)
+            if labels is not None:
+                new_labels.append(labels[i])
+    return new_ids, (new_labels if labels is not None else None)
+
+
+def trained_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained labels."""
+    spans: list[tuple[int, int]] = []
+    for i, lab in enumerate(labels):
+        if lab == IGNORE_INDEX:
+            continue
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def check_not_cut(ids: Sequence[int], max_length: int, settings: ImageSettings) -> None:
+    """Truncation may cut text after the last image, never into or before an image's tokens (the model would see
+    fewer pads than the image has features: "Image features and image tokens do not match")."""
+    vision = (settings.image_pad_id, settings.vision_start_id, settings.vision_end_id)
+    last = max((i for i, tid in enumerate(ids) if tid in vision), default=-1)
+    if last >= max_length:
+        raise BadRow(
+            "image_tokens_cut",
+            f"{len(ids)} tokens; cutting to max_length {max_length} would cut image tokens (the last ends at "
+            f"{last + 1}), so the row is dropped",
+        )
+
+
+# ---------------------------------------------------------------- the collator
+
+
+class VisionCollator:
+    """Pads the pre-rendered rows with TRL's own collator (SFT: DataCollatorForLanguageModeling; DPO:
+    DataCollatorForPreference, whose batch is [prompt+chosen rows; prompt+rejected rows]) and adds what Qwen2-VL's
+    forward needs: pixel_values and image_grid_thw from the image processor, and mm_token_type_ids (1 at image pads).
+    The processor's grid must match the pads each row was rendered with, or its images changed since preprocessing."""
+
+    def __init__(self, text_collator: Any, processor: Any, settings: ImageSettings):
+        self.text_collator = text_collator
+        self.processor = processor
+        self.settings = settings
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        files = [list(example.get("image_files") or []) for example in examples]
+        text = [{k: v for k, v in ex.items() if k not in IMAGE_COLUMNS} for ex in examples]
+        batch = self.text_collator(text)
+        ids = batch["input_ids"]
+        batch["mm_token_type_ids"] = (ids == self.settings.image_pad_id).long()
+        rows_per_example = ids.shape[0] // len(examples)  # DPO: each pair is two rows, chosen ones first
+        refs = [ref for _ in range(rows_per_example) for row in files for ref in row]
+        if not refs:
+            return batch
+        expected = [b - a for row in ids.tolist() for a, b in image_runs(row, self.settings.image_pad_id)]
+        opened = {ref: open_image(ref) for ref in dict.fromkeys(refs)}  # DPO: each image once for both rows
+        pixels = self.processor(images=[opened[ref] for ref in refs], return_tensors="pt")
+        grid = torch.as_tensor(pixels["image_grid_thw"])
+        got = (grid.prod(-1) // self.settings.merge_size**2).tolist()
+        if got != expected:
+            raise ValueError(
+                f"image token counts {got} from the image processor differ from the rendered rows' {expected}: "
+                "the images or the processor settings changed since the rows were rendered (clear the data cache)"
+            )
+        batch["pixel_values"] = pixels["pixel_values"]
+        batch["image_grid_thw"] = grid
+        return batch
+
+
+def vision_collator(
+    model_dir: Path, recipe: Any, tokenizer: Any, settings: ImageSettings, *, preference: bool = False
+) -> VisionCollator:
+    """TRL's padding collator on the pre-rendered ids, plus the pixel inputs (the recipe's pixel limits applied)."""
+    if preference:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference as TextCollator
+    else:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TextCollator
+
+    processor = load_image_processor(model_dir, recipe.model.min_pixels, recipe.model.max_pixels)
+    if settings_of(processor, tokenizer) != settings:
+        raise ValueError("the image processor's settings differ from the ones the rows were rendered with")
+    return VisionCollator(TextCollator(pad_token_id=tokenizer.pad_token_id), processor, settings)
+
+
+def text_only(ids: Sequence[int], settings: ImageSettings) -> list[int]:
+    """`ids` without their image tokens (a text-only input for checks that run without pixels)."""
+    vision = (settings.image_pad_id, settings.vision_start_id, settings.vision_end_id)
+    return [tid for tid in ids if tid not in vision]
+
+
+def pixel_inputs(model_dir: Path, input_ids: Any, images: Sequence[str]) -> dict:
+    """pixel_values / image_grid_thw / mm_token_type_ids for `input_ids` (a [1, n] tensor) from the image processor
+    saved in `model_dir`; only as many images as the ids have pad runs (a prompt cut before later images)."""
+    import torch
+
+    processor = load_image_processor(model_dir)
+    pad_id = processor_pad_id(model_dir)
+    runs = image_runs(input_ids[0].tolist(), pad_id)
+    out: dict[str, Any] = {"mm_token_type_ids": (input_ids == pad_id).long()}
+    if runs:
+        pixels = processor(images=[open_image(ref) for ref in images[: len(runs)]], return_tensors="pt")
+        out["pixel_values"] = pixels["pixel_values"]
+        out["image_grid_thw"] = torch.as_tensor(pixels["image_grid_thw"])
+    return out
+
+
+def processor_pad_id(model_dir: Path) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("image_token_id", 151655))
