@@ -242,17 +242,22 @@ def attach_images(messages: list[dict], images: Any) -> list[dict]:
 # ---------------------------------------------------------------- expanding the pads
 
 
-def image_runs(ids: Sequence[int], pad_id: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of image pads."""
+def _runs(hits: Iterable[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive True."""
     runs: list[tuple[int, int]] = []
-    for i, tid in enumerate(ids):
-        if tid != pad_id:
+    for i, hit in enumerate(hits):
+        if not hit:
             continue
         if runs and runs[-1][1] == i:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
     return runs
+
+
+def image_runs(ids: Sequence[int], pad_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image pads."""
+    return _runs(tid == pad_id for tid in ids)
 
 
 def expand_pads(
@@ -282,15 +287,7 @@ def expand_pads(
 
 def trained_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) of each run of trained labels."""
-    spans: list[tuple[int, int]] = []
-    for i, lab in enumerate(labels):
-        if lab == IGNORE_INDEX:
-            continue
-        if spans and spans[-1][1] == i:
-            spans[-1] = (spans[-1][0], i + 1)
-        else:
-            spans.append((i, i + 1))
-    return spans
+    return _runs(lab != IGNORE_INDEX for lab in labels)
 
 
 def check_not_cut(ids: Sequence[int], max_length: int, settings: ImageSettings) -> None:

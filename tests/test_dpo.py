@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tiny_models import shared_tokenizer, tiny_model_dir
+from tiny_models import shared_tokenizer, tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM
 
 import qwentune
@@ -37,19 +37,8 @@ def dpo_recipe(model_dir: Path, out: Path, **sections) -> dict:
         "method": "dpo",
         "dpo": {"beta": 0.1},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "learning_rate": 1e-3,
-            "max_steps": 1,
-            "per_device_batch_size": 3,  # the 3 pairs are one fixed batch
-            "grad_accum": 1,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "logging_steps": 1,
-            "eval_steps": 1000,  # no evaluation during training: eval_before / eval_after only
-            "seed": 0,
-        },
+        # the 3 pairs are one fixed batch; eval_steps 1000: no evaluation during training (eval_before/after only)
+        "training": tiny_training(max_steps=1, per_device_batch_size=3, eval_steps=1000),
         "output": {"dir": str(out), "merge": False, "sample_tokens": 4},
     }
     for section, values in sections.items():

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, tiny_training
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -36,18 +36,7 @@ def write_recipe(tmp_path: Path, model_dir: Path, method: str = "sft") -> Path:
         "data": {"train": [str(ROOT / DATA[method])], "limit": 8, "max_length": 256},
         "method": method,
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "train_new_tokens": "off"},
-        "training": {
-            "learning_rate": 1e-3,
-            "lr_scheduler": "constant",
-            "warmup_ratio": 0.0,
-            "max_steps": 3,
-            "per_device_batch_size": 1,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "logging_steps": 1,
-            "seed": 0,
-            "shuffle": False,
-        },
+        "training": tiny_training(max_steps=3, per_device_batch_size=1, shuffle=False, grad_accum=8),
         "output": {"merge": False},
     }
     path = tmp_path / "recipe.yaml"

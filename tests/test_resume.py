@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, tiny_training
 
 from qwentune.recipe import load_recipe
 from qwentune.resume import latest_checkpoint, recipe_changes
@@ -29,18 +29,9 @@ def write_recipe(tmp_path: Path, model_dir: Path) -> Path:
         "model": {"source": str(model_dir)},
         "data": {"train": [str(ROOT / "data/instructions.jsonl")], "limit": 16, "max_length": 256},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "train_new_tokens": "off"},
-        "training": {
-            "learning_rate": 1e-3,
-            "lr_scheduler": "cosine",
-            "warmup_ratio": 0.1,
-            "max_steps": 10,
-            "per_device_batch_size": 1,
-            "grad_accum": 1,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "logging_steps": 1,
-            "seed": 3,
-        },
+        "training": tiny_training(
+            lr_scheduler="cosine", warmup_ratio=0.1, max_steps=10, per_device_batch_size=1, seed=3
+        ),
         "output": {"merge": False},
     }
     path = tmp_path / "recipe.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwentune
@@ -27,18 +27,7 @@ def sft_recipe(model_dir: Path, out: Path, **sections) -> dict:
         "data": {"train": [str(ROOT / "data/instructions.jsonl")], "limit": 8, "max_length": 256},
         "method": "sft",
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "learning_rate": 1e-3,
-            "max_steps": 2,
-            "per_device_batch_size": 2,
-            "grad_accum": 2,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "logging_steps": 1,
-            "seed": 0,
-        },
+        "training": tiny_training(grad_accum=2),
         "output": {"dir": str(out)},
     }
     for section, values in sections.items():

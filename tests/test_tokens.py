@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM
 
 import qwentune
@@ -60,18 +60,7 @@ def token_recipe(model_dir: Path, rows: Path, out: Path, **sections) -> dict:
         "data": {"train": [str(rows)], "limit": 4, "max_length": 768},
         "method": "sft",
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "learning_rate": 1e-2,
-            "max_steps": 6,
-            "per_device_batch_size": 4,
-            "grad_accum": 1,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "logging_steps": 1,
-            "seed": 0,
-        },
+        "training": tiny_training(learning_rate=1e-2, max_steps=6, per_device_batch_size=4),
         "output": {"dir": str(out), "sample_tokens": 0},
     }
     for section, values in sections.items():

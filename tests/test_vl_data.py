@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_models import QWEN2_VL_PREPROCESSOR, shared_tokenizer, tiny_model_dir
+from tiny_models import QWEN2_VL_PREPROCESSOR, shared_tokenizer, tiny_model_dir, tiny_training
 
 import qwentune
 from qwentune.errors import QwentuneError
@@ -48,18 +48,7 @@ def recipe(model_dir: Path, train: list[Path], out: Path, **data) -> dict:
         "data": {"train": [str(p) for p in train], "max_length": 512, **data},
         "method": "sft",
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "learning_rate": 1e-2,
-            "max_steps": 2,
-            "per_device_batch_size": 2,
-            "grad_accum": 1,
-            "precision": "fp32",
-            "gradient_checkpointing": False,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "logging_steps": 1,
-            "seed": 0,
-        },
+        "training": tiny_training(learning_rate=1e-2),
         "output": {"dir": str(out), "sample_tokens": 4},
     }
 

@@ -37,6 +37,24 @@ QWEN2_VL_PREPROCESSOR = {
 }
 
 
+def tiny_training(**overrides: Any) -> dict:
+    """The `training` section of the test recipes: fp32, no checkpointing, constant LR without warmup, a log line
+    per step, seed 0 — deterministic and quick on a tiny model; `overrides` replace or add keys."""
+    return {
+        "learning_rate": 1e-3,
+        "max_steps": 2,
+        "per_device_batch_size": 2,
+        "grad_accum": 1,
+        "precision": "fp32",
+        "gradient_checkpointing": False,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "seed": 0,
+        **overrides,
+    }
+
+
 def template_text(name: str) -> str:
     """The packaged official chat template `name` (one of TEMPLATE_NAMES)."""
     path = TEMPLATES_DIR / f"{name}.jinja"
