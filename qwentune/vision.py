@@ -191,6 +191,14 @@ def _short(ref: str) -> str:
 
 def row_images(messages: Iterable[Mapping], base_dir: str | None) -> list[ImageFile]:
     """Open (to check) and size every image of a row, in template order."""
+    messages = list(messages)
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list) and any(
+            isinstance(p, Mapping) and (p.get("type") == "video" or "video" in p) and not is_image_part(p)
+            for p in content
+        ):
+            raise BadRow("video_unsupported", "the row has a video part; only images are supported")
     out = []
     for part in image_parts(messages):
         ref = resolve_reference(_reference(part), base_dir)

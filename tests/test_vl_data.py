@@ -217,12 +217,23 @@ def test_bad_image_rows_are_counted_by_reason_and_fail_under_the_error_policy(mo
             "messages": [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "No."}],
             "images": ["pics/red.png"],
         },  # image_count_mismatch: no placeholder
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "video", "video": "pics/red.png"}]},
+                {"role": "assistant", "content": "?"},
+            ]
+        },  # video_unsupported (the template would write a <|video_pad|> that nothing fills)
     ]
     path = write_rows(tmp_path / "d.jsonl", [good, *bad])
     data = qwentune.prepare(recipe(model_dir, [path], tmp_path / "run"))
     (report,) = data.reports
     assert len(data.train) == 1
-    assert report.skipped == {"image_count_mismatch": 2, "image_missing": 1, "image_unreadable": 2}
+    assert report.skipped == {
+        "image_count_mismatch": 2,
+        "image_missing": 1,
+        "image_unreadable": 2,
+        "video_unsupported": 1,
+    }
     assert [line for line, _ in report.examples["image_missing"]] == [3]
     with pytest.raises(QwentuneError) as err:
         qwentune.prepare(recipe(model_dir, [path], tmp_path / "run", bad_rows="error"))
