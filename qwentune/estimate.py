@@ -14,13 +14,14 @@ from pathlib import Path
 
 from .errors import QwentuneError
 from .recipe import Recipe
+from .speed import CPU_VOCAB_CHUNK
 
 GiB = 1024**3
 CARDS_GB = (8, 12, 16, 24, 40, 48, 80)  # GPU memory sizes (GiB) the verdict picks from
 CUDA_CONTEXT = 0.5 * GiB  # CUDA context + kernels, outside torch's allocator
 ALLOCATOR_HEADROOM = 1.10  # fragmentation in torch's caching allocator
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's chunked log-prob kernel: [tokens, vocab] projection tile
-CPU_TILE_TEMPS = 7.25  # fp32 tile-sized temporaries of that kernel's torch fallback (CPU), measured here
+CPU_TILE_TEMPS = 3  # fp32 tile-sized temporaries of speed.lean_cpu_head's fold (a copy, exp, p in backward)
 NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size; double-quant block size over the absmax
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -415,15 +416,16 @@ def estimate(
     hidden_bytes = resid if qlora or weight_bytes == 4 else a  # the final norm's output dtype
     compute = autocast or hidden_bytes
     T = min(n_head, TILE_TOKENS)
-    tile = T * TILE_VOCAB * compute
+    vocab_tile = CPU_VOCAB_CHUNK if device == "cpu" else TILE_VOCAB  # speed.lean_cpu_head narrows CPU tiles
+    tile = T * vocab_tile * compute
     fused = n_head * h * (hidden_bytes + 4 + (hidden_bytes if hidden_bytes != 4 else 0)) + tile
     fused_desc = (
-        f"tile {T:,} tokens × {TILE_VOCAB:,} vocab × {compute} B + saved hidden {n_head:,}×{h}×{hidden_bytes} B "
+        f"tile {T:,} tokens × {vocab_tile:,} vocab × {compute} B + saved hidden {n_head:,}×{h}×{hidden_bytes} B "
         f"+ its fp32 grad"
     )
     if device == "cpu":
-        fused += CPU_TILE_TEMPS * T * TILE_VOCAB * 4
-        fused_desc += f" + {CPU_TILE_TEMPS} fp32 tiles of the kernel's CPU torch fallback"
+        fused += CPU_TILE_TEMPS * T * vocab_tile * 4
+        fused_desc += f" + {CPU_TILE_TEMPS} fp32 tiles of qwentune's in-place CPU fold"
     lines.append(Line("logits/loss: TRL fused chunked head", fused, fused_desc))
     naive = n_head * s.vocab * (4 + 4 + (compute if compute != 4 else 0))
     lines.append(

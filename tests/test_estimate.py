@@ -315,7 +315,10 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, peft, trai
     print(text)
     assert report["seq_len"] == 384 and report["trained_tokens"] > 0.9 * 2 * 384
     assert 0.8 < est.total / report["tensor_peak"] < 1.2, text
-    assert 0.8 < est.total / report["rss_peak"] < 1.2, text
+    # The resident set adds a roughly fixed non-tensor share (autograd and oneDNN scratch, thread pools): visible now
+    # that the CPU head no longer makes 512 MiB tiles; the estimate must not exceed it, and the share stays bounded.
+    assert est.total / report["rss_peak"] < 1.2, text
+    assert report["rss_peak"] - report["tensor_peak"] < 256 * 2**20, text
 
 
 @pytest.mark.slow
