@@ -51,11 +51,15 @@ def lean_cpu_head() -> None:
     global _LEAN_PATCHED
     if _LEAN_PATCHED:
         return
-    import trl.kernels.chunked_logprob as chunked
-    import trl.trainer.utils as trl_utils
+    try:  # TRL internals: where a TRL release renames them, its own (slower) CPU path runs unchanged
+        import trl.kernels.chunked_logprob as chunked
+        import trl.trainer.utils as trl_utils
 
-    original_forward, original_backward = chunked._forward_tile, chunked._backward_tile
-    function = trl_utils._ChunkedLogProbFunction
+        original_forward, original_backward = chunked._forward_tile, chunked._backward_tile
+        function = trl_utils._ChunkedLogProbFunction
+    except (ImportError, AttributeError):
+        _LEAN_PATCHED = True
+        return
 
     def unscaled(flags: dict) -> bool:
         return not flags["HAS_SOFTCAP"] and flags["logit_scale"] == 1.0 and flags["inv_t"] == 1.0
