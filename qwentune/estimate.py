@@ -155,6 +155,18 @@ def vision_params(v: dict, text_hidden: int) -> tuple[int, int]:
     return linear, other
 
 
+def vision_lora_params(v: dict, text_hidden: int, r: int, train_vision: str) -> int:
+    """LoRA parameters `peft.train_vision` adds: the merger MLP (merger), and each block's qkv/proj/fc1/fc2 (all)."""
+    if train_vision not in ("merger", "all"):
+        return 0
+    e, d, ratio = v["embed_dim"], v["depth"], v.get("mlp_ratio", 4)
+    merged = e * v.get("spatial_merge_size", 2) ** 2
+    params = r * (merged + merged) + r * (merged + text_hidden)
+    if train_vision == "all":
+        params += d * r * ((e + 3 * e) + (e + e) + (e + ratio * e) + (ratio * e + e))
+    return params
+
+
 # ------------------------------------------------------------------------------------------------- the estimate
 
 
@@ -291,16 +303,20 @@ def estimate(
     linear, other = text_linear + v_linear, heads_other + norms_biases + v_other
     total_params = linear + other
     w4 = sum(nf4_bytes(i * o, q.double_quant) for i, o in dims.values()) * s.layers
-    w4 += nf4_bytes(v_linear, q.double_quant) if v_linear else 0
-    w4_total = w4 + 4 * other  # PEFT's k-bit preparation upcasts every bf16/fp16 non-4-bit param to fp32
-    embed_desc = f"{_m(heads_other)} embedding{'' if s.tied else ' + lm_head'} + {_m(norms_biases + v_other)} other"
+    # PEFT's k-bit preparation upcasts every bf16/fp16 non-4-bit param to fp32; the Qwen2-VL vision tower is neither
+    # quantized nor upcast (model.keep_vision_in_compute_dtype), it stays in the compute dtype.
+    compute_bytes = 4 if q.compute_dtype == "float32" else 2
+    vision_bytes = compute_bytes * (v_linear + v_other)
+    w4_total = w4 + 4 * (heads_other + norms_biases) + vision_bytes
+    embed_desc = f"{_m(heads_other)} embedding{'' if s.tied else ' + lm_head'} + {_m(norms_biases)} other"
     dq = " + double-quant absmax" if q.double_quant else " + fp32 absmax/64"
+    vision_desc = f" + vision tower {_m(v_linear + v_other)} × {compute_bytes} B (unquantized)" if s.vision else ""
     weights = [
         Line(
             "weights 4-bit (QLoRA)",
             w4_total,
-            f"{_m(linear)} linear params × {w4 / linear:.3f} B (nf4{dq}) + ({embed_desc}) × 4 B "
-            "(kept unquantized, fp32 after k-bit preparation)",
+            f"{_m(text_linear)} linear params × {w4 / text_linear:.3f} B (nf4{dq}) + ({embed_desc}) × 4 B "
+            f"(kept unquantized, fp32 after k-bit preparation){vision_desc}",
             counted=qlora,
         ),
         Line("weights bf16 (LoRA)", 2 * total_params, f"{_m(total_params)} params × 2 B", counted=False),
@@ -312,6 +328,8 @@ def estimate(
     targets = [m for m in LINEARS if p.target_modules == ["all-linear"] or m in p.target_modules]
     lora_layer = sum(p.r * (dims[m][0] + dims[m][1]) + (dims[m][1] if p.use_dora else 0) for m in targets)
     lora = lora_layer * s.layers
+    if s.vision:
+        lora += vision_lora_params(s.vision, s.hidden, p.r, p.train_vision)
     rows = trainable_token_rows if trainable_token_rows is not None else (2 if p.train_new_tokens == "auto" else 0)
     saved_matrices = [m for m in p.modules_to_save if m in ("embed_tokens", "lm_head")]
     full_copies = len(saved_matrices) * s.vocab * s.hidden
@@ -325,7 +343,8 @@ def estimate(
         Line(
             "LoRA parameters (fp32)",
             4 * lora,
-            f"{_m(lora)} = r {p.r} × (in + out) over {len(targets)} modules × {s.layers} layers × 4 B",
+            f"{_m(lora)} = r {p.r} × (in + out) over {len(targets)} modules × {s.layers} layers × 4 B"
+            + (f" + vision ({p.train_vision})" if s.vision and p.train_vision != "off" else ""),
         )
     )
     if full_copies:

@@ -334,3 +334,20 @@ def test_estimate_is_within_20_percent_on_the_real_model(tmp_path):
     est, text = compare(recipe, overrides, report)
     print(text)
     assert 0.8 < est.total / report["tensor_peak"] < 1.2, text
+
+
+@pytest.mark.parametrize("train_vision", ["off", "merger", "all"])
+def test_vl_lora_parameters_equal_peft_count_and_qlora_keeps_the_vision_tower_unquantized(tmp_path, train_vision):
+    from qwentune.model import add_adapter, load_base_model
+
+    model_dir = tiny_model_dir(tmp_path, "qwen2-vl-2b-instruct")
+    peft = {"method": "lora", "r": 4, "train_new_tokens": "off", "train_vision": train_vision}
+    recipe = recipe_for(str(model_dir), peft=peft, training={"precision": "fp32"})
+    lora_line = next(line for line in estimate(recipe).lines if line.name.startswith("LoRA parameters"))
+    model = add_adapter(recipe, load_base_model(recipe, model_dir))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_line.bytes == 4 * trainable
+
+    qlora = estimate(recipe_for(str(model_dir), peft={**peft, "method": "qlora"}))
+    w4 = next(line for line in qlora.lines if line.name.startswith("weights 4-bit"))
+    assert "vision tower" in w4.formula and "× 2 B (unquantized)" in w4.formula
