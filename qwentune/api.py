@@ -51,9 +51,11 @@ def preprocess(
     recipe: Recipe | str | Path | dict, output: str | Path, overrides=None, *, limit: int | None = None
 ) -> int:
     """Write the rows training will see as jsonl (atomically); returns the number of rows written."""
+    from .vision import IMAGE_COLUMNS
+
     recipe = _recipe(recipe, overrides)
     data = prepare(recipe, limit=limit)
-    columns = [c for c in data.train.column_names if c.endswith("input_ids") or c == "labels"]
+    columns = [c for c in data.train.column_names if c.endswith("input_ids") or c in ("labels", *IMAGE_COLUMNS)]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

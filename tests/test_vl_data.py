@@ -309,6 +309,14 @@ def test_collator_gives_the_pixel_inputs_and_the_model_runs_on_them(model_dir, i
     assert not torch.allclose(model(**batch).loss, out.loss)
 
 
+def test_preprocess_writes_the_image_files_with_the_ids(model_dir, images, tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", [two_image_row()])
+    assert qwentune.preprocess(recipe(model_dir, [path], tmp_path / "run"), tmp_path / "rows.jsonl") == 1
+    (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["image_files"] == [str(images / "red.png"), str(images / "wide.png")]
+    assert row["image_sizes"] == [[56, 56], [112, 56]] and row["input_ids"].count(PAD) == 12
+
+
 def test_preview_shows_images_compactly(model_dir, images, tmp_path):
     path = write_rows(tmp_path / "d.jsonl", [two_image_row()])
     shown = qwentune.preview(recipe(model_dir, [path], tmp_path / "run"), rows=1)
