@@ -343,7 +343,7 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
             if not template.supports_tools and needs_tools(row):
                 raise BadRow("tools_unsupported", f"the row uses tools; template {template.name} has no tool support")
             if opts.images is not None:
-                images[i] = row_images(row["messages"] if opts.method != "dpo" else row["prompt"], opts.bases[src])
+                images[i] = row_images(row, opts.bases[src])
             elif has_images(row):
                 raise BadRow("images_unsupported", "the row has images; the model is not a vision model")
         except BadRow as bad:
@@ -361,6 +361,8 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
                 if opts.images is not None:
                     res = _with_image_tokens(res, images[i], opts)
                 res = _fit_pair(res, opts) if opts.method == "dpo" else _fit_row(res, opts)
+                if opts.images is not None:  # the files travel with the row to the collator
+                    res |= _image_cols(images[i])
             except BadRow as bad:
                 res = bad
         results[i] = res
@@ -378,7 +380,7 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
 
 
 def _with_image_tokens(rendered: Any, files: list[ImageFile], opts: _Options) -> Any:
-    """Each image's single pad expanded to its token count; the files travel with the row to the collator."""
+    """Each image's single pad expanded to its token count."""
     settings = opts.images
     counts = [settings.tokens(f.width, f.height) for f in files]
     if opts.method == "dpo":
@@ -387,37 +389,23 @@ def _with_image_tokens(rendered: Any, files: list[ImageFile], opts: _Options) ->
     else:
         ids, labels = expand_pads(rendered.input_ids, rendered.labels, counts, settings)
         rendered = replace(rendered, input_ids=ids, labels=labels, trained_spans=trained_spans(labels))
-    return _WithImages(rendered, files)
+    return rendered
 
 
-class _WithImages(NamedTuple):
-    rendered: Any
-    files: list[ImageFile]
-
-
-def _image_cols(files: list[ImageFile] | None) -> dict:
-    if files is None:
-        return {}
+def _image_cols(files: list[ImageFile]) -> dict:
     return {"image_files": [f.ref for f in files], "image_sizes": [[f.width, f.height] for f in files]}
 
 
 def _fit_row(rendered: Any, opts: _Options) -> dict:
-    rendered, files = rendered if isinstance(rendered, _WithImages) else (rendered, None)
     overlong = "drop" if opts.overlong == "error" else opts.overlong  # 'error' is raised by the main process
-    if files and overlong == "truncate" and len(rendered.input_ids) > opts.max_length:
+    if opts.images is not None and overlong == "truncate" and len(rendered.input_ids) > opts.max_length:
         check_not_cut(rendered.input_ids, opts.max_length, opts.images)
     fitted = fit_length(rendered, opts.max_length, overlong)
     ids = fitted.input_ids
-    cols = {"input_ids": ids, "labels": fitted.labels, "length": len(ids), "_truncated": fitted.truncated}
-    return cols | _image_cols(files)
+    return {"input_ids": ids, "labels": fitted.labels, "length": len(ids), "_truncated": fitted.truncated}
 
 
 def _fit_pair(pair: Any, opts: _Options) -> dict:
-    pair, files = pair if isinstance(pair, _WithImages) else (pair, None)
-    return _fit_pair_ids(pair, opts) | _image_cols(files)
-
-
-def _fit_pair_ids(pair: Any, opts: _Options) -> dict:
     """DPO lengths: a prompt over max_length is dropped (prompt_over_length); a pair over it is dropped (over_length)
     or, under `truncate`, its completions are cut from the end (they then lose <|im_end|>: counted as truncated);
     a prompt that fills max_length leaves nothing to cut to (completion_truncated_to_nothing)."""

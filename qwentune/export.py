@@ -363,6 +363,7 @@ def merge_adapter(
     streaming: bool = True,
     check_parity: bool = True,
     image_processor: dict | None = None,
+    adapter_label: str | None = None,
 ) -> MergeResult:
     """Merge the adapter saved in `adapter_dir` into its base and write a plain checkpoint to `output_dir`.
 
@@ -371,44 +372,8 @@ def merge_adapter(
     base). `check_parity=False` skips the parity check (it loads base + adapter, then the result, one at a time,
     held in the base's dtype and computed in fp32) — for models that do not fit in memory even once.
     `image_processor` (Qwen2-VL): settings such as ``{"min_pixels": ..., "max_pixels": ...}`` written into the
-    merged dir's image-processor config (None values are left out; the pixel limits also go into ``size``)."""
-    return _merge_adapter_impl(
-        adapter_dir,
-        output_dir,
-        base=base,
-        qlora_merge=qlora_merge,
-        quantization=quantization,
-        parity_input_ids=parity_input_ids,
-        chat_template=chat_template,
-        tokenizer_source=tokenizer_source,
-        generation_eos_ids=generation_eos_ids,
-        model_card=model_card,
-        tolerance=tolerance,
-        streaming=streaming,
-        check_parity=check_parity,
-        adapter_label=None,
-        image_processor=image_processor,
-    )
-
-
-def _merge_adapter_impl(
-    adapter_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    base: str | Path | None,
-    qlora_merge: str,
-    quantization: QuantSpec | dict | None,
-    parity_input_ids: list[list[int]] | None,
-    chat_template: str | None,
-    tokenizer_source: Path | None,
-    generation_eos_ids: list[int] | None,
-    model_card: dict | None,
-    tolerance: float | None,
-    streaming: bool,
-    check_parity: bool,
-    adapter_label: str | None,
-    image_processor: dict | None = None,
-) -> MergeResult:
+    merged dir's image-processor config (None values are left out; the pixel limits also go into ``size``).
+    `adapter_label`: how merge_report.json names the adapter (default: its dir)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QwentuneError(
@@ -520,7 +485,7 @@ def merge_model_in_memory(
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.adapter-", dir=target.parent) as tmp_adapter:
             peft_model.save_pretrained(tmp_adapter, selected_adapters=[adapter_name])
             saved = Path(tmp_adapter) / adapter_name if adapter_name != "default" else Path(tmp_adapter)
-            return _merge_adapter_impl(
+            return merge_adapter(
                 saved,
                 target,
                 base=base_ref,

@@ -229,11 +229,9 @@ def adapter_sidecar(recipe: Recipe, source, template, precision: Precision) -> d
         "quantization": quant,
         "template": template.name,
         "chat_template": template.text,
-        # Qwen2-VL: the recipe's pixel limits go into the merged image-processor config (the merge reads them here)
-        "image_processor": {
-            k: v for k, v in (("min_pixels", recipe.model.min_pixels), ("max_pixels", recipe.model.max_pixels)) if v
-        }
-        or None,
+        # Qwen2-VL: the recipe's pixel limits go into the merged image-processor config (the merge reads them here;
+        # unset ones are left out there)
+        "image_processor": {"min_pixels": recipe.model.min_pixels, "max_pixels": recipe.model.max_pixels},
     }
 
 

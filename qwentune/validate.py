@@ -74,7 +74,7 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
                 try:
                     row = convert(raw, fmt, arrow=source.arrow) if raw is not None else None
                     if row is not None and has_images(row):  # the files exist and open (relative to the data file)
-                        images += len(row_images([*row.get("messages", []), *row.get("prompt", [])], source.base_dir))
+                        images += len(row_images(row, source.base_dir))
                 except BadRow:
                     continue
                 good += row is not None

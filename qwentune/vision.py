@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .chat import IGNORE_INDEX
 from .errors import BadRow
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-IGNORE_INDEX = -100
 LLAVA_PLACEHOLDER = "<image>"
 IMAGE_COLUMNS = ("image_files", "image_sizes")  # not "images": TRL would take the rows for raw vision data
 
@@ -60,11 +60,13 @@ class ImageSettings:
         return t * h * w // (self.merge_size**2)
 
 
+def _config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def is_vision_model(model_dir: Path) -> bool:
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return False
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "qwen2_vl"
+    return _config(model_dir).get("model_type") == "qwen2_vl"
 
 
 def load_image_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -121,9 +123,13 @@ def image_parts(messages: Iterable[Mapping]) -> list[Mapping]:
     ]
 
 
+def _row_messages(row: Mapping) -> list[Mapping]:
+    """Every message of a canonical row: SFT `messages`, or a preference row's prompt and both completions."""
+    return [*row.get("messages", []), *row.get("prompt", []), *row.get("chosen", []), *row.get("rejected", [])]
+
+
 def has_images(row: Mapping) -> bool:
-    messages = [*row.get("messages", []), *row.get("prompt", []), *row.get("chosen", []), *row.get("rejected", [])]
-    return bool(image_parts(messages))
+    return bool(image_parts(_row_messages(row)))
 
 
 def _reference(part: Mapping) -> Any:
@@ -189,9 +195,12 @@ def _short(ref: str) -> str:
     return ref[:40] + "…" if ref.startswith("data:") else ref
 
 
-def row_images(messages: Iterable[Mapping], base_dir: str | None) -> list[ImageFile]:
-    """Open (to check) and size every image of a row, in template order."""
-    messages = list(messages)
+def row_images(row: Mapping, base_dir: str | None) -> list[ImageFile]:
+    """Open (to check) and size every image of a canonical row, in template order. A preference row's images must
+    be in its prompt (they are expanded there and given to both completions)."""
+    if image_parts([*row.get("chosen", []), *row.get("rejected", [])]):
+        raise BadRow("bad_message", "an image in a chosen/rejected completion; images belong in the prompt")
+    messages = _row_messages(row)
     for msg in messages:
         content = msg.get("content")
         if isinstance(content, list) and any(
@@ -379,7 +388,7 @@ def pixel_inputs(model_dir: Path, input_ids: Any, images: Sequence[str]) -> dict
     import torch
 
     processor = load_image_processor(model_dir)
-    pad_id = processor_pad_id(model_dir)
+    pad_id = int(_config(model_dir).get("image_token_id", 151655))
     runs = image_runs(input_ids[0].tolist(), pad_id)
     out: dict[str, Any] = {"mm_token_type_ids": (input_ids == pad_id).long()}
     if runs:
@@ -387,8 +396,3 @@ def pixel_inputs(model_dir: Path, input_ids: Any, images: Sequence[str]) -> dict
         out["pixel_values"] = pixels["pixel_values"]
         out["image_grid_thw"] = torch.as_tensor(pixels["image_grid_thw"])
     return out
-
-
-def processor_pad_id(model_dir: Path) -> int:
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    return int(config.get("image_token_id", 151655))

@@ -430,6 +430,15 @@ def test_dpo_pairs_with_images_render_exactly_and_collate_pixels_for_both_rows(m
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == PAD).long())
 
 
+def test_an_image_in_a_dpo_completion_is_a_bad_row(model_dir, images, tmp_path):
+    rows = preference_rows()
+    rows[1]["chosen"] = [{"role": "assistant", "content": [image_part("pics/red.png"), {"type": "text", "text": "x"}]}]
+    data = qwentune.prepare(
+        recipe(model_dir, [write_rows(tmp_path / "p.jsonl", rows)], tmp_path / "run") | {"method": "dpo"}
+    )
+    assert len(data.train) == 2 and data.reports[0].skipped == {"bad_message": 1}
+
+
 @pytest.mark.slow
 def test_vl_dpo_trains(model_dir, images, tmp_path):
     path = write_rows(tmp_path / "p.jsonl", preference_rows())
