@@ -1,4 +1,4 @@
-"""Rows/s of `chat.render_batch` (ids + exact masks) against a loop of `apply_chat_template(tokenize=True)` (ids only,
+"""Rows/s of `render_batch` (ids + exact masks) against a loop of `apply_chat_template(tokenize=True)` (ids only,
 no mask) and against TRL's own SFT dataset preparation, on ~1000 generated tool-calling conversations.
 
     python benchmarks/preprocess.py [--rows 1000] [--repeat 3] [--no-trl]
@@ -121,7 +121,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from qwentune.chat import Rendered, load_template, render_batch
+    from qwentune.render import Rendered, load_template, render_batch
 
     tok = AutoTokenizer.from_pretrained(ROOT / "tests" / "assets" / "qwen2.5-tokenizer")
     template = load_template("qwen2.5-instruct")

@@ -1,6 +1,6 @@
 """The one data pipeline that `preprocess`, `preview` and the trainers use:
 
-    files ──► raw rows (JSON text) ──► formats.convert ──► chat.render_batch / render_preference_batch ──► length
+    files ──► raw rows (JSON text) ──► formats.convert ──► render.render_batch / render_preference_batch ──► length
            in a datasets.Dataset       (canonical rows)    (official template, exact masks)                policy
 
 The raw rows travel through `Dataset.map(batched=True, num_proc=data.num_proc)` as JSON strings and only id lists
@@ -33,10 +33,10 @@ from typing import Any, NamedTuple
 
 import datasets
 
-from .chat import ChatTemplate, fit_length, load_template, render_batch, render_preference_batch
 from .errors import BadRow, QwentuneError
 from .formats import FORMATS, convert, detect_format, needs_tools, normalize_tools
 from .recipe import Recipe, resolve_path
+from .render import ChatTemplate, fit_length, load_template, render_batch, render_preference_batch
 from .vision import (
     IMAGE_COLUMNS,
     ImageFile,
@@ -472,7 +472,7 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 def _code_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("data.py", "formats.py", "chat.py", "vision.py"):
+    for name in ("data.py", "formats.py", "render.py", "vision.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
 

@@ -24,7 +24,7 @@ def _source_line(recipe: Recipe) -> tuple[str, Path | None]:
 
 def _template(recipe: Recipe, model_dir: Path | None):
     """The recipe's template, or None when it is the model's own and the model is not on disk yet."""
-    from .chat import load_template
+    from .render import load_template
 
     spec = recipe.data.template
     if spec == "model":
@@ -37,8 +37,8 @@ def _template(recipe: Recipe, model_dir: Path | None):
 
 
 def _template_path(recipe: Recipe, spec: str) -> str | Path:
-    from .chat import BUILTIN_TEMPLATES
     from .recipe import resolve_path
+    from .render import BUILTIN_TEMPLATES
 
     return spec if spec in BUILTIN_TEMPLATES else resolve_path(recipe, spec)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .chat import IGNORE_INDEX
 from .errors import BadRow
+from .render import IGNORE_INDEX
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"

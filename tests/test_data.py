@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import shared_tokenizer
 
-from qwentune.chat import IGNORE_INDEX, load_template, render_batch
 from qwentune.data import DPO_COLUMNS, DataReport, Unparsed, load_rows, prepare_data
 from qwentune.errors import QwentuneError
 from qwentune.highlight import preview
 from qwentune.recipe import load_recipe
+from qwentune.render import IGNORE_INDEX, load_template, render_batch
 
 WEATHER = {
     "type": "function",
@@ -538,7 +538,7 @@ def test_trained_counts_in_preview_header(tmp_path, tok):
 
 
 def test_same_function_as_chat_render(tmp_path, tok):
-    """The pipeline's ids and labels are chat.render_batch's, unchanged."""
+    """The pipeline's ids and labels are render.render_batch's, unchanged."""
     rows = [tool_row("get_weather", {"city": "Paris"}, [WEATHER]), chat()]
     prepared = prepare_data(recipe(write_jsonl(tmp_path / "t.jsonl", rows)), tok, quiet=True)
     direct = render_batch(rows, tok, load_template("model", tok))

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 import qwentune
 import qwentune.dpo
 from qwentune import cli
-from qwentune.chat import load_template, render_preference
 from qwentune.formats import convert
+from qwentune.render import load_template, render_preference
 from qwentune.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from qwentune.chat import IGNORE_INDEX, load_template, render_batch, render_preference
 from qwentune.errors import BadRow
 from qwentune.formats import (
     convert,
@@ -18,6 +17,7 @@ from qwentune.formats import (
     normalize_call,
     normalize_tools,
 )
+from qwentune.render import IGNORE_INDEX, load_template, render_batch, render_preference
 
 WEATHER = {
     "type": "function",

@@ -12,7 +12,7 @@ from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwentune
-from qwentune.chat import load_template, render_conversation
+from qwentune.render import load_template, render_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""chat.py: official-template rendering with exact loss masks.
+"""render.py: official-template rendering with exact loss masks.
 
 Every rendering is checked against transformers' own `apply_chat_template` with the packaged official template, and
 every mask against golden strings (what the model must generate: the assistant text through `<|im_end|>`, nothing
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qwentune.chat import (
+from qwentune.errors import BadRow, QwentuneError
+from qwentune.render import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,
     ChatTemplate,
@@ -25,7 +26,6 @@ from qwentune.chat import (
     render_preference,
     render_preference_batch,
 )
-from qwentune.errors import BadRow, QwentuneError
 
 IM_END = 151645
 SHARED_TEMPLATES = Path("/work/shared/templates")
