@@ -16,6 +16,7 @@ import re
 from transformers import set_seed
 
 from .errors import QwentuneError, did_you_mean
+from .logs import is_main_process, log
 from .model import add_adapter, load_adapter_for_training, load_base_model, resolve_precision
 from .recipe import Recipe, resolve_path
 from .resume import train_until_stopped
@@ -24,8 +25,6 @@ from .run import (
     TrainResult,
     effective_batch,
     finish_run,
-    is_main_process,
-    log,
     prompt_of,
     start_run,
     trainer_arguments,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
+from .logs import _cuda, is_main_process, log, process_state
 from .model import Precision
 from .recipe import Recipe
 from .runinfo import atomic_write_json, atomic_write_text
@@ -30,24 +30,6 @@ class TrainResult:
     merged_dir: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     data_reports: list[dict] = field(default_factory=list)
-
-
-def process_state():
-    """accelerate's view of the processes. On a machine without CUDA it must be asked for CPU ranks (as Trainer asks
-    later): the first call fixes it for the whole process, and without `cpu=True` ranks started by torchrun would
-    each think they run alone."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not _cuda())
-
-
-def is_main_process() -> bool:
-    return process_state().is_main_process
-
-
-def log(message: str) -> None:
-    if is_main_process():
-        print(f"[qwentune] {message}", file=sys.stderr, flush=True)
 
 
 def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -90,12 +72,6 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class MetricsFile(TrainerCallback):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers import set_seed
 
 from .errors import QwentuneError
+from .logs import is_main_process, log
 from .model import add_adapter, load_base_model, resolve_precision
 from .recipe import Recipe
 from .resume import train_until_stopped
@@ -14,8 +15,6 @@ from .run import (
     TrainResult,
     effective_batch,
     finish_run,
-    is_main_process,
-    log,
     prompt_of,
     start_run,
     trainer_arguments,

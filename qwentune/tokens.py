@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .logs import is_main_process, log
 from .recipe import Recipe
 from .runinfo import atomic_write_json
 
@@ -177,7 +178,6 @@ def check_tokens(model, tokenizer, dataset) -> TokenCheck:
 
 def trainable_token_ids(recipe: Recipe, model, tokenizer, dataset, run_dir: Path | None = None) -> TokenCheck:
     """The check, printed and saved; with `peft.train_new_tokens: auto` the flagged rows become trainable."""
-    from .run import is_main_process, log
 
     result = check_tokens(model, tokenizer, dataset)
     if recipe.peft.train_new_tokens == "auto":
