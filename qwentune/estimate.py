@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import QwentuneError
 from .recipe import Recipe
+from .shapes import is_vl
 from .speed import CPU_VOCAB_CHUNK
 
 GiB = 1024**3
@@ -74,7 +75,7 @@ def _from_facts(facts: dict, origin: str, tied: bool | None = None) -> Shape:
 def _from_config(cfg: dict, origin: str) -> Shape:
     text = cfg.get("text_config") or cfg
     get = lambda key, default=None: text.get(key, cfg.get(key, default))  # noqa: E731
-    vision = cfg.get("vision_config") if cfg.get("model_type") == "qwen2_vl" else None
+    vision = cfg.get("vision_config") if is_vl(cfg) else None
     heads = get("num_attention_heads")
     return Shape(
         origin=origin,

@@ -81,7 +81,7 @@ Training sidecar ``qwentune_train.json`` (beside ``adapter_config.json``; writte
         "load_dtype": "bfloat16",             # optional: dtype the base was loaded in before quantizing
                                               #   (default: compute_dtype, as qwentune's trainer loads it)
         "skip_modules": null                  # optional: llm_int8_skip_modules used at training time
-                                              #   (default: qwentune's, model.quant_skip_modules: Qwen2-VL
+                                              #   (default: qwentune's, shapes.quant_skip_modules: Qwen2-VL
                                               #   keeps lm_head and the vision tower unquantized)
       },
       "chat_template": "...",                 # the template the training data was rendered with
@@ -116,6 +116,7 @@ from typing import Any
 import torch
 
 from .errors import QwentuneError, did_you_mean
+from .shapes import is_vl, quant_skip_modules
 
 __all__ = [
     "MergeResult",
@@ -696,7 +697,7 @@ def _finish(job: _Job, tmp: Path, config_dict: dict, base_gen: dict | None, extr
         for name in _AUX_FILES:
             if (src / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(src / name, tmp / name)
-    if job.image_processor and config_dict.get("model_type") == "qwen2_vl":
+    if job.image_processor and is_vl(config_dict):
         facts["image_processor"] = job.report["image_processor"] = _write_image_processor(tmp, job.image_processor)
     elif job.image_processor:
         print("[qwentune merge] note: image-processor settings ignored (not a vision-language model)")
@@ -839,7 +840,7 @@ def _parity_image(cfg: dict) -> dict | None:
     """Qwen2-VL: forward inputs of one row holding a synthetic image (fixed random patches on a 4x4 patch grid), so
     the parity check runs the vision tower and merger too (and any LoRA on them). None for text models, and for toy
     vocabularies that do not reach the image token ids."""
-    if cfg.get("model_type") != "qwen2_vl":
+    if not is_vl(cfg):
         return None
     vision = cfg.get("vision_config") or {}
     text = _text_cfg(cfg)
@@ -1277,9 +1278,7 @@ def _skip_modules(skeleton: Any, spec: QuantSpec) -> list[str] | None:
     type (Qwen2-VL: the vision tower and lm_head stay unquantized), else None (transformers' default)."""
     if spec.skip_modules is not None:
         return list(spec.skip_modules)
-    from .model import quant_skip_modules
-
-    return quant_skip_modules(getattr(skeleton.config, "model_type", ""))
+    return quant_skip_modules(skeleton.config)
 
 
 def _dequantize_modules_inplace(model: Any, names: list[str], spec: QuantSpec, load_dtype: torch.dtype) -> None:

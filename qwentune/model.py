@@ -11,6 +11,7 @@ import torch
 
 from .errors import QwentuneError
 from .recipe import Recipe
+from .shapes import is_vl, quant_skip_modules
 from .tokens import patch_output_bias
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -24,7 +25,6 @@ VISION_TARGETS = {
     "all": rf".*(?:{_MERGER}|visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2)))",
 }
 # QLoRA on Qwen2-VL quantizes the language model only: the output layer and the whole vision tower stay unquantized.
-VL_QUANT_SKIP_MODULES = ("lm_head", "model.visual")
 
 
 @dataclass
@@ -72,14 +72,6 @@ def device_for_this_process() -> str | int:
     return "cpu"
 
 
-def quant_skip_modules(model_type: str) -> list[str] | None:
-    """Modules QLoRA keeps unquantized, as `llm_int8_skip_modules` (None: transformers' default, the output layer).
-
-    transformers' default quantizes Qwen2-VL's vision tower and merger; a list replaces that default (it is not
-    added to it), so the output layer is named again. The merge reads the same list (export.py)."""
-    return list(VL_QUANT_SKIP_MODULES) if model_type == "qwen2_vl" else None
-
-
 def quantization_config(recipe: Recipe, model_type: str = "qwen2"):
     from transformers import BitsAndBytesConfig
 
@@ -116,7 +108,7 @@ def load_base_model(recipe: Recipe, model_path: Path, precision: Precision | Non
         kwargs["dtype"] = _DTYPES[recipe.peft.quant.compute_dtype]
     else:
         kwargs["dtype"] = precision.weights
-    if config.model_type == "qwen2_vl":
+    if is_vl(config):
         from transformers import Qwen2VLForConditionalGeneration
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
@@ -141,16 +133,12 @@ def keep_4bit_layers_differentiable(model) -> None:
 
 def check_train_vision(recipe: Recipe, model_type: str, where: str = "recipe") -> None:
     """`peft.train_vision` other than off needs a vision tower: refused on a text model rather than ignored."""
-    if recipe.peft.train_vision != "off" and model_type != "qwen2_vl":
+    if recipe.peft.train_vision != "off" and not is_vl(model_type):
         raise QwentuneError(
             f"'peft.train_vision' is {recipe.peft.train_vision!r} but the model ({model_type}) has no vision tower",
             where=where,
             hint="set peft.train_vision: off (it applies to Qwen2-VL models only)",
         )
-
-
-def _is_vl(model) -> bool:
-    return getattr(model.config, "model_type", "") == "qwen2_vl"
 
 
 def _vision_tower(model):
@@ -164,7 +152,7 @@ def lora_targets(recipe: Recipe, model) -> str | list[str]:
     names), plus the vision side that `peft.train_vision` asks for; text models: the recipe's list as it is."""
     p = recipe.peft
     all_linear = p.target_modules == ["all-linear"]
-    if not _is_vl(model):
+    if not is_vl(model):
         check_train_vision(recipe, getattr(model.config, "model_type", "?"))
         return "all-linear" if all_linear else list(p.target_modules)
     if all_linear:
@@ -189,7 +177,7 @@ def keep_vision_in_compute_dtype(model, dtype: torch.dtype) -> None:
     """prepare_model_for_kbit_training upcasts every parameter that is not 4-bit to fp32 (meant for norms and the
     head); Qwen2-VL's unquantized vision tower (~0.7B parameters on the 2B) would double in memory. Put its weights
     back in the compute dtype they were loaded in (its LoRA weights, added later by PEFT, stay fp32)."""
-    tower = _vision_tower(model) if _is_vl(model) else None
+    tower = _vision_tower(model) if is_vl(model) else None
     if tower is None or dtype == torch.float32:
         return
     for param in tower.parameters():

@@ -16,6 +16,33 @@ VISION_TOKEN_IDS = {
     "image_token_id": 151655,
     "video_token_id": 151656,
 }
+VL_MODEL_TYPES = frozenset({"qwen2_vl"})
+# Modules QLoRA keeps unquantized on a VL model: a list given to transformers replaces its default (the output layer),
+# so the output layer is named again; its default would quantize Qwen2-VL's vision tower and merger.
+VL_QUANT_SKIP_MODULES = ("lm_head", "model.visual")
+
+
+def model_type_of(config: Any) -> str:
+    """The model_type of a config dict, a transformers config, a model, or the string itself."""
+    if isinstance(config, str):
+        return config
+    if isinstance(config, dict):
+        return str(config.get("model_type", ""))
+    config = getattr(config, "config", config)
+    return str(getattr(config, "model_type", ""))
+
+
+def is_vl(config: Any) -> bool:
+    """The one test for "this is a vision-language model" (config dict, transformers config, model or model_type)."""
+    return model_type_of(config) in VL_MODEL_TYPES
+
+
+def quant_skip_modules(config: Any) -> list[str] | None:
+    """Modules QLoRA keeps unquantized, as `llm_int8_skip_modules` (None: transformers' default, the output layer).
+    Training and the merge read the same list."""
+    return list(VL_QUANT_SKIP_MODULES) if is_vl(config) else None
+
+
 # Sampling settings of the published Qwen2.5-Instruct generation_config.json.
 QWEN25_INSTRUCT_SAMPLING = {
     "do_sample": True,
@@ -96,10 +123,6 @@ def shape(name: str) -> dict[str, Any]:
     return copy.deepcopy(SHAPES[name])
 
 
-def is_vl(name: str) -> bool:
-    return shape(name)["model_type"] == "qwen2_vl"
-
-
 def _make_config(
     facts: dict[str, Any],
     *,
@@ -127,7 +150,7 @@ def _make_config(
         "bos_token_id": facts["bos_token_id"],
         "eos_token_id": facts["eos_token_id"],
     }
-    if facts["model_type"] == "qwen2_vl":
+    if is_vl(facts):
         from transformers import Qwen2VLConfig
 
         rope = {"rope_type": "default", "rope_theta": facts["rope_theta"], "mrope_section": list(mrope_section or [])}
@@ -181,7 +204,7 @@ def tiny_config(
     (16 for Qwen2-VL, whose 3-D rotary needs room for three sections), hidden = heads × head_dim, the real
     intermediate/hidden ratio, the real (full) vocabulary, tied exactly where the real model ties."""
     facts = shape(name)
-    vl = facts["model_type"] == "qwen2_vl"
+    vl = is_vl(facts)
     ratio = facts["heads"] // facts["kv_heads"]
     heads = heads or ratio * kv_heads
     if heads % kv_heads:
@@ -213,7 +236,7 @@ def tiny_config(
 
 def model_class(config):
     """The transformers class that builds a model for `config`."""
-    if config.model_type == "qwen2_vl":
+    if is_vl(config):
         from transformers import Qwen2VLForConditionalGeneration
 
         return Qwen2VLForConditionalGeneration

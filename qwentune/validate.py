@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
+from .shapes import is_vl
 
 SAMPLE_ROWS = 5
 
@@ -120,7 +121,7 @@ def _vision_lines(recipe: Recipe, model_dir: Path | None) -> list[str]:
 
     model_type = json.loads(config.read_text()).get("model_type", "?")
     check_train_vision(recipe, model_type, where=str(recipe.path or "recipe"))
-    if model_type != "qwen2_vl":
+    if not is_vl(model_type):
         return []
     return [f"vision: train_vision {recipe.peft.train_vision}"]
 

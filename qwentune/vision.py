@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import BadRow
 from .render import IGNORE_INDEX
+from .shapes import is_vl
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
@@ -66,7 +67,7 @@ def _config(model_dir: Path) -> dict:
 
 
 def is_vision_model(model_dir: Path) -> bool:
-    return _config(model_dir).get("model_type") == "qwen2_vl"
+    return is_vl(_config(model_dir))
 
 
 def load_image_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None):
