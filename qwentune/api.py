@@ -86,14 +86,18 @@ def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3
 
 def train(recipe: Recipe | str | Path | dict, overrides=None) -> TrainResult:
     """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model."""
+    from .logs import is_main_process
+    from .runinfo import owned_run_dir, run_dir_for
+
     recipe = _recipe(recipe, overrides)
-    if recipe.method == "dpo":
-        from .dpo import train_dpo
+    with owned_run_dir(run_dir_for(recipe), is_main=is_main_process()):  # one process per run dir
+        if recipe.method == "dpo":
+            from .dpo import train_dpo
 
-        return train_dpo(recipe)
-    from .sft import train_sft
+            return train_dpo(recipe)
+        from .sft import train_sft
 
-    return train_sft(recipe)
+        return train_sft(recipe)
 
 
 def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, **kwargs):

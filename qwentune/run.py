@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,7 +15,7 @@ from transformers import TrainerCallback
 from .logs import _cuda, is_main_process, log, process_state
 from .model import Precision
 from .recipe import Recipe
-from .runinfo import atomic_write_json, atomic_write_text
+from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir
 
 ADAPTER_SIDECAR = "qwentune_train.json"
 
@@ -131,7 +130,7 @@ def _finite(x: Any) -> bool:
 def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
     """adapter/ in PEFT format plus qwentune_train.json (how it was trained; the merge reads it). Atomic."""
     target = run_dir / "adapter"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter.tmp-"))
+    tmp = make_staging_dir(run_dir, ".adapter.tmp-")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(tmp / ADAPTER_SIDECAR, sidecar)
@@ -172,7 +171,7 @@ def start_run(recipe: Recipe) -> RunStart:
     from .vision import image_settings
 
     checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
-    run_dir = prepare_run_dir(recipe, is_main=is_main_process())
+    run_dir = prepare_run_dir(recipe, is_main=is_main_process(), resuming=checkpoint is not None)
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )

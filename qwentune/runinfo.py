@@ -1,17 +1,25 @@
-"""The run dir: where it is, what it records (resolved recipe, library versions, git revision), atomic file writes."""
+"""The run dir: where it is, who owns it (one process at a time), what it records (resolved recipe, library
+versions, git revision), and atomic file writes with the permissions the umask asks for."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import QwentuneError
+from .logs import log
 from .recipe import Recipe, dump_recipe
 
 LIBRARIES = (
@@ -56,6 +64,25 @@ def git_revision(start: Path | None = None) -> str | None:
     return rev + ("-dirty" if dirty else "")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: Path) -> None:
+    """The permissions an ordinary create would have given (0644 / 0755 under the default umask): `tempfile` makes
+    0600 files and 0700 dirs, which a serving account could not read once renamed into place."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+def make_staging_dir(parent: Path, prefix: str) -> Path:
+    """A hidden temporary dir beside its target (same filesystem, so the final rename is atomic), mode per umask."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    public_mode(tmp)
+    return tmp
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +92,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        public_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,8 +113,9 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.output.dir.format(model=model, method=recipe.method, peft=recipe.peft.method)).expanduser()
 
 
-def prepare_run_dir(recipe: Recipe, *, is_main: bool = True) -> Path:
-    """Create the run dir and record what is about to run. Refuses to mix two runs in one dir."""
+def prepare_run_dir(recipe: Recipe, *, is_main: bool = True, resuming: bool = False) -> Path:
+    """Create the run dir and record what is about to run. Refuses to mix two runs in one dir: a finished run is kept
+    unless `output.overwrite`; a new run (not resuming) starts from an empty dir. Call it holding `RunDirLock`."""
     run_dir = run_dir_for(recipe)
     if is_main:
         if (run_dir / "adapter").exists() and not recipe.output.overwrite:
@@ -95,7 +124,98 @@ def prepare_run_dir(recipe: Recipe, *, is_main: bool = True) -> Path:
                 where=str(run_dir),
                 hint="pick another output.dir, or set output.overwrite=true",
             )
+        if not resuming:
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         atomic_write_json(run_dir / "versions.json", {"libraries": library_versions(), "git": git_revision()})
     return run_dir
+
+
+LOCK_NAME = ".qwentune.lock"  # the OS lock (filelock): the kernel releases it when its process dies
+OWNER_NAME = ".qwentune-owner.json"  # who holds it: pid, host, command, since
+
+
+def clear_run_dir(run_dir: Path) -> list[str]:
+    """Remove what an earlier run left in `run_dir` (all but the lock files); returns the names removed."""
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name in (LOCK_NAME, OWNER_NAME):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry.name)
+    if removed:
+        log(f"{run_dir}: removed the previous run's files ({', '.join(removed)})")
+    return removed
+
+
+def _describe(owner: dict) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
+    return f"process {owner.get('pid', '?')} on {owner.get('host', '?')} since {since} ({owner.get('command', '?')})"
+
+
+class RunDirLock:
+    """One process owns a run dir at a time. A second `train` into the same `output.dir` is refused at once naming
+    the holder; a lock left by a process that died is taken over (the OS released it), with a note."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._lock = None
+
+    def acquire(self) -> RunDirLock:
+        from filelock import FileLock, Timeout
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QwentuneError(f"cannot create the run dir: {exc.strerror}", where=str(self.run_dir)) from None
+        lock = FileLock(str(self.run_dir / LOCK_NAME), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            owner = self._owner()
+            raise QwentuneError(
+                f"run dir is in use by {_describe(owner) if owner else 'another process'}",
+                where=str(self.run_dir),
+                hint="wait for that run to end, or pick another output.dir",
+            ) from None
+        except OSError as exc:
+            raise QwentuneError(f"cannot lock the run dir: {exc.strerror}", where=str(self.run_dir)) from None
+        self._lock = lock
+        previous = self._owner()
+        if previous and previous.get("pid") != os.getpid():
+            log(f"{self.run_dir}: took over the run dir from {_describe(previous)}, which is no longer running")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": " ".join(sys.argv)}
+        atomic_write_json(self.run_dir / OWNER_NAME, me)
+        return self
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads((self.run_dir / OWNER_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            (self.run_dir / OWNER_NAME).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+
+@contextlib.contextmanager
+def owned_run_dir(run_dir: Path, *, is_main: bool = True) -> Iterator[Path]:
+    """Hold the run dir for the block (main process only: other ranks never write it)."""
+    if not is_main:
+        yield run_dir
+        return
+    lock = RunDirLock(run_dir).acquire()
+    try:
+        yield run_dir
+    finally:
+        lock.release()
