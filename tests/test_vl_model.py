@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_oracle import merge_model_in_memory
 from tiny_models import template_text, tiny_model_dir
 
 from qwentune.errors import QwentuneError
-from qwentune.export import merge_adapter, merge_model_in_memory, write_train_sidecar
+from qwentune.export import merge_adapter, write_train_sidecar
 from qwentune.model import add_adapter, load_base_model, lora_targets, resolve_precision
 from qwentune.recipe import load_recipe
 
