@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .job import MODE_LORA, MODE_QLORA_DEQUANTIZED, MODE_QLORA_ORIGINAL, MergeJob
+from .job import MODE_LORA, MODE_QLORA_DEQUANTIZED, MODE_QLORA_ORIGINAL
+from .quant import QuantSpec
 
 _MODE_TEXT = {
     MODE_LORA: "LoRA delta added in fp32 to the base weights",
@@ -19,23 +20,37 @@ _MODE_TEXT = {
 }
 
 
-def write_card(job: MergeJob, tmp: Path, title: str, *, dtype: torch.dtype, untied: bool, diff: float, tol: float):
-    card = dict(job.card)
+def write_card(
+    out_dir: Path,
+    *,
+    title: str,
+    base_name: str,
+    mode: str,
+    spec: QuantSpec | None,
+    card: dict,
+    dtype: torch.dtype,
+    untied: bool,
+    diff: float,
+    tol: float,
+) -> None:
+    """README.md in `out_dir`: what was merged and how (`mode`, `spec`, `dtype`, `untied`), the parity result
+    (`diff` is nan when skipped), then the caller's `card` sections (data, recipe, metrics, anything else)."""
+    card = dict(card)
     lines = [
         "---",
-        f"base_model: {job.base_name}",
+        f"base_model: {base_name}",
         "library_name: transformers",
-        f"tags: [qwentune, {'qlora' if job.spec else 'lora'}, merged]",
+        f"tags: [qwentune, {'qlora' if spec else 'lora'}, merged]",
         "---",
         "",
         f"# {title}",
         "",
-        f"Merged with qwentune: base `{job.base_name}` + LoRA adapter, saved as plain transformers safetensors.",
+        f"Merged with qwentune: base `{base_name}` + LoRA adapter, saved as plain transformers safetensors.",
         "",
-        f"- **Merge**: `{job.mode}` — {_MODE_TEXT[job.mode]}",
+        f"- **Merge**: `{mode}` — {_MODE_TEXT[mode]}",
     ]
-    if job.spec is not None:
-        q = job.spec
+    if spec is not None:
+        q = spec
         lines.append(
             f"- **Training quantization**: {q.bits}-bit {q.quant_type}, double quant {str(q.double_quant).lower()}, "
             f"compute {q.compute_dtype}"
@@ -67,7 +82,7 @@ def write_card(job: MergeJob, tmp: Path, title: str, *, dtype: torch.dtype, unti
     card.pop("recipe", None)
     if card:
         lines += ["", "## Other", ""] + [f"- **{k}**: {_card_value(v)}" for k, v in card.items()]
-    (tmp / "README.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def _card_value(value: Any) -> str:

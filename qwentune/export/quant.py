@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import QwentuneError, did_you_mean
+from ..recipe import PeftSection, QuantSection
 from ..shapes import quant_skip_modules
 
 DTYPES = {
@@ -36,6 +37,30 @@ class QuantSpec:
     skip_modules: tuple[str, ...] | None = None
 
     _KEYS = ("bits", "quant_type", "double_quant", "compute_dtype", "blocksize", "load_dtype", "skip_modules")
+
+    @classmethod
+    def from_section(cls, section: QuantSection) -> QuantSpec:
+        """The recipe's `peft.quant` (already validated by the recipe schema)."""
+        return cls(section.bits, section.quant_type, section.double_quant, section.compute_dtype)
+
+    @classmethod
+    def for_peft(cls, peft: PeftSection) -> QuantSpec | None:
+        """The 4-bit settings a recipe trains with: its `peft.quant` for QLoRA, None for LoRA."""
+        return cls.from_section(peft.quant) if peft.method == "qlora" else None
+
+    def bnb_config(self, skip_modules: list[str] | None):
+        """The `transformers.BitsAndBytesConfig` that loads a base quantized with these settings."""
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES[self.compute_dtype]
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,  # lets FSDP shard the packed 4-bit weights alongside the bf16 ones
+            llm_int8_skip_modules=skip_modules,
+        )
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "quantization") -> QuantSpec:
@@ -96,6 +121,10 @@ class QuantSpec:
                 "skip_modules": list(skip) if skip else None,
             }
         )
+
+    @property
+    def compute_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
 
     @property
     def weights_dtype(self) -> torch.dtype:

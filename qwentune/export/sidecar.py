@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import QwentuneError
+from ..runinfo import atomic_write_json
 from .quant import QuantSpec
 
 SIDECAR_NAME = "qwentune_train.json"
-
-
 SIDECAR_FORMAT = "qwentune-train"
 
 
@@ -62,17 +60,17 @@ def write_train_sidecar(
     chat_template: str | None = None,
     model_card: dict | None = None,
     image_processor: dict | None = None,
+    run_facts: dict | None = None,
 ) -> Path:
-    """Write ``qwentune_train.json`` beside an adapter (see the module docstring for the format)."""
-    data: dict[str, Any] = {"format": SIDECAR_FORMAT, "version": 1}
+    """Write ``qwentune_train.json`` beside an adapter, atomically (see the module docstring for the format).
+    `run_facts`: informational top-level keys (the trainer's base, method, precision, template name)."""
+    data: dict[str, Any] = {"format": SIDECAR_FORMAT, "version": 1, **(run_facts or {})}
     data["quantization"] = QuantSpec.from_dict(quantization).to_dict() if quantization is not None else None
     data["chat_template"] = chat_template
     data["model_card"] = model_card
     data["image_processor"] = image_processor_settings(image_processor)
     path = Path(adapter_dir) / SIDECAR_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
     return path
 
 
