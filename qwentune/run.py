@@ -175,7 +175,7 @@ def start_run(recipe: Recipe) -> RunStart:
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
-    tokenizer = load_tokenizer(source.path, recipe)
+    tokenizer = load_tokenizer(source.path, recipe.model)
     data = prepare_data(recipe, tokenizer, images=image_settings(source.path, recipe, tokenizer))
     tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
     reports = [r.to_dict() for r in data.reports]
