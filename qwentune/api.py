@@ -29,7 +29,7 @@ def _source_and_tokenizer(recipe: Recipe):
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
-    return source, load_tokenizer(source.path, recipe)
+    return source, load_tokenizer(source.path, recipe.model)
 
 
 def load_model_tokenizer(recipe: Recipe):

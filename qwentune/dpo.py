@@ -16,6 +16,7 @@ import re
 from transformers import set_seed
 
 from .errors import QwentuneError, did_you_mean
+from .export import QuantSpec
 from .logs import is_main_process, log
 from .model import add_adapter, load_adapter_for_training, load_base_model, resolve_precision
 from .recipe import Recipe, resolve_path
@@ -188,26 +189,37 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     train = data.train.rename_columns(TRL_COLUMNS)
     evals = data.eval.rename_columns(TRL_COLUMNS) if data.eval is not None else None
 
-    precision = resolve_precision(recipe)
+    precision = resolve_precision(recipe.model, recipe.training)
+    quant = QuantSpec.for_peft(recipe.peft)  # None for LoRA
     set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process
-    model = load_base_model(recipe, source.path, precision)
+    model = load_base_model(recipe.model, source.path, precision, quant=quant, train_vision=recipe.peft.train_vision)
     continuing = recipe.model.adapter is not None
     if continuing:
         # The adapter keeps the trainable token rows it was made with; the check is still reported.
         new_tokens = check_tokens(model, tokenizer, data.train)
         log(new_tokens.summary())
         adapter_dir = resolve_path(recipe, recipe.model.adapter)
-        model = load_adapter_for_training(recipe, model, adapter_dir)
+        model = load_adapter_for_training(
+            model, adapter_dir, quant=quant, gradient_checkpointing=recipe.training.gradient_checkpointing
+        )
         reference = f"frozen copy of the adapter {adapter_dir}"
     else:
         new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
-        model = add_adapter(recipe, model, new_tokens.ids)
+        model = add_adapter(
+            recipe.peft,
+            model,
+            new_tokens.ids,
+            quant=quant,
+            gradient_checkpointing=recipe.training.gradient_checkpointing,
+        )
         reference = "the policy with its adapter disabled (the base model)"
 
     ref_model = None
     if recipe.dpo.reference:
         ref_source = resolve_model(recipe.dpo.reference, trust_remote_code=recipe.model.trust_remote_code)
-        ref_model = load_base_model(recipe, ref_source.path, precision).eval()
+        ref_model = load_base_model(
+            recipe.model, ref_source.path, precision, quant=quant, train_vision=recipe.peft.train_vision
+        ).eval()
         if ref_model.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             raise QwentuneError(
                 f"the reference {recipe.dpo.reference} has another vocabulary than {recipe.model.source}",

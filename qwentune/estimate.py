@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QwentuneError
+from .export import QuantSpec
 from .recipe import Recipe
 from .shapes import is_vl
 from .speed import CPU_VOCAB_CHUNK
@@ -245,10 +246,10 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,.0f}"
 
 
-def nf4_bytes(n: int, double_quant: bool) -> float:
-    """Bytes of one 4-bit weight of n params: packed nibbles + one absmax per 64 (fp32, or uint8 + fp32 per 256
-    blocks + the 256-entry code with double quantization)."""
-    blocks = n / NF4_BLOCK
+def nf4_bytes(n: int, double_quant: bool, blocksize: int = NF4_BLOCK) -> float:
+    """Bytes of one 4-bit weight of n params: packed nibbles + one absmax per block of 64 (fp32, or uint8 + fp32
+    per 256 blocks + the 256-entry code with double quantization)."""
+    blocks = n / blocksize
     if double_quant:
         return n / 2 + blocks + 4 * blocks / DQ_BLOCK + 4 * 256
     return n / 2 + 4 * blocks
@@ -281,7 +282,8 @@ def estimate(
     `seq_len` (default data.max_length): padded tokens per row; `trained_tokens` (default all of them): positions per
     micro-batch whose label is trained (TRL's head projects only those)."""
     s = shape or model_shape(recipe.model.source)
-    t, p, q = recipe.training, recipe.peft, recipe.peft.quant
+    t, p = recipe.training, recipe.peft
+    q = QuantSpec.from_section(p.quant)  # the 4-bit facts (the uncounted QLoRA line needs them for LoRA too)
     qlora = p.method == "qlora"
     precision = t.precision
     if precision == "auto":
@@ -303,7 +305,7 @@ def estimate(
     v_linear, v_other = vision_params(s.vision, s.hidden) if s.vision else (0, 0)
     linear, other = text_linear + v_linear, heads_other + norms_biases + v_other
     total_params = linear + other
-    w4 = sum(nf4_bytes(i * o, q.double_quant) for i, o in dims.values()) * s.layers
+    w4 = sum(nf4_bytes(i * o, q.double_quant, q.blocksize) for i, o in dims.values()) * s.layers
     # PEFT's k-bit preparation upcasts every bf16/fp16 non-4-bit param to fp32; the Qwen2-VL vision tower is neither
     # quantized nor upcast (model.keep_vision_in_compute_dtype), it stays in the compute dtype.
     compute_bytes = 4 if q.compute_dtype == "float32" else 2

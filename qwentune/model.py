@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import QwentuneError
-from .recipe import Recipe
+from .recipe import ModelSection, PeftSection, TrainingSection
 from .shapes import is_vl, quant_skip_modules
 from .tokens import patch_output_bias
 
@@ -40,24 +40,24 @@ class Precision:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
 
-def resolve_precision(recipe: Recipe) -> Precision:
+def resolve_precision(model: ModelSection, training: TrainingSection) -> Precision:
     """`training.precision: auto` is bf16 on a GPU that has it, else fp32 (CPU runs opt into bf16 explicitly)."""
-    wanted = recipe.training.precision
+    wanted = training.precision
     if wanted == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         wanted = "bf16" if cuda_bf16 else "fp16" if torch.cuda.is_available() else "fp32"
-    if recipe.model.dtype != "auto":
-        weights = _DTYPES[recipe.model.dtype]
+    if model.dtype != "auto":
+        weights = _DTYPES[model.dtype]
     else:
         weights = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[wanted]
     return Precision(weights=weights, bf16=wanted == "bf16", fp16=wanted == "fp16")
 
 
-def load_tokenizer(model_path: Path, recipe: Recipe):
+def load_tokenizer(model_path: Path, model: ModelSection):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        model_path, revision=model.revision, trust_remote_code=model.trust_remote_code
     )
     if tokenizer.pad_token is None:
         # Qwen tokenizers pad with <|endoftext|>; never pad with <|im_end|>, which is trained.
@@ -72,52 +72,44 @@ def device_for_this_process() -> str | int:
     return "cpu"
 
 
-def quantization_config(recipe: Recipe, model_type: str = "qwen2"):
-    from transformers import BitsAndBytesConfig
-
-    q = recipe.peft.quant
-    compute = _DTYPES[q.compute_dtype]
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=compute,  # lets FSDP shard the packed 4-bit weights alongside the bf16 ones
-        llm_int8_skip_modules=quant_skip_modules(model_type),
-    )
+def quantization_config(quant, model_type: str = "qwen2"):
+    """`quant` (an `export.QuantSpec`) as the BitsAndBytesConfig qwentune loads a QLoRA base with."""
+    return quant.bnb_config(quant_skip_modules(model_type))
 
 
-def load_base_model(recipe: Recipe, model_path: Path, precision: Precision | None = None):
-    """The frozen base: in the precision's dtype for LoRA, or bitsandbytes 4-bit for QLoRA."""
+def load_base_model(
+    model: ModelSection, model_path: Path, precision: Precision, *, quant=None, train_vision: str = "off"
+):
+    """The frozen base: in the precision's dtype for LoRA, or bitsandbytes 4-bit for QLoRA (`quant`, an
+    `export.QuantSpec`; passed in rather than built here, since export sits above this floor)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    precision = precision or resolve_precision(recipe)
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    check_train_vision(recipe, config.model_type, where=str(model_path))
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model.trust_remote_code)
+    check_train_vision(train_vision, config.model_type, where=str(model_path))
     kwargs = dict(
-        revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
-        attn_implementation=recipe.model.attn_implementation,
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation=model.attn_implementation,
         use_safetensors=True,
     )
-    if recipe.peft.method == "qlora":
+    if quant is not None:
         kwargs.update(
-            quantization_config=quantization_config(recipe, config.model_type),
+            quantization_config=quantization_config(quant, config.model_type),
             device_map={"": device_for_this_process()},
         )
-        kwargs["dtype"] = _DTYPES[recipe.peft.quant.compute_dtype]
+        kwargs["dtype"] = quant.compute_torch_dtype
     else:
         kwargs["dtype"] = precision.weights
     if is_vl(config):
         from transformers import Qwen2VLForConditionalGeneration
 
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
+        base = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    model.config.use_cache = False
-    if recipe.peft.method == "qlora":
-        keep_4bit_layers_differentiable(model)
-    return model
+        base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    base.config.use_cache = False
+    if quant is not None:
+        keep_4bit_layers_differentiable(base)
+    return base
 
 
 def keep_4bit_layers_differentiable(model) -> None:
@@ -131,11 +123,11 @@ def keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def check_train_vision(recipe: Recipe, model_type: str, where: str = "recipe") -> None:
+def check_train_vision(train_vision: str, model_type: str, where: str = "recipe") -> None:
     """`peft.train_vision` other than off needs a vision tower: refused on a text model rather than ignored."""
-    if recipe.peft.train_vision != "off" and not is_vl(model_type):
+    if train_vision != "off" and not is_vl(model_type):
         raise QwentuneError(
-            f"'peft.train_vision' is {recipe.peft.train_vision!r} but the model ({model_type}) has no vision tower",
+            f"'peft.train_vision' is {train_vision!r} but the model ({model_type}) has no vision tower",
             where=where,
             hint="set peft.train_vision: off (it applies to Qwen2-VL models only)",
         )
@@ -147,13 +139,12 @@ def _vision_tower(model):
     return tower if tower is not None else getattr(model, "visual", None)
 
 
-def lora_targets(recipe: Recipe, model) -> str | list[str]:
+def lora_targets(p: PeftSection, model) -> str | list[str]:
     """PEFT `target_modules`. Qwen2-VL: a regex for the language model's linears (all of them, or the listed leaf
     names), plus the vision side that `peft.train_vision` asks for; text models: the recipe's list as it is."""
-    p = recipe.peft
     all_linear = p.target_modules == ["all-linear"]
     if not is_vl(model):
-        check_train_vision(recipe, getattr(model.config, "model_type", "?"))
+        check_train_vision(p.train_vision, getattr(model.config, "model_type", "?"))
         return "all-linear" if all_linear else list(p.target_modules)
     if all_linear:
         language = rf".*language_model.*\.({'|'.join(LM_LINEARS)})"
@@ -185,11 +176,10 @@ def keep_vision_in_compute_dtype(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = None):
+def lora_config(p: PeftSection, model, trainable_token_ids: list[int] | None = None):
     from peft import LoraConfig
 
-    p = recipe.peft
-    targets = lora_targets(recipe, model)
+    targets = lora_targets(p, model)
     token_indices = None
     whole = [layer for layer in ("embed_tokens", "lm_head") if layer in p.modules_to_save]  # trained in full
     head = model.get_output_embeddings()
@@ -214,20 +204,21 @@ def lora_config(recipe: Recipe, model, trainable_token_ids: list[int] | None = N
     )
 
 
-def _prepare_for_adapter(recipe: Recipe, model):
-    """k-bit preparation (QLoRA) and non-reentrant gradient checkpointing, before PEFT wraps the model."""
+def _prepare_for_adapter(model, quant, gradient_checkpointing: bool):
+    """k-bit preparation (QLoRA: `quant` is not None) and non-reentrant gradient checkpointing, before PEFT wraps
+    the model."""
     from peft import prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}
-    if recipe.peft.method == "qlora":
+    if quant is not None:
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
-        keep_vision_in_compute_dtype(model, _DTYPES[recipe.peft.quant.compute_dtype])
+        keep_vision_in_compute_dtype(model, quant.compute_torch_dtype)
         return model
-    if recipe.training.gradient_checkpointing:
+    if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
         else:
@@ -236,23 +227,30 @@ def _prepare_for_adapter(recipe: Recipe, model):
     return model
 
 
-def add_adapter(recipe: Recipe, model, trainable_token_ids: list[int] | None = None):
-    """Wrap the base in a PEFT LoRA model (QLoRA: after k-bit preparation)."""
+def add_adapter(
+    peft: PeftSection,
+    model,
+    trainable_token_ids: list[int] | None = None,
+    *,
+    quant=None,
+    gradient_checkpointing: bool = True,
+):
+    """Wrap the base in a PEFT LoRA model (QLoRA, `quant` given: after k-bit preparation)."""
     from peft import get_peft_model
 
-    model = _prepare_for_adapter(recipe, model)
-    peft_model = get_peft_model(model, lora_config(recipe, model, trainable_token_ids))
+    model = _prepare_for_adapter(model, quant, gradient_checkpointing)
+    peft_model = get_peft_model(model, lora_config(peft, model, trainable_token_ids))
     patch_output_bias(peft_model)
     return peft_model
 
 
-def load_adapter_for_training(recipe: Recipe, model, adapter_dir: Path):
+def load_adapter_for_training(model, adapter_dir: Path, *, quant=None, gradient_checkpointing: bool = True):
     """Continue training an existing adapter (e.g. DPO after SFT), prepared exactly like a fresh one."""
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QwentuneError("not an adapter dir (no adapter_config.json)", where=str(adapter_dir))
-    model = _prepare_for_adapter(recipe, model)
+    model = _prepare_for_adapter(model, quant, gradient_checkpointing)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     patch_output_bias(peft_model)
     return peft_model

@@ -12,12 +12,11 @@ from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
 
+from .export import QuantSpec, merge_adapter, write_train_sidecar
 from .logs import _cuda, is_main_process, log, process_state
 from .model import Precision
 from .recipe import Recipe
 from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir
-
-ADAPTER_SIDECAR = "qwentune_train.json"
 
 
 @dataclass
@@ -128,12 +127,12 @@ def _finite(x: Any) -> bool:
 
 
 def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
-    """adapter/ in PEFT format plus qwentune_train.json (how it was trained; the merge reads it). Atomic."""
+    """adapter/ in PEFT format plus qwentune_train.json (`sidecar`: write_train_sidecar's arguments). Atomic."""
     target = run_dir / "adapter"
     tmp = make_staging_dir(run_dir, ".adapter.tmp-")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(tmp / ADAPTER_SIDECAR, sidecar)
+        write_train_sidecar(tmp, **sidecar)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -175,7 +174,7 @@ def start_run(recipe: Recipe) -> RunStart:
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
-    tokenizer = load_tokenizer(source.path, recipe)
+    tokenizer = load_tokenizer(source.path, recipe.model)
     data = prepare_data(recipe, tokenizer, images=image_settings(source.path, recipe, tokenizer))
     tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
     reports = [r.to_dict() for r in data.reports]
@@ -185,28 +184,20 @@ def start_run(recipe: Recipe) -> RunStart:
 
 
 def adapter_sidecar(recipe: Recipe, source, template, precision: Precision) -> dict[str, Any]:
-    """How the adapter was trained: the merge needs the base, the 4-bit settings (if any) and the template."""
-    quant = None
-    if recipe.peft.method == "qlora":
-        q = recipe.peft.quant
-        quant = {
-            "bits": q.bits,
-            "quant_type": q.quant_type,
-            "double_quant": q.double_quant,
-            "compute_dtype": q.compute_dtype,
-        }
+    """How the adapter was trained, as `write_train_sidecar`'s arguments: the merge needs the base, the 4-bit
+    settings (if any), the template and (Qwen2-VL) the pixel limits."""
     return {
-        "base_model": recipe.model.source,
-        "base_path": str(source.path),
-        "method": recipe.method,
-        "peft": recipe.peft.method,
-        "precision": precision.name,
-        "quantization": quant,
-        "template": template.name,
+        "quantization": QuantSpec.for_peft(recipe.peft),
         "chat_template": template.text,
-        # Qwen2-VL: the recipe's pixel limits go into the merged image-processor config (the merge reads them here;
-        # unset ones are left out there)
         "image_processor": {"min_pixels": recipe.model.min_pixels, "max_pixels": recipe.model.max_pixels},
+        "run_facts": {
+            "base_model": recipe.model.source,
+            "base_path": str(source.path),
+            "method": recipe.method,
+            "peft": recipe.peft.method,
+            "precision": precision.name,
+            "template": template.name,
+        },
     }
 
 
@@ -232,8 +223,6 @@ def finish_run(
         tokenizer.save_pretrained(result.adapter_dir)
         plot_losses(run_dir)
         if recipe.output.merge:
-            from .export import merge_adapter
-
             merged = merge_adapter(
                 result.adapter_dir,
                 run_dir / "merged",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers import set_seed
 
 from .errors import QwentuneError
+from .export import QuantSpec
 from .logs import is_main_process, log
 from .model import add_adapter, load_base_model, resolve_precision
 from .recipe import Recipe
@@ -39,11 +40,14 @@ def train_sft(recipe: Recipe) -> TrainResult:
     def text_ids(row: dict) -> list[int]:  # the merge's parity rows are text: no pixels there
         return row["input_ids"] if data.images is None else text_only(row["input_ids"], data.images)
 
-    precision = resolve_precision(recipe)
+    precision = resolve_precision(recipe.model, recipe.training)
+    quant = QuantSpec.for_peft(recipe.peft)  # None for LoRA
     set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process
-    model = load_base_model(recipe, source.path, precision)
+    model = load_base_model(recipe.model, source.path, precision, quant=quant, train_vision=recipe.peft.train_vision)
     new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
-    model = add_adapter(recipe, model, new_tokens.ids)
+    model = add_adapter(
+        recipe.peft, model, new_tokens.ids, quant=quant, gradient_checkpointing=recipe.training.gradient_checkpointing
+    )
     if is_main_process():
         model.print_trainable_parameters()
 

@@ -33,7 +33,7 @@ def _template(recipe: Recipe, model_dir: Path | None):
             return None
         from .model import load_tokenizer
 
-        return load_template(spec, load_tokenizer(model_dir, recipe))
+        return load_template(spec, load_tokenizer(model_dir, recipe.model))
     return load_template(str(_template_path(recipe, spec)), None)
 
 
@@ -120,7 +120,7 @@ def _vision_lines(recipe: Recipe, model_dir: Path | None) -> list[str]:
     from .model import check_train_vision
 
     model_type = json.loads(config.read_text()).get("model_type", "?")
-    check_train_vision(recipe, model_type, where=str(recipe.path or "recipe"))
+    check_train_vision(recipe.peft.train_vision, model_type, where=str(recipe.path or "recipe"))
     if not is_vl(model_type):
         return []
     return [f"vision: train_vision {recipe.peft.train_vision}"]

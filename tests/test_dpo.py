@@ -190,13 +190,13 @@ def test_4bit_layers_stay_differentiable_after_an_evaluation(tmp_path):
     """bitsandbytes repacks a 4-bit weight for a CPU bf16 kernel without autograd at its first eval-mode forward
     without grad (on AVX512-BF16 CPUs), then trains through it; qwentune keeps the differentiable path."""
     import bitsandbytes as bnb
+    from recipe_models import base_from_recipe
 
-    from qwentune.model import load_base_model
     from qwentune.recipe import load_recipe
 
     model_dir = tiny_model_dir(tmp_path)
     recipe = load_recipe(dpo_recipe(model_dir, tmp_path / "run", peft={"method": "qlora"}))
-    model = load_base_model(recipe, model_dir).eval()
+    model = base_from_recipe(recipe, model_dir).eval()
     with torch.no_grad():
         model(torch.tensor([[151644, 872, 198, 9707, 151645]]))  # what an eval before training does
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

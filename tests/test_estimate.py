@@ -157,7 +157,7 @@ def saved_tensor_bytes(model, input_ids, attention_mask, autocast: bool) -> int:
 def test_activation_formula_equals_the_tensors_autograd_saves(regime, batch, mid_model_dir):
     """Byte for byte: one row without padding, and two rows with padding (the estimate assumes padding whenever a
     micro-batch holds several rows; then SDPA gets k/v repeated to every head and a float mask per layer)."""
-    from qwentune.model import add_adapter, load_base_model, resolve_precision
+    from recipe_models import adapter_from_recipe, base_from_recipe
 
     peft, training = REGIMES[regime]
     length = 48
@@ -168,7 +168,7 @@ def test_activation_formula_equals_the_tensors_autograd_saves(regime, batch, mid
         data={"max_length": length},
     )
     torch.manual_seed(0)
-    model = add_adapter(recipe, load_base_model(recipe, mid_model_dir, resolve_precision(recipe)))
+    model = adapter_from_recipe(recipe, base_from_recipe(recipe, mid_model_dir))
     model.train()
     ids = torch.randint(0, 500, (batch, length))
     mask = torch.ones(batch, length, dtype=torch.long)
@@ -338,13 +338,13 @@ def test_estimate_is_within_20_percent_on_the_real_model(tmp_path):
 
 @pytest.mark.parametrize("train_vision", ["off", "merger", "all"])
 def test_vl_lora_parameters_equal_peft_count_and_qlora_keeps_the_vision_tower_unquantized(tmp_path, train_vision):
-    from qwentune.model import add_adapter, load_base_model
+    from recipe_models import adapter_from_recipe, base_from_recipe
 
     model_dir = tiny_model_dir(tmp_path, "qwen2-vl-2b-instruct")
     peft = {"method": "lora", "r": 4, "train_new_tokens": "off", "train_vision": train_vision}
     recipe = recipe_for(str(model_dir), peft=peft, training={"precision": "fp32"})
     lora_line = next(line for line in estimate(recipe).lines if line.name.startswith("LoRA parameters"))
-    model = add_adapter(recipe, load_base_model(recipe, model_dir))
+    model = adapter_from_recipe(recipe, base_from_recipe(recipe, model_dir))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora_line.bytes == 4 * trainable
 

@@ -10,19 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_oracle import merge_model_in_memory
 from safetensors import safe_open
 
 from qwentune.errors import QwentuneError
 from qwentune.export import (
+    HALF_TOLERANCE_ABS,
     SIDECAR_NAME,
     QuantSpec,
     merge_adapter,
-    merge_model_in_memory,
     read_train_sidecar,
     write_train_sidecar,
 )
+from qwentune.export.adapter import KeyIndex
+from qwentune.export.checkpoint import meta_skeleton
+from qwentune.export.parity import logits_of
+from qwentune.export.quant import quant_roundtrip, quantized_module_names
+from qwentune.export.shards import ShardWriter
 
-merge_mod = importlib.import_module("qwentune.export")
+parity_mod = importlib.import_module("qwentune.export.parity")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -164,7 +170,7 @@ def test_bf16_base_stays_bf16(tmp_path):
     result = merge_adapter(adapter, tmp_path / "out", parity_input_ids=ROWS)
     assert set(keys_of(tmp_path / "out").values()) == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert result.tolerance >= merge_mod.HALF_TOLERANCE_ABS
+    assert result.tolerance >= HALF_TOLERANCE_ABS
     assert result.max_abs_diff < result.tolerance
 
 
@@ -331,8 +337,8 @@ def test_fp32_compute_of_a_bf16_model_equals_its_fp32_copy(tmp_path):
     adapter = make_adapter(
         tmp_path / "adapter", base, model=load(base, torch.float32), use_dora=True, trainable_token_indices=[5]
     )
-    held = merge_mod._logits(peft_model(base, adapter, torch.bfloat16), ROWS)
-    full = merge_mod._logits(peft_model(base, adapter, torch.float32), ROWS)
+    held = logits_of(peft_model(base, adapter, torch.bfloat16), ROWS)
+    full = logits_of(peft_model(base, adapter, torch.float32), ROWS)
     assert maxdiff(held, full) < 1e-5
     assert maxdiff(full, logits(peft_model(base, adapter, torch.float32))) < 1e-5  # batching rows changes nothing
 
@@ -340,7 +346,7 @@ def test_fp32_compute_of_a_bf16_model_equals_its_fp32_copy(tmp_path):
 def test_parity_memory_check_refuses_before_writing(tmp_path, monkeypatch):
     base = make_base(tmp_path / "base")
     adapter = make_adapter(tmp_path / "adapter", base)
-    monkeypatch.setattr(merge_mod, "_available_memory", lambda: 10 << 20)
+    monkeypatch.setattr(parity_mod, "available_memory", lambda: 10 << 20)
     with pytest.raises(QwentuneError, match="check_parity=False"):
         merge_adapter(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -395,9 +401,9 @@ def test_quant_roundtrip_is_what_bitsandbytes_loads(tmp_path):
     for name, module in model4.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             expected = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-            got = merge_mod._quant_roundtrip(full.get_submodule(name).weight.data, spec, torch.bfloat16)
+            got = quant_roundtrip(full.get_submodule(name).weight.data, spec, torch.bfloat16)
             assert torch.equal(got, expected), name
-    names = merge_mod._quantized_module_names(merge_mod._skeleton(base), spec)
+    names = quantized_module_names(meta_skeleton(base), spec)
     assert set(names) == {n for n, m in model4.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
@@ -498,7 +504,7 @@ def test_crash_mid_save_leaves_previous_target_intact(tmp_path, monkeypatch):
 
     adapter2 = make_adapter(tmp_path / "adapter2", base, seed=7)
     calls = {"n": 0}
-    real = merge_mod._ShardWriter.write
+    real = ShardWriter.write
 
     def flaky(self, key, tensor):
         calls["n"] += 1
@@ -506,14 +512,14 @@ def test_crash_mid_save_leaves_previous_target_intact(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         real(self, key, tensor)
 
-    monkeypatch.setattr(merge_mod._ShardWriter, "write", flaky)
+    monkeypatch.setattr(ShardWriter, "write", flaky)
     with pytest.raises(OSError, match="simulated"):
         merge_adapter(adapter2, out, parity_input_ids=ROWS)
     assert calls["n"] == 12
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
-    monkeypatch.setattr(merge_mod._ShardWriter, "write", real)  # and a successful run replaces it
+    monkeypatch.setattr(ShardWriter, "write", real)  # and a successful run replaces it
     merge_adapter(adapter2, out, parity_input_ids=ROWS)
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -595,7 +601,7 @@ def test_qwen2_vl_nested_layout(tmp_path):
 
 
 def test_key_index_suffix_matching():
-    index = merge_mod._KeyIndex(
+    index = KeyIndex(
         [
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.1.self_attn.q_proj.weight",

@@ -118,6 +118,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, method):
 
 def test_each_rank_puts_its_4bit_model_on_its_own_gpu(monkeypatch, tmp_path):
     from qwentune import model
+    from qwentune.export import QuantSpec
     from qwentune.recipe import load_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -144,7 +145,12 @@ def test_each_rank_puts_its_4bit_model_on_its_own_gpu(monkeypatch, tmp_path):
         {"model": {"source": str(tiny_model_dir(tmp_path))}, "data": {"train": "x.jsonl"}, "peft": {"method": "qlora"}}
     )
     with pytest.raises(Stop):
-        model.load_base_model(recipe, Path(recipe.model.source), model.Precision(torch.bfloat16, True, False))
+        model.load_base_model(
+            recipe.model,
+            Path(recipe.model.source),
+            model.Precision(torch.bfloat16, True, False),
+            quant=QuantSpec.for_peft(recipe.peft),
+        )
     assert seen["device_map"] == {"": 3}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

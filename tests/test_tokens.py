@@ -239,12 +239,12 @@ def test_auto_starts_flagged_rows_from_their_text_in_sft_only(tmp_path, broken, 
 def test_lora_config_trains_the_rows_of_both_layers_unless_trained_whole(tmp_path):
     tied = load(tiny_model_dir(tmp_path))
     recipe = bare_recipe()
-    assert lora_config(recipe, tied, [TC]).trainable_token_indices == {"embed_tokens": [TC], "lm_head": [TC]}
-    assert lora_config(recipe, tied, []).trainable_token_indices is None
+    assert lora_config(recipe.peft, tied, [TC]).trainable_token_indices == {"embed_tokens": [TC], "lm_head": [TC]}
+    assert lora_config(recipe.peft, tied, []).trainable_token_indices is None
     whole = bare_recipe(modules_to_save=["lm_head"])
-    assert lora_config(whole, tied, [TC]).trainable_token_indices is None  # one shared matrix, trained in full
+    assert lora_config(whole.peft, tied, [TC]).trainable_token_indices is None  # one shared matrix, trained in full
     untied = load(tiny_model_dir(tmp_path / "untied", UNTIED))
-    assert lora_config(whole, untied, [TC]).trainable_token_indices == {"embed_tokens": [TC]}
+    assert lora_config(whole.peft, untied, [TC]).trainable_token_indices == {"embed_tokens": [TC]}
 
 
 # --- TRL's fused LM head and PEFT's trainable-token wrapper -----------------------------------------------------
@@ -260,7 +260,7 @@ def test_patch_output_bias_lets_trls_fused_head_run_on_trainable_tokens(tmp_path
     base = load(tiny_model_dir(tmp_path))
     add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # exactly as SFTTrainer does
     recipe = bare_recipe()
-    peft_model = get_peft_model(base, lora_config(recipe, base, [TC, ETC]))
+    peft_model = get_peft_model(base, lora_config(recipe.peft, base, [TC, ETC]))
     assert isinstance(peft_model.get_output_embeddings(), TrainableTokensWrapper)
     ids = torch.tensor([[IMS, 77091, 198, TC, 4913, ETC, IM_END]])
     labels = torch.tensor([[-100, -100, -100, TC, 4913, ETC, IM_END]])

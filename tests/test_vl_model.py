@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_oracle import merge_model_in_memory
+from recipe_models import adapter_from_recipe, base_from_recipe
 from tiny_models import template_text, tiny_model_dir
 
 from qwentune.errors import QwentuneError
-from qwentune.export import merge_adapter, merge_model_in_memory, write_train_sidecar
-from qwentune.model import add_adapter, load_base_model, lora_targets, resolve_precision
+from qwentune.export import merge_adapter, write_train_sidecar
+from qwentune.model import lora_targets
 from qwentune.recipe import load_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -54,9 +56,9 @@ def recipe(model_dir: Path, **peft_keys):
 def adapted(model_dir: Path, **peft_keys):
     """Base loaded and wrapped exactly as training does (k-bit preparation, gradient checkpointing, PEFT)."""
     r = recipe(model_dir, **peft_keys)
-    base = load_base_model(r, model_dir, resolve_precision(r))
+    base = base_from_recipe(r, model_dir)
     torch.manual_seed(0)  # LoRA A's random init: the same whatever ran before in this process
-    return add_adapter(r, base)
+    return adapter_from_recipe(r, base)
 
 
 def lora_modules(pm) -> set[str]:
@@ -119,7 +121,7 @@ def test_train_vision_refused_on_a_text_model(tmp_path):
     text_dir = tiny_model_dir(tmp_path)
     r = recipe(text_dir, train_vision="all")
     with pytest.raises(QwentuneError, match="no vision tower"):
-        load_base_model(r, text_dir)
+        base_from_recipe(r, text_dir)
     from qwentune.validate import _vision_lines
 
     with pytest.raises(QwentuneError, match="train_vision"):
@@ -161,7 +163,7 @@ def test_explicit_target_modules_stay_in_the_language_model(tmp_path):
         f"model.language_model.layers.{i}.self_attn.{name}" for i in range(2) for name in ("q_proj", "v_proj")
     } | {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"}
     with pytest.raises(QwentuneError, match=r"vision-tower modules \['qkv'\]"):
-        lora_targets(recipe(model_dir, target_modules=["q_proj", "qkv"]), pm.get_base_model())
+        lora_targets(recipe(model_dir, target_modules=["q_proj", "qkv"]).peft, pm.get_base_model())
 
 
 # ------------------------------------------------------------------------------------------------ QLoRA

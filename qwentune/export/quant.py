@@ -1,0 +1,205 @@
+"""The 4-bit settings (`QuantSpec`, the one form built from the recipe's `QuantSection`) and the 4-bit round trip.
+
+A ``qlora-dequantized`` merge quantizes every weight transformers would have made `Linear4bit` exactly as training
+did (bitsandbytes nf4/fp4, optional double quant, from the dtype the weights were loaded in) and dequantizes it back,
+so the delta is added to the weights the 4-bit layers computed with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import QwentuneError, did_you_mean
+from ..recipe import PeftSection, QuantSection
+from ..shapes import quant_skip_modules
+
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base was quantized for QLoRA training (the sidecar's ``quantization`` block)."""
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    blocksize: int = 64
+    load_dtype: str | None = None
+    skip_modules: tuple[str, ...] | None = None
+
+    _KEYS = ("bits", "quant_type", "double_quant", "compute_dtype", "blocksize", "load_dtype", "skip_modules")
+
+    @classmethod
+    def from_section(cls, section: QuantSection) -> QuantSpec:
+        """The recipe's `peft.quant` (already validated by the recipe schema)."""
+        return cls(section.bits, section.quant_type, section.double_quant, section.compute_dtype)
+
+    @classmethod
+    def for_peft(cls, peft: PeftSection) -> QuantSpec | None:
+        """The 4-bit settings a recipe trains with: its `peft.quant` for QLoRA, None for LoRA."""
+        return cls.from_section(peft.quant) if peft.method == "qlora" else None
+
+    def bnb_config(self, skip_modules: list[str] | None):
+        """The `transformers.BitsAndBytesConfig` that loads a base quantized with these settings."""
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES[self.compute_dtype]
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,  # lets FSDP shard the packed 4-bit weights alongside the bf16 ones
+            llm_int8_skip_modules=skip_modules,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "quantization") -> QuantSpec:
+        if isinstance(data, QuantSpec):
+            return data
+        if not isinstance(data, dict):
+            raise QwentuneError(f"expected an object, got {type(data).__name__}", where=where)
+        for key in data:
+            if key not in cls._KEYS:
+                raise QwentuneError(f"unknown key '{key}'", where=where, hint=did_you_mean(key, cls._KEYS))
+        bits = data.get("bits", 4)
+        if bits != 4:
+            raise QwentuneError(
+                f"bits={bits!r} is not supported", where=where, hint="only 4-bit (bitsandbytes nf4/fp4) QLoRA merges"
+            )
+        quant_type = data.get("quant_type", "nf4")
+        if quant_type not in ("nf4", "fp4"):
+            raise QwentuneError(f"quant_type={quant_type!r}", where=where, hint="use 'nf4' or 'fp4'")
+        double_quant = data.get("double_quant", True)
+        if not isinstance(double_quant, bool):
+            raise QwentuneError("double_quant must be true or false", where=where)
+        compute_dtype = dtype_name(data.get("compute_dtype", "bfloat16"), where=f"{where}.compute_dtype")
+        load_dtype = data.get("load_dtype")
+        if load_dtype is not None:
+            load_dtype = dtype_name(load_dtype, where=f"{where}.load_dtype")
+        blocksize = data.get("blocksize", 64)
+        if not isinstance(blocksize, int) or blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise QwentuneError(f"blocksize={blocksize!r}", where=where, hint="bitsandbytes uses 64 by default")
+        skip = data.get("skip_modules")
+        if skip is not None:
+            if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
+                raise QwentuneError("skip_modules must be a list of module names", where=where)
+            skip = tuple(skip)
+        return cls(4, quant_type, double_quant, compute_dtype, blocksize, load_dtype, skip)
+
+    @classmethod
+    def from_bnb_config(cls, qc: Any) -> QuantSpec:
+        """From a `transformers.BitsAndBytesConfig` (a 4-bit model's ``config.quantization_config``)."""
+        if isinstance(qc, dict):
+            get = qc.get
+        else:
+
+            def get(key, default=None):
+                return getattr(qc, key, default)
+
+        if not get("load_in_4bit", False):
+            raise QwentuneError(
+                "the model is quantized but not with bitsandbytes 4-bit", hint="only 4-bit (nf4/fp4) QLoRA merges"
+            )
+        compute = get("bnb_4bit_compute_dtype", "float32") or "float32"
+        skip = get("llm_int8_skip_modules", None)
+        return cls.from_dict(
+            {
+                "bits": 4,
+                "quant_type": get("bnb_4bit_quant_type", "fp4"),
+                "double_quant": bool(get("bnb_4bit_use_double_quant", False)),
+                "compute_dtype": dtype_name(compute, where="quantization_config"),
+                "skip_modules": list(skip) if skip else None,
+            }
+        )
+
+    @property
+    def compute_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the base weights had when bitsandbytes quantized them: ``load_dtype``, else the compute dtype
+        (qwentune's trainer, like most QLoRA recipes, loads the base in the compute dtype)."""
+        return DTYPES[self.load_dtype or self.compute_dtype]
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": self.bits,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+            "blocksize": self.blocksize,
+            "load_dtype": self.load_dtype,
+            "skip_modules": list(self.skip_modules) if self.skip_modules is not None else None,
+        }
+
+
+def dtype_name(value: Any, *, where: str) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return str(DTYPES[value.removeprefix("torch.")]).removeprefix("torch.")
+    raise QwentuneError(f"unknown dtype {value!r}", where=where, hint="use float32, bfloat16 or float16")
+
+
+def quant_roundtrip(weight: torch.Tensor, spec: QuantSpec, load_dtype: torch.dtype) -> torch.Tensor:
+    """The weight a bitsandbytes Linear4bit built from `weight` computes with, in fp32."""
+    import bitsandbytes.functional as bnbf
+
+    w = weight.to(load_dtype).contiguous()
+    qweight, state = bnbf.quantize_4bit(
+        w,
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.quant_type,
+        quant_storage=torch.uint8,
+    )
+    return bnbf.dequantize_4bit(qweight, state).to(torch.float32)
+
+
+def quantized_module_names(skeleton: Any, spec: QuantSpec) -> list[str]:
+    """Names of the nn.Linear modules transformers replaces by bnb Linear4bit when loading with this config."""
+    from torch import nn
+
+    try:
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = _skip_modules(skeleton, spec)
+        not_convert = HfQuantizer.get_modules_to_not_convert(skeleton, skip, skeleton._keep_in_fp32_modules)
+    except (ImportError, AttributeError):  # older/newer transformers: fall back to the documented default
+        out = skeleton.get_output_embeddings()
+        not_convert = [n for n, m in skeleton.named_modules() if m is out] + list(_skip_modules(skeleton, spec) or [])
+
+        def should_convert_module(name, patterns):
+            return not any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+    return [
+        name
+        for name, module in skeleton.named_modules()
+        if type(module) is nn.Linear and should_convert_module(name, not_convert)
+    ]
+
+
+def _skip_modules(skeleton: Any, spec: QuantSpec) -> list[str] | None:
+    """The quantization's `llm_int8_skip_modules`: the sidecar's, else what qwentune's trainer passes for this model
+    type (Qwen2-VL: the vision tower and lm_head stay unquantized), else None (transformers' default)."""
+    if spec.skip_modules is not None:
+        return list(spec.skip_modules)
+    return quant_skip_modules(skeleton.config)
+
+
+def dequantize_modules_inplace(model: Any, names: list[str], spec: QuantSpec, load_dtype: torch.dtype) -> None:
+    for name in names:
+        module = model.get_submodule(name)
+        module.weight.data = quant_roundtrip(module.weight.data, spec, load_dtype).to(module.weight.dtype)
