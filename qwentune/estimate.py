@@ -282,8 +282,7 @@ def estimate(
     `seq_len` (default data.max_length): padded tokens per row; `trained_tokens` (default all of them): positions per
     micro-batch whose label is trained (TRL's head projects only those)."""
     s = shape or model_shape(recipe.model.source)
-    t, p = recipe.training, recipe.peft
-    q = QuantSpec.from_section(p.quant)  # the 4-bit facts (the uncounted QLoRA line needs them for LoRA too)
+    t, p, q = recipe.training, recipe.peft, QuantSpec.from_section(recipe.peft.quant)  # q: the 4-bit facts
     qlora = p.method == "qlora"
     precision = t.precision
     if precision == "auto":

@@ -76,7 +76,7 @@ def merge_model_in_memory(
         if quantization is None:
             if qc is None:
                 raise QwentuneError("4-bit layers but no quantization_config", hint="pass quantization={...}")
-            spec = QuantSpec.from_bnb_config(qc)
+            spec = spec_from_bnb_config(qc)
             load_dtype = quantized_from_dtype(inner)
             if load_dtype is not None:
                 spec = QuantSpec(**{**spec.__dict__, "load_dtype": dtype_name(load_dtype, where="model")})
@@ -149,3 +149,29 @@ def quantized_from_dtype(model: Any) -> torch.dtype | None:
             return state.dtype
     emb_weight = getattr(innermost(model.get_input_embeddings()), "weight", None)
     return emb_weight.dtype if emb_weight is not None and emb_weight.dtype in DTYPES.values() else None
+
+
+def spec_from_bnb_config(qc: Any) -> QuantSpec:
+    """From a `transformers.BitsAndBytesConfig` (a 4-bit model's ``config.quantization_config``)."""
+    if isinstance(qc, dict):
+        get = qc.get
+    else:
+
+        def get(key, default=None):
+            return getattr(qc, key, default)
+
+    if not get("load_in_4bit", False):
+        raise QwentuneError(
+            "the model is quantized but not with bitsandbytes 4-bit", hint="only 4-bit (nf4/fp4) QLoRA merges"
+        )
+    compute = get("bnb_4bit_compute_dtype", "float32") or "float32"
+    skip = get("llm_int8_skip_modules", None)
+    return QuantSpec.from_dict(
+        {
+            "bits": 4,
+            "quant_type": get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(get("bnb_4bit_use_double_quant", False)),
+            "compute_dtype": dtype_name(compute, where="quantization_config"),
+            "skip_modules": list(skip) if skip else None,
+        }
+    )

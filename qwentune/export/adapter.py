@@ -14,8 +14,6 @@ import torch
 from ..errors import QwentuneError
 
 _PEFT_PREFIX = "base_model.model."
-
-
 # LoraConfig fields that change what the adapter computes in ways the streaming merge does not implement.
 _UNSUPPORTED_STREAMING = {
     "use_qalora": "QA-LoRA",
@@ -28,8 +26,6 @@ _UNSUPPORTED_STREAMING = {
     "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA",
 }
-
-
 # init_lora_weights values that rewrite the base weights at init: the adapter only makes sense on that residual base.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
@@ -68,14 +64,8 @@ _LORA_KEY = re.compile(
     r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
     r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$"
 )
-
-
 _TT_KEY = re.compile(r"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta$")
-
-
 _BASE_LAYER_KEY = re.compile(r"^(?P<mod>.+)\.base_layer\.(?P<param>weight|bias)$")
-
-
 _FULL_KEY = re.compile(r"^(?P<mod>.+)\.(?P<param>weight|bias)$")
 
 

@@ -11,11 +11,7 @@ from ..errors import QwentuneError
 from .quant import QuantSpec
 
 MODE_LORA = "lora"
-
-
 MODE_QLORA_DEQUANTIZED = "qlora-dequantized"
-
-
 MODE_QLORA_ORIGINAL = "qlora-original-base"
 
 

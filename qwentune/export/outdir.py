@@ -21,17 +21,9 @@ from .checkpoint import read_json, text_config
 from .job import MergeJob, MergeResult
 
 REPORT_NAME = "merge_report.json"
-
-
 IM_END = "<|im_end|>"
-
-
 ENDOFTEXT = "<|endoftext|>"
-
-
 QWEN_EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
-
-
 _AUX_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 

@@ -21,11 +21,7 @@ from .job import MODE_QLORA_DEQUANTIZED, MergeJob
 from .shards import BaseCheckpoint, ShardReader
 
 FP32_TOLERANCE = 1e-3
-
-
 HALF_TOLERANCE_ABS = 0.05
-
-
 HALF_TOLERANCE_REL = 0.02
 
 

@@ -26,7 +26,14 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How the base was quantized for QLoRA training (the sidecar's ``quantization`` block)."""
+    """How the base was quantized for QLoRA training: the one form of the 4-bit settings. Built from the recipe
+    (`from_section`), it makes the `BitsAndBytesConfig` training loads with (`bnb_config`), the sidecar's
+    ``quantization`` block (`to_dict` / `from_dict`) and the estimate's 4-bit facts.
+
+    ``bits``: only 4 merges (bitsandbytes Linear4bit); ``quant_type``: nf4 | fp4; ``double_quant``; ``compute_dtype``;
+    ``blocksize`` (bitsandbytes' default 64); ``load_dtype``: the dtype the base was loaded in before quantizing
+    (None: the compute dtype, as qwentune's trainer loads it); ``skip_modules``: ``llm_int8_skip_modules`` used in
+    training (None: qwentune's, `shapes.quant_skip_modules`)."""
 
     bits: int = 4
     quant_type: str = "nf4"
@@ -95,32 +102,6 @@ class QuantSpec:
                 raise QwentuneError("skip_modules must be a list of module names", where=where)
             skip = tuple(skip)
         return cls(4, quant_type, double_quant, compute_dtype, blocksize, load_dtype, skip)
-
-    @classmethod
-    def from_bnb_config(cls, qc: Any) -> QuantSpec:
-        """From a `transformers.BitsAndBytesConfig` (a 4-bit model's ``config.quantization_config``)."""
-        if isinstance(qc, dict):
-            get = qc.get
-        else:
-
-            def get(key, default=None):
-                return getattr(qc, key, default)
-
-        if not get("load_in_4bit", False):
-            raise QwentuneError(
-                "the model is quantized but not with bitsandbytes 4-bit", hint="only 4-bit (nf4/fp4) QLoRA merges"
-            )
-        compute = get("bnb_4bit_compute_dtype", "float32") or "float32"
-        skip = get("llm_int8_skip_modules", None)
-        return cls.from_dict(
-            {
-                "bits": 4,
-                "quant_type": get("bnb_4bit_quant_type", "fp4"),
-                "double_quant": bool(get("bnb_4bit_use_double_quant", False)),
-                "compute_dtype": dtype_name(compute, where="quantization_config"),
-                "skip_modules": list(skip) if skip else None,
-            }
-        )
 
     @property
     def compute_torch_dtype(self) -> torch.dtype:

@@ -1,7 +1,5 @@
-"""safetensors shards read and written one tensor at a time, and the base checkpoint's shard layout.
-
-Hand-written because `safetensors` reads via mmap and writes whole dicts: the streaming merge must hold about one
-tensor (plus its fp32 work copy) besides the adapter, so a 7B model merges on a 24 GiB machine."""
+"""safetensors shards read and written one tensor at a time (plain file I/O: no mmap, no whole-shard buffers), so
+the streaming merge holds about one tensor besides the adapter; and the base checkpoint's shard layout."""
 
 from __future__ import annotations
 
@@ -18,8 +16,6 @@ import torch
 from ..errors import QwentuneError
 from .checkpoint import read_json
 
-# Shards are read and written one tensor at a time with plain file I/O (no mmap, no whole-shard buffers), so the
-# streaming merge holds about one tensor (plus its fp32 work copy) besides the adapter.
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -32,13 +28,14 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class ShardReader:
-    """Reads a safetensors file tensor by tensor into fresh memory."""
+    """Reads a safetensors file tensor by tensor into fresh memory.
+
+    By hand: `safetensors.safe_open` maps the whole file, and the mapped pages of a big shard count against the
+    merge's memory; plain reads keep it at one tensor."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -89,7 +86,9 @@ class ShardReader:
 
 
 class ShardWriter:
-    """Writes a safetensors file whose tensors (name, dtype, shape) are known up front, one tensor at a time."""
+    """Writes a safetensors file whose tensors (name, dtype, shape) are known up front, one tensor at a time.
+
+    By hand: `safetensors.torch.save_file` takes the whole dict of tensors at once, i.e. a whole shard in memory."""
 
     def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         if sys.byteorder != "little":  # safetensors stores little-endian data
