@@ -117,6 +117,15 @@ def cmd_chat(args) -> int:
     )
 
 
+def cmd_push(args) -> int:
+    from .push import push
+
+    plan = push(args.target, args.repo_id, private=args.private, adapter_only=args.adapter_only, dry_run=args.dry_run)
+    if args.dry_run:
+        print(plan.render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwentune",
@@ -184,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--prompt", default=None, help="one message, print the reply and exit")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "push",
+        help="upload a run's merged model (or adapter) with its model card to the Hugging Face Hub",
+        description="Token from HF_TOKEN or `hf auth login`; never printed. --dry-run lists the files and the card.",
+    )
+    p.add_argument("target", metavar="RUN_OR_MODEL_DIR")
+    p.add_argument("repo_id", metavar="OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--adapter-only", action="store_true", help="upload the run's adapter/ instead of merged/")
+    p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; upload nothing")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

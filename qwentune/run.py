@@ -172,6 +172,11 @@ def start_run(recipe: Recipe) -> RunStart:
     from .vision import image_settings
 
     checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
+    if recipe.output.push_to_hub:  # a missing token must stop the run before training, not after
+        from .push import check_repo_id, require_token
+
+        check_repo_id(recipe.output.push_to_hub, where="output.push_to_hub")
+        require_token()
     run_dir = prepare_run_dir(recipe, is_main=is_main_process())
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
@@ -270,6 +275,10 @@ def finish_run(
                     + metrics["sample"]["completion"]
                 )
         atomic_write_json(run_dir / "metrics.json", _plain(metrics))
+        if recipe.output.push_to_hub and result.merged_dir is not None:
+            from .push import push_after_training
+
+            push_after_training(run_dir, recipe.output.push_to_hub)
     trainer.accelerator.wait_for_everyone()
     return result
 
