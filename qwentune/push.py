@@ -80,8 +80,9 @@ def require_token() -> str:
     return token
 
 
-def _folder_and_card(target: Path, adapter_only: bool) -> tuple[Path, str | None]:
-    """(the folder to upload, the card to put as README.md; None: keep the folder's own README.md)."""
+def _folder_and_card(target: Path, adapter_only: bool) -> tuple[Path, str | None, str | None]:
+    """(the folder to upload, the card to put as README.md (None: keep the folder's own README.md), the base as the
+    user wrote it when known)."""
     if not target.is_dir():
         raise QwentuneError("no such directory", where=str(target), hint="pass a training run dir or a model dir")
     if is_run_dir(target):
@@ -91,16 +92,17 @@ def _folder_and_card(target: Path, adapter_only: bool) -> tuple[Path, str | None
             hint = "train to the end first" if adapter_only else "push the adapter with --adapter-only, or merge"
             raise QwentuneError(f"the run has no {what}", where=str(target), hint=hint)
         vision = is_vision_model(target / "merged") if (target / "merged").is_dir() else False
-        return folder, card_for_run(target, adapter_only=adapter_only, vision=vision)
+        base = _adapter_base_ref(target / "adapter") if (target / "adapter").is_dir() else None
+        return folder, card_for_run(target, adapter_only=adapter_only, vision=vision), base
     if (target / "adapter_config.json").is_file():
         base = _adapter_base_ref(target)
-        return target, build_card(CardInputs(title=target.resolve().name, base=base, adapter_only=True))
+        return target, build_card(CardInputs(title=target.resolve().name, base=base, adapter_only=True)), base
     if (target / "config.json").is_file():
         if adapter_only:
             raise QwentuneError("--adapter-only needs a run dir or an adapter dir", where=str(target))
         if (target / "README.md").is_file():
-            return target, None
-        return target, build_card(CardInputs(title=target.resolve().name, base=str(target.resolve().name)))
+            return target, None, None
+        return target, build_card(CardInputs(title=target.resolve().name, base=str(target.resolve().name))), None
     raise QwentuneError(
         "not a run dir, an adapter dir or a model dir",
         where=str(target),
@@ -123,25 +125,29 @@ def _is_machine_path(value: str) -> bool:
     return value.startswith(("~/", "/")) and len(Path(value).parts) > 2 or bool(re.match(r"^[A-Za-z]:[\\/]", value))
 
 
-def _public_value(key: str, value: str) -> str:
-    if key in ("base_model_name_or_path", "base", "base_model"):
-        name = base_name(value)
-        return name.hub_id or Path(value).name
+_BASE_KEYS = ("base_model_name_or_path", "base", "base_model")
+
+
+def _public_value(key: str, value: str, base: str | None) -> str:
+    if key in _BASE_KEYS:
+        name = base_name(base if base and not _is_machine_path(base) else value)
+        return name.hub_id or (base if base and not _is_machine_path(base) else Path(value).name)
     return public_path(value)
 
 
-def _scrub(data: Any, key: str = "") -> Any:
-    """`data` with every string that is a machine path replaced by a public name (a base: its hub id)."""
+def _scrub(data: Any, base: str | None, key: str = "") -> Any:
+    """`data` with every string that is a machine path replaced by a public name (a base: the base as the user
+    wrote it, `base`, when that is not a path itself; a hub id where one is known)."""
     if isinstance(data, dict):
-        return {k: _scrub(v, k) for k, v in data.items() if k != "base_path"}
+        return {k: _scrub(v, base, k) for k, v in data.items() if k != "base_path"}
     if isinstance(data, list):
-        return [_scrub(v, key) for v in data]
+        return [_scrub(v, base, key) for v in data]
     if isinstance(data, str) and _is_machine_path(data):
-        return _public_value(key, data)
+        return _public_value(key, data, base)
     return data
 
 
-def _stage(folder: Path, card: str | None, staging: Path) -> list[Staged]:
+def _stage(folder: Path, card: str | None, staging: Path, base: str | None = None) -> list[Staged]:
     """Links to `folder`'s files in `staging` (hidden files and checkpoints left out), README.md = the card,
     small JSON files rewritten without machine paths."""
     staged = []
@@ -159,7 +165,7 @@ def _stage(folder: Path, card: str | None, staging: Path) -> list[Staged]:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 data = None
-            clean = _scrub(data) if data is not None else None
+            clean = _scrub(data, base) if data is not None else None
             if clean is not None and clean != data:
                 out.write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
                 note = "paths replaced by names"
@@ -177,11 +183,11 @@ def push(target: str | Path, repo_id: str, *, private: bool = False, adapter_onl
     """Upload (or, with dry_run, only plan) a run / adapter / model dir to the Hub repo `repo_id`."""
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     check_repo_id(repo_id)
-    folder, card = _folder_and_card(Path(target).expanduser(), adapter_only)
+    folder, card, base = _folder_and_card(Path(target).expanduser(), adapter_only)
     token = None if dry_run else require_token()
     staging = Path(tempfile.mkdtemp(prefix="qwentune-push-"))
     try:
-        files = _stage(folder, card, staging)
+        files = _stage(folder, card, staging, base)
         plan = PushPlan(repo_id, folder, files, card if card is not None else (folder / "README.md").read_text())
         if dry_run:
             return plan

@@ -169,7 +169,7 @@ def test_staged_json_has_no_machine_paths(tmp_path):
     run = make_run_dir(tmp_path, source="Qwen/Qwen2.5-0.5B-Instruct")
     staging = tmp_path / "staging"
     staging.mkdir()
-    files = {f.path: f for f in _stage(run / "adapter", "card", staging)}
+    files = {f.path: f for f in _stage(run / "adapter", "card", staging, "Qwen/Qwen2.5-0.5B-Instruct")}
     config = json.loads((staging / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
     sidecar = json.loads((staging / "qwentune_train.json").read_text())
