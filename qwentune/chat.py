@@ -162,7 +162,14 @@ class Generator:
         text = self.tokenizer.apply_chat_template(
             conversation.messages, tools=conversation.tools, add_generation_prompt=True, tokenize=False
         )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if conversation.images:  # Qwen2-VL: one pad per image in the template → one per vision token, as training
+            from .vision import expand_pads, load_image_processor, open_image, settings_of
+
+            settings = settings_of(load_image_processor(self.model_dir), self.tokenizer)
+            counts = [settings.tokens(*open_image(ref).size) for ref in conversation.images]
+            ids, _ = expand_pads(ids, None, counts, settings)
+        return ids
 
     def __call__(self, conversation: Conversation, on_text: Callable[[str], None]) -> str:
         import torch

@@ -170,3 +170,27 @@ def test_chat_command_bad_input_exits_2_with_one_line(tmp_path):
         run = qwentune(*args)
         assert run.returncode == 2 and where in run.stderr, run.stderr
         assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_image_prompt_has_one_pad_per_vision_token_and_the_command_runs(tmp_path):
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from qwentune.vision import load_image_processor
+
+    model_dir = tiny_model_dir(tmp_path, "qwen2-vl-2b-instruct")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (56, 84), (200, 10, 10)).save(image)
+    conversation = Conversation(images=[str(image)])
+    conversation.add_user("What is this?")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = Generator(None, tok, model_dir=model_dir).prompt_ids(conversation)
+    grid = load_image_processor(model_dir)(images=[Image.open(image)], return_tensors="pt")["image_grid_thw"]
+    assert ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == int(grid.prod()) // 4  # merge_size 2 × 2
+    done = qwentune(
+        "chat", str(model_dir), "--image", str(image), "--prompt", "What is this?", "--max-new-tokens", "4"
+    )
+    assert done.returncode == 0, done.stderr
+    text_model = tiny_model_dir(tmp_path / "text")
+    refused = qwentune("chat", str(text_model), "--image", str(image), "--prompt", "hi")
+    assert refused.returncode == 2 and "needs a vision model" in refused.stderr
