@@ -178,3 +178,21 @@ def test_staged_json_has_no_machine_paths(tmp_path):
     assert (staging / "adapter_model.safetensors").read_bytes() == (
         run / "adapter/adapter_model.safetensors"
     ).read_bytes()
+
+
+def test_train_with_push_to_hub_and_no_token_stops_before_training(tmp_path):
+    from tiny_models import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path)
+    recipe = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"
+    out = tmp_path / "run"
+    done = qwentune(
+        "train", str(recipe), f"model.source={model}", f"output.dir={out}", "output.push_to_hub=me/tiny",
+        env=no_token_env(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 2 and "no Hugging Face token" in done.stderr, done.stderr
+    assert not (out / "adapter").exists() and not (out / "recipe.yaml").exists()
+    bad = qwentune(
+        "train", str(recipe), f"model.source={model}", "output.push_to_hub=nope", env=no_token_env(tmp_path)
+    )
+    assert bad.returncode == 2 and "output.push_to_hub" in bad.stderr, bad.stderr
