@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .shapes import is_vl
 from .sources import MARKER, OFFLINE_PREFIX
 
 # The real names of the offline models (sources.OFFLINE_MODELS): their Hub repos, for `base_model`.
@@ -297,9 +298,13 @@ def _headline(metrics: Mapping) -> dict[str, Any]:
     return out
 
 
-def card_for_run(run_dir: str | Path, *, adapter_only: bool = False, vision: bool = False) -> str:
-    """The card of a training run dir, from what the run recorded (eval table: run_dir/eval.md when present)."""
+def card_for_run(run_dir: str | Path, *, adapter_only: bool = False, vision: bool | None = None) -> str:
+    """The card of a training run dir, from what the run recorded (eval table: run_dir/eval.md when present;
+    `vision` None: read from merged/config.json)."""
     run_dir = Path(run_dir)
+    if vision is None:
+        config = _read(run_dir / "merged" / "config.json")
+        vision = bool(config) and is_vl(config)
     recipe = _read(run_dir / "recipe.yaml") or {}
     metrics = _read(run_dir / "metrics.json") or {}
     model = recipe.get("model", {})

@@ -25,7 +25,6 @@ from typing import Any
 from .card import CardInputs, base_name, build_card, card_for_run, public_path
 from .errors import QwentuneError
 from .inference import SIDECAR, is_run_dir
-from .vision import is_vision_model
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SMALL_JSON = 1 << 20  # JSON files under 1 MiB are checked for machine paths (tokenizer.json is larger and has none)
@@ -91,9 +90,8 @@ def _folder_and_card(target: Path, adapter_only: bool) -> tuple[Path, str | None
             what = "adapter/" if adapter_only else "merged/ (the run did not merge)"
             hint = "train to the end first" if adapter_only else "push the adapter with --adapter-only, or merge"
             raise QwentuneError(f"the run has no {what}", where=str(target), hint=hint)
-        vision = is_vision_model(target / "merged") if (target / "merged").is_dir() else False
         base = _adapter_base_ref(target / "adapter") if (target / "adapter").is_dir() else None
-        return folder, card_for_run(target, adapter_only=adapter_only, vision=vision), base
+        return folder, card_for_run(target, adapter_only=adapter_only), base
     if (target / "adapter_config.json").is_file():
         base = _adapter_base_ref(target)
         return target, build_card(CardInputs(title=target.resolve().name, base=base, adapter_only=True)), base

@@ -275,6 +275,10 @@ def finish_run(
                     + metrics["sample"]["completion"]
                 )
         atomic_write_json(run_dir / "metrics.json", _plain(metrics))
+        if result.merged_dir is not None:  # the card from what the run recorded: base as the user wrote it
+            from .card import card_for_run
+
+            atomic_write_text(result.merged_dir / "README.md", card_for_run(run_dir))
         if recipe.output.push_to_hub and result.merged_dir is not None:
             from .push import push_after_training
 

@@ -192,3 +192,32 @@ def test_train_with_push_to_hub_and_no_token_stops_before_training(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "no Hugging Face token" in done.stderr, done.stderr
     assert not (out / "adapter").exists() and not (out / "recipe.yaml").exists()
+
+
+@pytest.mark.slow
+def test_train_with_push_to_hub_merges_writes_the_card_and_pushes(tmp_path, hub):
+    from tiny_models import tiny_model_dir, tiny_training
+
+    model = tiny_model_dir(tmp_path)
+    recipe = {
+        "model": {"source": str(model)},
+        "data": {"train": [str(ROOT / "data/instructions.jsonl")], "limit": 4, "max_length": 128},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "training": tiny_training(max_steps=1),
+        "output": {"dir": str(tmp_path / "run"), "push_to_hub": "me/tiny-run", "sample_tokens": 0},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_TOKEN": SECRET,
+        "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}",
+    }
+    done = qwentune("train", str(path), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = tmp_path / "run" / "merged"
+    card = (merged / "README.md").read_text()
+    assert card == hub.received["files"]["README.md"].decode()
+    assert str(tmp_path) not in card and "local model `tiny-qwen2.5-0.5b-instruct`" in card
+    assert hub.received["files"]["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert SECRET not in done.stdout + done.stderr
