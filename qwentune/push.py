@@ -84,6 +84,8 @@ def _folder_and_card(target: Path, adapter_only: bool) -> tuple[Path, str | None
     user wrote it when known)."""
     if not target.is_dir():
         raise QwentuneError("no such directory", where=str(target), hint="pass a training run dir or a model dir")
+    if target.resolve().name == "merged" and is_run_dir(target.resolve().parent) and not adapter_only:
+        target = target.resolve().parent  # a run's merged/: the card comes from its run
     if is_run_dir(target):
         folder = target / ("adapter" if adapter_only else "merged")
         if not folder.is_dir():

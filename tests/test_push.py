@@ -111,6 +111,8 @@ def test_dry_run_lists_exactly_the_files_and_the_card(tmp_path):
     assert card.startswith("---\n") and "## Data" in card
     assert str(tmp_path) not in card
     assert "uploading" not in done.stderr
+    again = qwentune("push", str(run / "merged"), "me/tiny", "--dry-run", env=no_token_env(tmp_path))
+    assert again.stdout == done.stdout.replace(f"from {run / 'merged'}", f"from {(run / 'merged').resolve()}")
 
 
 def test_push_refuses_without_token_bad_dir_and_bad_repo_id(tmp_path):
