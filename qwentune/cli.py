@@ -103,6 +103,29 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    return run_chat(
+        args.model,
+        tools=args.tools,
+        system=args.system,
+        image=args.image,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        prompt=args.prompt,
+    )
+
+
+def cmd_push(args) -> int:
+    from .push import push
+
+    plan = push(args.target, args.repo_id, private=args.private, adapter_only=args.adapter_only, dry_run=args.dry_run)
+    if args.dry_run:
+        print(plan.render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwentune",
@@ -154,6 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-parity", action="store_true", help="skip the logits parity check (big models)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "chat",
+        help="talk to a trained model (run dir, adapter, merged dir, hub id, .gguf, offline:…) with its template",
+        description="Interactive chat that streams tokens; tool calls are shown as structured calls. Commands: "
+        "/tool RESULT answers the open call, /reset, /save FILE.jsonl (a training row), /exit. With --prompt or a "
+        "pipe on stdin: one reply (calls as 'tool_call: {json}' lines), then exit.",
+    )
+    p.add_argument("model", metavar="MODEL", help="run dir, adapter dir, merged/model dir, hub id, .gguf, offline:…")
+    p.add_argument("--tools", default=None, help="JSON file: a list of tool definitions passed to the template")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", default=None, help="image for the first turn (Qwen2-VL; repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--prompt", default=None, help="one message, print the reply and exit")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "push",
+        help="upload a run's merged model (or adapter) with its model card to the Hugging Face Hub",
+        description="Token from HF_TOKEN or `hf auth login`; never printed. --dry-run lists the files and the card.",
+    )
+    p.add_argument("target", metavar="RUN_OR_MODEL_DIR")
+    p.add_argument("repo_id", metavar="OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--adapter-only", action="store_true", help="upload the run's adapter/ instead of merged/")
+    p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; upload nothing")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

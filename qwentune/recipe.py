@@ -140,6 +140,7 @@ class OutputSection:
     # After merging: greedy generation from the merged model (plain transformers) for the first eval (or train)
     # prompt, printed and saved to sample.txt; 0 turns it off.
     sample_tokens: int = 128
+    push_to_hub: str | None = None  # OWNER/NAME: after a verified merge, upload merged/ and its card
 
 
 @dataclass

@@ -170,6 +170,11 @@ def start_run(recipe: Recipe) -> RunStart:
     from .vision import image_settings
 
     checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
+    if recipe.output.push_to_hub:  # a missing token must stop the run before training, not after
+        from .push import check_repo_id, require_token
+
+        check_repo_id(recipe.output.push_to_hub, where="output.push_to_hub")
+        require_token()
     run_dir = prepare_run_dir(recipe, is_main=is_main_process(), resuming=checkpoint is not None)
     source = resolve_model(
         recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
@@ -258,6 +263,14 @@ def finish_run(
                     + metrics["sample"]["completion"]
                 )
         atomic_write_json(run_dir / "metrics.json", _plain(metrics))
+        if result.merged_dir is not None:  # the card from what the run recorded: base as the user wrote it
+            from .card import card_for_run
+
+            atomic_write_text(result.merged_dir / "README.md", card_for_run(run_dir))
+        if recipe.output.push_to_hub and result.merged_dir is not None:
+            from .push import push_after_training
+
+            push_after_training(run_dir, recipe.output.push_to_hub)
     trainer.accelerator.wait_for_everyone()
     return result
 
