@@ -118,7 +118,8 @@ def model_shape(source: str) -> Shape:
     """The shape of `source` without loading weights: seed models from qwentune.shapes, local dirs and cached Hub
     models from config.json, GGUF files from their header."""
     from .shapes import SHAPES, shape
-    from .sources import OFFLINE_MODEL, _classify
+    from .sources import OFFLINE_MODEL
+    from .sources import classify_source as _classify
 
     if source.strip() == OFFLINE_MODEL:
         # Qwen2.5-Coder-0.5B-Instruct has the Qwen2.5-0.5B shape; its GGUF stores output.weight: untied.

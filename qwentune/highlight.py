@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import DPO_COLUMNS, PreparedData, prepare_data, resolve_sources
+from .data import PreparedData, prepare_data
+from .datafiles import resolve_sources
+from .datamap import DPO_COLUMNS
 from .recipe import Recipe
 from .vision import ImageSettings, image_runs
 

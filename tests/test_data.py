@@ -13,11 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import shared_tokenizer
 
-from qwentune.data import DPO_COLUMNS, DataReport, Unparsed, load_rows, prepare_data
+from qwentune.data import prepare_data
+from qwentune.datafiles import Unparsed, load_rows
+from qwentune.datamap import DPO_COLUMNS
+from qwentune.datareport import DataReport
 from qwentune.errors import QwentuneError
 from qwentune.highlight import preview
 from qwentune.recipe import load_recipe
-from qwentune.render import IGNORE_INDEX, load_template, render_batch
+from qwentune.render import IGNORE_INDEX, render_batch
+from qwentune.template import load_template
 
 WEATHER = {
     "type": "function",
