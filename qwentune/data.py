@@ -12,18 +12,19 @@ from __future__ import annotations
 import itertools
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
 
 from .canonical import normalize_tools
-from .datafiles import Source, read_source, resolve_sources
+from .datafiles import Source, data_path, read_source, resolve_sources
 from .datamap import Options, map_rows
 from .datareport import EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
 from .errors import BadRow, QwentuneError
 from .fit import LENGTH_REASONS
 from .formats import detect_source_format
-from .recipe import Recipe, resolve_path
+from .recipe import DataSection
 from .template import ChatTemplate, load_template
 from .vision import ImageSettings
 
@@ -48,24 +49,23 @@ class _Loaded:
     rows: list[tuple[int, str]]  # (row index, JSON text)
 
 
-def _load_split(recipe: Recipe, which: str, limit: int | None) -> list[_Loaded]:
+def _load_split(data: DataSection, method: str, base_dir: Path, which: str, limit: int | None) -> list[_Loaded]:
     loaded = []
-    for source in resolve_sources(recipe, which):
+    for source in resolve_sources(data, base_dir, which):
         rows = list(itertools.islice(read_source(source), limit))
         if not rows:
             raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
-        fmt = detect_source_format(
-            (text for _, text in rows), recipe.data.format, label=source.label, where=source.key
-        )
-        if recipe.method == "dpo" and fmt not in ("preference", "unknown"):
+        texts = (text for _, text in rows)
+        fmt = detect_source_format(texts, data.format, label=source.label, where=source.key)
+        if method == "dpo" and fmt not in ("preference", "unknown"):
             raise QwentuneError(
                 f"method is dpo but {source.label} is in {fmt} format, not preference pairs",
                 where=source.key,
                 hint="DPO needs rows with chosen and rejected (and a prompt)",
             )
-        if recipe.method != "dpo" and fmt == "preference":
+        if method != "dpo" and fmt == "preference":
             raise QwentuneError(
-                f"{source.label} holds preference pairs (chosen/rejected) but method is {recipe.method}",
+                f"{source.label} holds preference pairs (chosen/rejected) but method is {method}",
                 where=source.key,
                 hint="use method: dpo, or a conversation file for SFT",
             )
@@ -73,14 +73,12 @@ def _load_split(recipe: Recipe, which: str, limit: int | None) -> list[_Loaded]:
     return loaded
 
 
-def _default_tools(recipe: Recipe) -> list | None:
-    if not recipe.data.tools:
+def _default_tools(data: DataSection, base_dir: Path) -> list | None:
+    if not data.tools:
         return None
-    path = resolve_path(recipe, recipe.data.tools)
+    path = data_path(base_dir, data.tools)
     if not path.is_file():
-        raise QwentuneError(
-            f"tools file not found: {recipe.data.tools}", where="data.tools", hint=f"looked for {path}"
-        )
+        raise QwentuneError(f"tools file not found: {data.tools}", where="data.tools", hint=f"looked for {path}")
     try:
         return normalize_tools(path.read_text(encoding="utf-8"))
     except BadRow as bad:
@@ -89,13 +87,10 @@ def _default_tools(recipe: Recipe) -> list | None:
         ) from None
 
 
-def _limit(recipe: Recipe, limit: int | None) -> int | None:
-    limits = [x for x in (limit, recipe.data.limit) if x is not None]
-    return min(limits) if limits else None
-
-
 def prepare_data(
-    recipe: Recipe,
+    data: DataSection,
+    method: str,
+    base_dir: Path,
     tokenizer: Any,
     *,
     limit: int | None = None,
@@ -103,18 +98,19 @@ def prepare_data(
     keep_origin: bool = False,
     images: ImageSettings | None = None,
 ) -> PreparedData:
-    """Load, convert, render and length-fit data.train (and data.eval, or an eval_fraction of train).
+    """Load, convert, render and length-fit data.train (and data.eval, or an eval_fraction of train) for `method`
+    (sft | dpo); relative paths resolve against the current dir, then `base_dir` (the recipe's dir).
     `limit` (and data.limit) keeps the first N rows of each file. Prints the per-file reports to stderr unless
     `quiet`. `keep_origin` keeps the `_src`/`_row` columns (preview uses them to name rows). `images`: a vision
     model's image settings (`vision.image_settings`); rows then keep their image files and expanded image pads."""
-    d = recipe.data
+    d = data
     template = load_template(d.template, tokenizer)
-    limit = _limit(recipe, limit)
-    tools = _default_tools(recipe)
-    train_loaded = _load_split(recipe, "train", limit)
+    limit = min((x for x in (limit, d.limit) if x is not None), default=None)
+    tools = _default_tools(d, base_dir)
+    train_loaded = _load_split(d, method, base_dir, "train", limit)
     if d.eval:
         eval_limit = min(x for x in (limit, d.eval_limit, 10**12) if x is not None)
-        splits = {"train": (train_loaded, None), "eval": (_load_split(recipe, "eval", eval_limit), None)}
+        splits = {"train": (train_loaded, None), "eval": (_load_split(d, method, base_dir, "eval", eval_limit), None)}
     elif d.eval_fraction > 0:
         splits = _fraction_split(train_loaded, d.eval_fraction, d.seed)
     else:
@@ -122,13 +118,15 @@ def prepare_data(
     out: dict[str, datasets.Dataset] = {}
     reports: list[DataReport] = []
     for name, (loaded, keep) in splits.items():
-        ds, split_reports = _prepare_split(name, loaded, keep, recipe, tokenizer, template, tools, keep_origin, images)
+        ds, split_reports = _prepare_split(
+            name, loaded, keep, d, method, tokenizer, template, tools, keep_origin, images
+        )
         out[name] = ds
         reports += [r for r in split_reports if r.total]  # an eval_fraction may take no row of a file
     if not quiet:
         for report in reports:
             print(report.summary(), file=sys.stderr)
-    return PreparedData(out["train"], out.get("eval"), reports, template, recipe.method, images)
+    return PreparedData(out["train"], out.get("eval"), reports, template, method, images)
 
 
 def _fraction_split(loaded: list[_Loaded], fraction: float, seed: int) -> dict:
@@ -152,14 +150,14 @@ def _prepare_split(
     split: str,
     loaded: list[_Loaded],
     keep: Any,
-    recipe: Recipe,
+    d: DataSection,
+    method: str,
     tokenizer: Any,
     template: ChatTemplate,
     tools: list | None,
     keep_origin: bool,
     images: ImageSettings | None = None,
 ) -> tuple[datasets.Dataset, list[DataReport]]:
-    d = recipe.data
     raw: dict[str, list] = {"_raw": [], "_src": [], "_row": []}
     k = 0
     for s, item in enumerate(loaded):
@@ -170,7 +168,7 @@ def _prepare_split(
                 raw["_row"].append(index)
             k += 1
     opts = Options(
-        method=recipe.method,
+        method=method,
         formats=tuple((x.fmt, x.source.arrow) for x in loaded),
         tools=tools,
         system_prompt=d.system_prompt,

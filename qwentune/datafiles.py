@@ -16,7 +16,7 @@ import datasets
 
 from .errors import QwentuneError
 from .formats import detect_format
-from .recipe import Recipe, resolve_path
+from .recipe import DataSection
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,15 +58,15 @@ class Unparsed(NamedTuple):
     error: str
 
 
-def resolve_sources(recipe: Recipe, which: str = "train") -> list[Source]:
+def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> list[Source]:
     """The sources behind data.train / data.eval: a file, a dir of data files, a save_to_disk dir, or a hub id
-    (`owner/name`, optionally `#split`)."""
+    (`owner/name`, optionally `#split`). Relative paths resolve against the current dir, then `base_dir`."""
     out: list[Source] = []
-    for i, value in enumerate(getattr(recipe.data, which)):
+    for i, value in enumerate(getattr(data, which)):
         key = f"data.{which}[{i}]"
         name, _, split = value.partition("#")
-        path = resolve_path(recipe, name)
-        default_split = recipe.data.split if which == "train" else None
+        path = data_path(base_dir, name)
+        default_split = data.split if which == "train" else None
         if path.is_dir():
             if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
                 out.append(Source(key, "disk", str(path), split or default_split))
@@ -88,23 +88,30 @@ def resolve_sources(recipe: Recipe, which: str = "train") -> list[Source]:
                     hint="use .jsonl, .json, .parquet or .csv files, a save_to_disk dir, or a hub dataset id",
                 )
             out.append(Source(key, kind, str(path)))
-        elif _looks_like_hub_id(recipe, name):
+        elif _looks_like_hub_id(base_dir, name):
             out.append(Source(key, "hub", name, split or default_split or "validation"))
         else:
             raise QwentuneError(
                 f"data file not found: {value}",
                 where=key,
                 hint=f"looked for {path}; relative paths resolve against the current directory, then against the "
-                f"recipe's directory ({recipe.base_dir})",
+                f"recipe's directory ({base_dir})",
             )
     return out
 
 
-def _looks_like_hub_id(recipe: Recipe, name: str) -> bool:
+def data_path(base_dir: Path, value: str) -> Path:
+    """A path named in the data section: absolute, relative to the current dir if it exists there, else to
+    `base_dir` (the recipe's dir), as `recipe.resolve_path` resolves it."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or p.exists() else base_dir / p
+
+
+def _looks_like_hub_id(base_dir: Path, name: str) -> bool:
     """owner/name with no data-file suffix, whose first part is not a local directory (then it is a missing path)."""
     if not _HUB_ID.match(name) or Path(name).suffix.lower() in DATA_SUFFIXES or name.startswith("."):
         return False
-    return not resolve_path(recipe, name.split("/")[0]).is_dir()
+    return not data_path(base_dir, name.split("/")[0]).is_dir()
 
 
 def _json_default(value: Any) -> Any:
@@ -204,16 +211,24 @@ def _load_arrow_dataset(source: Source) -> datasets.Dataset:
     return ds
 
 
-def load_rows(recipe: Recipe, which: str = "train") -> Iterator[tuple[str, int, Any]]:
+def load_rows(data: DataSection, base_dir: Path, which: str = "train") -> Iterator[tuple[str, int, Any]]:
     """(source, row index, raw row) for data.train or data.eval; the row index is the 1-based line of a .jsonl file
     and the 0-based row of other sources. A jsonl line that is not JSON comes as `Unparsed(text, error)`."""
-    limit = recipe.data.limit
-    for source in resolve_sources(recipe, which):
-        for index, text in itertools.islice(read_source(source), limit):
+    for source in resolve_sources(data, base_dir, which):
+        for index, text in itertools.islice(read_source(source), data.limit):
             try:
                 yield source.label, index, json.loads(text)
             except json.JSONDecodeError as e:
                 yield source.label, index, Unparsed(text, f"{e.msg} at column {e.colno}")
 
 
-__all__ = ["DATA_SUFFIXES", "Source", "Unparsed", "dump_row", "load_rows", "read_source", "resolve_sources"]
+__all__ = [
+    "DATA_SUFFIXES",
+    "Source",
+    "Unparsed",
+    "data_path",
+    "dump_row",
+    "load_rows",
+    "read_source",
+    "resolve_sources",
+]

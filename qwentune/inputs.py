@@ -25,7 +25,9 @@ def prepare_inputs(recipe: Recipe, *, data: bool = True, limit: int | None = Non
     source = resolve_model(m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(source.path, recipe)
     images = image_settings(source.path, tokenizer, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
-    prepared = prepare_data(recipe, tokenizer, limit=limit, images=images) if data else None
+    if not data:
+        return Inputs(source, tokenizer, images, None)
+    prepared = prepare_data(recipe.data, recipe.method, recipe.base_dir, tokenizer, limit=limit, images=images)
     return Inputs(source, tokenizer, images, prepared)
 
 

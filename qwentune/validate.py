@@ -55,7 +55,7 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
 
     lines = []
     for which in ("train", "eval"):
-        for source in resolve_sources(recipe, which):
+        for source in resolve_sources(recipe.data, recipe.base_dir, which):
             texts = [text for _, text in itertools.islice(read_source(source), SAMPLE_ROWS)]
             rows = []
             for text in texts:
