@@ -116,8 +116,8 @@ def _compile_fast(text: str) -> Any:
     """Our own copy of the template, compiled by transformers into its sandboxed chat-template environment, whose
     attribute lookup takes a shortcut for plain dicts and loop variables. The shortcut returns what the sandbox's
     `getattr` returns for them (an attribute lookup on a plain dict fails unless it names a dict method, so jinja falls
-    back to the item; loop attributes without a leading underscore are safe), and renders about twice as fast:
-    `message.role` no longer raises and catches an AttributeError. Anything else takes the sandbox's own path.
+    back to the item; loop attributes without a leading underscore are safe), and renders faster: `message.role`
+    no longer raises and catches an AttributeError. Anything else takes the sandbox's own path.
     Its `tojson` filter remembers, while one row renders (see `TemplateRenderer.row`), what it wrote for each object:
     the tools and call arguments are the same objects in every prefix rendering of a row, and the sandbox can't
     mutate them, so each is serialized once per row instead of once per rendering."""

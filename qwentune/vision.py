@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .canonical import image_reference, is_image_part
-from .errors import BadRow
+from .errors import BadRow, QwentuneError
 from .render import IGNORE_INDEX
 from .shapes import is_vl
 
@@ -160,8 +160,6 @@ def open_image(ref: str):
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        from .errors import QwentuneError
-
         raise QwentuneError("images need Pillow", where="data", hint="pip install 'qwentune[vl]'") from None
     try:
         if ref.startswith("data:image/"):
