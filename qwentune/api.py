@@ -22,29 +22,18 @@ def _recipe(recipe: Recipe | str | Path | dict, overrides=None) -> Recipe:
     )
 
 
-def _source_and_tokenizer(recipe: Recipe):
-    from .model import load_tokenizer
-    from .sources import resolve_model
-
-    source = resolve_model(
-        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
-    return source, load_tokenizer(source.path, recipe.model)
-
-
 def load_model_tokenizer(recipe: Recipe):
     """The tokenizer of the recipe's model source (no weights loaded)."""
-    return _source_and_tokenizer(recipe)[1]
+    from .inputs import prepare_inputs
+
+    return prepare_inputs(recipe, data=False).tokenizer
 
 
 def prepare(recipe: Recipe | str | Path | dict, overrides=None, *, limit: int | None = None):
     """Render and mask the recipe's data: PreparedData(train, eval, reports, template)."""
-    from .data import prepare_data
-    from .vision import image_settings
+    from .inputs import prepare_inputs
 
-    recipe = _recipe(recipe, overrides)
-    source, tokenizer = _source_and_tokenizer(recipe)
-    return prepare_data(recipe, tokenizer, limit=limit, images=image_settings(source.path, recipe, tokenizer))
+    return prepare_inputs(_recipe(recipe, overrides), limit=limit).data
 
 
 def preprocess(
@@ -74,13 +63,12 @@ def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3
     """Tokens of the first rows with the trained ones highlighted, the data report, and the special tokens in trained
     labels with those whose rows look untrained flagged (read from the embedding tensors only, no model load)."""
     from .highlight import preview as render_preview
+    from .inputs import prepare_inputs
     from .tokens import flagged_in_model_files
-    from .vision import image_settings
 
     recipe = _recipe(recipe, overrides)
-    source, tokenizer = _source_and_tokenizer(recipe)
+    source, tokenizer, images, _ = prepare_inputs(recipe, data=False)
     flagged = flagged_in_model_files(source.path, tokenizer)
-    images = image_settings(source.path, recipe, tokenizer)
     return render_preview(recipe, tokenizer, rows=rows, color=color, flagged=flagged, images=images)
 
 

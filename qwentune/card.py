@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from .gguf_source import MARKER
 from .shapes import is_vl
-from .sources import MARKER, OFFLINE_PREFIX
+from .sources import OFFLINE_PREFIX
 
 # The real names of the offline models (sources.OFFLINE_MODELS): their Hub repos, for `base_model`.
 OFFLINE_HUB_IDS = {"qwen2.5-coder-0.5b-instruct": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}

@@ -119,12 +119,12 @@ def model_shape(source: str) -> Shape:
     """The shape of `source` without loading weights: seed models from qwentune.shapes, local dirs and cached Hub
     models from config.json, GGUF files from their header."""
     from .shapes import SHAPES, shape
-    from .sources import OFFLINE_MODEL, _classify
+    from .sources import OFFLINE_MODEL, classify_source
 
     if source.strip() == OFFLINE_MODEL:
         # Qwen2.5-Coder-0.5B-Instruct has the Qwen2.5-0.5B shape; its GGUF stores output.weight: untied.
         return _from_facts(shape("qwen2.5-0.5b-instruct"), "Qwen2.5-0.5B shape, untied (offline GGUF)", tied=False)
-    kind, payload = _classify(source)
+    kind, payload = classify_source(source)
     if kind == "local":
         return _from_config(json.loads((Path(payload) / "config.json").read_text()), f"{payload}/config.json")
     if kind == "gguf":

@@ -106,7 +106,8 @@ def preference_margin(model_dir: str | Path, data_file: str | Path, *, limit: in
     for a model dir loaded with plain transformers, on pairs rendered exactly as DPO trains them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .render import load_template, render_preference
+    from .render import render_preference
+    from .template import load_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()

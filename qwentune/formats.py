@@ -1,10 +1,5 @@
-"""Dataset formats → canonical rows. Detection works per file; conversion works per row and raises BadRow.
-
-Canonical message: {"role": "system"|"user"|"assistant"|"tool", "content": str (or a list of parts when it holds
-images), "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}] (optional),
-"train": bool (optional), "name": str (tool, optional)}.
-SFT row: {"messages": [...], "tools": list[dict] | None}.
-Preference row: {"prompt": [...], "chosen": [assistant messages], "rejected": [assistant messages], "tools": ...}.
+"""Dataset formats → canonical rows (see `canonical`). Detection works per file; conversion works per row and raises
+BadRow.
 
 Detection (first row of a file that has one of these key sets, in this order):
   preference         `chosen` and `rejected` (with `prompt`, `conversations`, `instruction`, or neither: then the
@@ -17,7 +12,7 @@ Detection (first row of a file that has one of these key sets, in this order):
 
 Images (Qwen2-VL): content parts `{"type": "image", "image": PATH}` (or `image_url`) are kept as parts; a top-level
 `images` list (LLaVA, ShareGPT, TRL) fills the `<image>` placeholders in text and the image parts without a path, in
-order (`vision.attach_images`); placeholders ≠ images is the bad row `image_count_mismatch`.
+order (`canonical.attach_images`); placeholders ≠ images is the bad row `image_count_mismatch`.
 """
 
 from __future__ import annotations
@@ -26,30 +21,18 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import BadRow
-from .vision import attach_images
+from .canonical import (
+    attach_images,
+    check_conversation,
+    is_blank,
+    is_empty_message,
+    maybe_json_list,
+    normalize_messages,
+    normalize_tools,
+)
+from .errors import BadRow, QwentuneError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference")
-
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "bot": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
-    "tool": "tool",
-    "observation": "tool",
-    "function": "tool",  # legacy OpenAI function result
-    "function_response": "tool",
-    "tool_response": "tool",
-    "ipython": "tool",
-}
-# A ShareGPT turn whose value is a JSON call (or a list of calls): becomes tool_calls of an assistant turn.
-CALL_ROLES = ("function_call", "tool_call")
-MEDIA_TYPES = ("image", "image_url", "video")
 
 
 def detect_format(row: Any) -> str | None:
@@ -79,255 +62,52 @@ def detect_file_format(rows: Iterable[Any]) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- small helpers
+DETECT_ROWS = 100  # rows read to detect a file's format
 
 
-def _load_json(text: str, reason: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise BadRow(reason, f"{what} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-
-
-def _maybe_json_list(value: Any, reason: str, what: str) -> Any:
-    """A list given as a JSON string (CSV cells, some hub datasets) is parsed; other values are returned as is."""
-    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-        return _load_json(value, reason, what)
-    return value
-
-
-def drop_nulls(value: Any) -> Any:
-    """Remove keys whose value is None, recursively: Arrow struct columns add every key seen in any row to every row
-    as null, and a null there cannot be told apart from a key that was never given."""
-    if isinstance(value, dict):
-        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [drop_nulls(v) for v in value]
-    return value
-
-
-def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-# ---------------------------------------------------------------- tools and tool calls
-
-
-def normalize_tools(tools: Any, *, arrow: bool = False) -> list[dict] | None:
-    """Tools as a list of {"type": "function", "function": {...}}; accepts a JSON string (glaive), a list of JSON
-    strings, bare function schemas ({"name", "description", "parameters"}) or the wrapped form."""
-    if _blank(tools):
-        return None
-    if isinstance(tools, str):
-        tools = _load_json(tools, "invalid_tool_json", "tools")
-        if tools is None:  # "null" (a JSON cell of a row without tools)
-            return None
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list):
-        raise BadRow("invalid_tool_json", f"tools must be a list of function schemas, got {type(tools).__name__}")
-    out = []
-    for i, tool in enumerate(tools):
-        if isinstance(tool, str):
-            tool = _load_json(tool, "invalid_tool_json", f"tools[{i}]")
-        if not isinstance(tool, dict):
-            raise BadRow("invalid_tool_json", f"tools[{i}] is not an object")
-        if arrow:
-            tool = drop_nulls(tool)
-        if isinstance(tool.get("function"), dict):
-            if not tool["function"].get("name"):
-                raise BadRow("invalid_tool_json", f"tools[{i}] has no function name")
-            out.append(tool if "type" in tool else {"type": "function", **tool})
-        elif isinstance(tool.get("name"), str) and tool["name"]:
-            out.append({"type": "function", "function": tool})
-        else:
-            raise BadRow("invalid_tool_json", f"tools[{i}] has no name")
-    return out or None
-
-
-def normalize_call(call: Any, *, arrow: bool = False) -> dict:
-    """One tool call as {"type": "function", "function": {"name", "arguments": dict}}; string arguments are parsed."""
-    if isinstance(call, str):
-        call = _load_json(call, "invalid_tool_json", "tool call")
-    if not isinstance(call, dict):
-        raise BadRow("invalid_tool_json", f"a tool call must be an object, got {type(call).__name__}")
-    fn = call["function"] if isinstance(call.get("function"), dict) else call
-    name = fn.get("name")
-    if not isinstance(name, str) or not name:
-        raise BadRow("invalid_tool_json", "tool call without a name")
-    args = fn.get("arguments")
-    if args is None:
-        args = fn.get("parameters")
-    if args is None or (isinstance(args, str) and not args.strip()):
-        args = {}
-    for _ in range(2):  # double-encoded arguments ("\"{...}\"") are decoded twice
-        if isinstance(args, str):
-            args = _load_json(args, "invalid_tool_json", f"arguments of the call to {name}")
-    if arrow:
-        args = drop_nulls(args)
-    if not isinstance(args, dict):
-        raise BadRow("invalid_tool_json", f"arguments of the call to {name} are not a JSON object")
-    return {"type": "function", "function": {"name": name, "arguments": args}}
-
-
-def _calls(value: Any, *, arrow: bool) -> list[dict]:
-    value = _maybe_json_list(value, "invalid_tool_json", "tool_calls")
-    if isinstance(value, str):
-        raise BadRow("invalid_tool_json", "tool_calls is not valid JSON")
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise BadRow("invalid_tool_json", f"tool_calls must be a list, got {type(value).__name__}")
-    return [normalize_call(c, arrow=arrow) for c in value]
-
-
-# ---------------------------------------------------------------- messages
-
-
-def _is_media(part: Any) -> bool:
-    return isinstance(part, dict) and (part.get("type") in MEDIA_TYPES or any(k in part for k in MEDIA_TYPES))
-
-
-def _content(value: Any, role: str, *, arrow: bool) -> str | list:
-    """Text content; a list of text parts is joined; a list holding images/videos is kept (cleaned) for VL."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        # Always drop null keys of parts: `datasets` gives every text part `image: None`, and the template renders
-        # any part with an `image` key as an image (files exported from a Dataset carry that too).
-        parts = [drop_nulls(p) for p in value]
-        if any(_is_media(p) for p in parts):
-            return parts
-        texts = []
-        for p in parts:
-            if isinstance(p, str):
-                texts.append(p)
-            elif isinstance(p, dict) and isinstance(p.get("text"), str):
-                texts.append(p["text"])
-            else:
-                raise BadRow("invalid_json", f"{role} content part {p!r} is neither text nor an image")
-        return "".join(texts)
-    if isinstance(value, (dict, int, float, bool)):  # e.g. a tool result given as an object
-        return json.dumps(value, ensure_ascii=False)
-    raise BadRow("invalid_json", f"{role} content of type {type(value).__name__}")
-
-
-def _first(turn: dict, *keys: str) -> Any:
-    for k in keys:
-        if turn.get(k) is not None:
-            return turn[k]
-    return None
-
-
-def normalize_messages(turns: Any, *, arrow: bool = False) -> list[dict]:
-    """Canonical messages from role/content or from/value turns. In ShareGPT, a `function_call` turn (value: JSON
-    {name, arguments} or a list of them) joins the assistant turn just before it when that turn has no calls yet
-    (text beside calls), and consecutive `function_call` turns are parallel calls of one assistant turn."""
-    turns = _maybe_json_list(turns, "invalid_json", "messages")
-    if _blank(turns):
-        raise BadRow("empty", "no messages")
-    if not isinstance(turns, list):
-        raise BadRow("invalid_json", f"messages must be a list, got {type(turns).__name__}")
-    out: list[dict] = []
-    prev_call_turn = False
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRow("invalid_json", f"message {i} is not an object")
-        raw_role = _first(turn, "role", "from")
-        if not isinstance(raw_role, str):
-            raise BadRow("bad_role_order", f"message {i} has no role")
-        role_key = raw_role.strip().lower()
-        value = _first(turn, "content", "value")
-        if role_key in CALL_ROLES:
-            calls = _calls(value, arrow=arrow)
-            last = out[-1] if out else None
-            if last and last["role"] == "assistant" and (prev_call_turn or not last.get("tool_calls")):
-                last.setdefault("tool_calls", []).extend(calls)
-            else:
-                out.append({"role": "assistant", "content": "", "tool_calls": calls})
-            prev_call_turn = True
+def detect_source_format(texts: Iterable[str], forced: str, *, label: str, where: str) -> str:
+    """The format of one data source from its rows as JSON text (`forced` unless it is "auto"): the first of its
+    first DETECT_ROWS parsed rows that has one. "unknown" when no row is JSON (the rows are then counted as
+    invalid_json); an error naming the first row's keys when none fits."""
+    if forced != "auto":
+        return forced
+    parsed = 0
+    first_keys: list[str] | None = None
+    for text in texts:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
             continue
-        prev_call_turn = False
-        role = ROLE_ALIASES.get(role_key)
-        if role is None:
-            raise BadRow("bad_role_order", f"message {i} has unknown role {raw_role!r}")
-        msg: dict[str, Any] = {"role": role, "content": _content(value, role, arrow=arrow)}
-        calls = turn.get("tool_calls")
-        if calls is None and isinstance(turn.get("function_call"), (dict, str)):
-            calls = [turn["function_call"]]  # legacy OpenAI assistant function_call
-        if not _blank(calls) and calls != []:
-            if role != "assistant":
-                raise BadRow("bad_role_order", f"message {i} ({role}) carries tool calls")
-            msg["tool_calls"] = _calls(calls, arrow=arrow)
-        train = turn.get("train")
-        if train is None and turn.get("weight") in (0, 1):  # OpenAI fine-tuning files: weight 0 = not trained
-            train = bool(turn["weight"])
-        if isinstance(train, bool):
-            msg["train"] = train
-        if role == "tool" and isinstance(turn.get("name"), str) and turn["name"]:
-            msg["name"] = turn["name"]
-        out.append(msg)
-    if not out:
-        raise BadRow("empty", "no messages")
-    return out
-
-
-def _is_empty(msg: dict) -> bool:
-    content = msg.get("content")
-    return (not content or (isinstance(content, str) and not content.strip())) and not msg.get("tool_calls")
-
-
-def check_conversation(messages: list[dict]) -> None:
-    """Role order the official templates can render faithfully, and at least one trained assistant turn."""
-    if all(_is_empty(m) for m in messages):
-        raise BadRow("empty", "every message is empty")
-    roles = [m["role"] for m in messages]
-    first = next((i for i, r in enumerate(roles) if r != "system"), None)
-    if first is None:
-        raise BadRow("no_assistant_turn", "only system messages")
-    if roles[first] != "user":
-        raise BadRow("bad_role_order", f"the conversation starts with {roles[first]} (message {first}), not user")
-    for i in range(1, len(messages)):
-        role, prev = roles[i], messages[i - 1]
-        if role == "assistant" and prev["role"] == "assistant":
-            raise BadRow("bad_role_order", f"two assistant turns in a row (messages {i - 1} and {i})")
-        if role == "tool" and not (prev["role"] == "tool" or prev.get("tool_calls")):
-            raise BadRow("bad_role_order", f"tool result at message {i} does not follow a tool call")
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    if not assistants:
-        raise BadRow("no_assistant_turn", "no assistant message")
-    if not any(m.get("train", True) for m in assistants):
-        raise BadRow("no_assistant_turn", "every assistant message has train: false")
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant" and m.get("train", True) and _is_empty(m):
-            raise BadRow("empty_completion", f"assistant message {i} is empty")
-
-
-def needs_tools(row: dict) -> bool:
-    """Whether a canonical row (SFT or preference) uses tools, tool calls or tool results."""
-    if row.get("tools"):
-        return True
-    for key in ("messages", "prompt", "chosen", "rejected"):
-        for m in row.get(key) or ():
-            if m.get("tool_calls") or m["role"] == "tool":
-                return True
-    return False
+        parsed += 1
+        fmt = detect_format(row)
+        if fmt:
+            return fmt
+        if first_keys is None:
+            first_keys = sorted(row) if isinstance(row, dict) else [type(row).__name__]
+        if parsed >= DETECT_ROWS:
+            break
+    if not parsed:
+        return "unknown"
+    raise QwentuneError(
+        f"cannot tell the format of {label}: its first row has keys {first_keys}",
+        where=where,
+        hint="rows need `messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or "
+        "`chosen`+`rejected`; or force one with data.format (" + ", ".join(FORMATS) + ")",
+    )
 
 
 # ---------------------------------------------------------------- per-format conversion
 
 
 def _with_system(messages: list[dict], system: Any) -> list[dict]:
-    if _blank(system) or (messages and messages[0]["role"] == "system"):
+    if is_blank(system) or (messages and messages[0]["role"] == "system"):
         return messages
     return [{"role": "system", "content": str(system)}, *messages]
 
 
 def _history(value: Any) -> list[dict]:
-    value = _maybe_json_list(value, "invalid_json", "history")
-    if _blank(value):
+    value = maybe_json_list(value, "invalid_json", "history")
+    if is_blank(value):
         return []
     if not isinstance(value, list):
         raise BadRow("invalid_json", "history must be a list of [question, answer] pairs")
@@ -384,15 +164,15 @@ def to_sft_row(
     """A canonical SFT row {"messages", "tools"} from a raw row in `fmt`; raises BadRow."""
     if not isinstance(raw, dict):
         raise BadRow("invalid_json", f"a row must be a JSON object, got {type(raw).__name__}")
-    if not raw or all(_blank(v) for v in raw.values()):
+    if not raw or all(is_blank(v) for v in raw.values()):
         raise BadRow("empty", "the row is empty")
     if fmt == "messages":
-        if _blank(raw.get("messages")):
+        if is_blank(raw.get("messages")):
             raise BadRow("empty", "no messages")
         messages = _with_system(normalize_messages(raw["messages"], arrow=arrow), raw.get("system"))
     elif fmt == "sharegpt":
         turns = _sharegpt_turns(raw)
-        if _blank(turns):
+        if is_blank(turns):
             raise BadRow("empty", "no conversations")
         messages = _with_system(normalize_messages(turns, arrow=arrow), raw.get("system"))
     elif fmt == "alpaca":
@@ -403,11 +183,11 @@ def to_sft_row(
             raise BadRow("empty_completion", "output is empty")
         messages = [*_alpaca_prompt(raw), {"role": "assistant", "content": output}]
     elif fmt == "prompt_completion":
-        if _blank(raw.get("prompt")):
+        if is_blank(raw.get("prompt")):
             raise BadRow("empty", "the prompt is empty")
         prompt = _text_or_messages(raw.get("prompt"), "user", arrow=arrow)
         completion = _text_or_messages(raw.get("completion"), "assistant", arrow=arrow)
-        if not completion or all(_is_empty(m) for m in completion):
+        if not completion or all(is_empty_message(m) for m in completion):
             raise BadRow("empty_completion", "completion is empty")
         # Only the completion is trained: assistant turns inside the prompt are context.
         prompt = [m if m["role"] != "assistant" or "train" in m else {**m, "train": False} for m in prompt]
@@ -441,7 +221,7 @@ def to_preference_row(
     """A canonical preference row {"prompt", "chosen", "rejected", "tools"}; raises BadRow."""
     if not isinstance(raw, dict):
         raise BadRow("invalid_json", f"a row must be a JSON object, got {type(raw).__name__}")
-    if not raw or all(_blank(v) for v in raw.values()):
+    if not raw or all(is_blank(v) for v in raw.values()):
         raise BadRow("empty", "the row is empty")
     chosen = _text_or_messages(raw.get("chosen"), "assistant", arrow=arrow)
     rejected = _text_or_messages(raw.get("rejected"), "assistant", arrow=arrow)
@@ -449,7 +229,7 @@ def to_preference_row(
         prompt = _with_system(normalize_messages(_sharegpt_turns(raw), arrow=arrow), raw.get("system"))
     elif raw.get("instruction") is not None:
         prompt = _alpaca_prompt(raw)
-    elif not _blank(raw.get("prompt")):
+    elif not is_blank(raw.get("prompt")):
         prompt = _with_system(_text_or_messages(raw["prompt"], "user", arrow=arrow), raw.get("system"))
     else:  # implicit prompt: chosen and rejected are whole conversations that share their start
         n = _common_prefix(chosen, rejected)
@@ -458,12 +238,12 @@ def to_preference_row(
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         prompt = _with_system(prompt, raw.get("system"))
     prompt = _with_system(_with_images(prompt, raw), system_prompt)
-    if not prompt or all(_is_empty(m) for m in prompt):
+    if not prompt or all(is_empty_message(m) for m in prompt):
         raise BadRow("empty", "the prompt is empty")
     if prompt[-1]["role"] not in ("user", "tool"):
         raise BadRow("bad_role_order", f"the prompt ends with {prompt[-1]['role']}, not user or tool")
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        if not completion or all(_is_empty(m) for m in completion):
+        if not completion or all(is_empty_message(m) for m in completion):
             raise BadRow("empty_completion", f"{name} is empty")
         if any(m["role"] != "assistant" for m in completion):
             raise BadRow("bad_role_order", f"{name} holds a non-assistant message")

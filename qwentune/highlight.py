@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import DPO_COLUMNS, PreparedData, prepare_data, resolve_sources
+from .data import PreparedData, prepare_data
+from .datafiles import resolve_sources
+from .datamap import DPO_COLUMNS
 from .recipe import Recipe
 from .vision import ImageSettings, image_runs
 
@@ -105,7 +107,16 @@ def preview(
     text is wrapped in [[ ]] and flagged tokens in [[! !]]), the data reports, and the special tokens in trained
     labels; `flagged` marks token ids whose embedding rows look untrained."""
     flagged = set(flagged or ())
-    data = prepare_data(recipe, tokenizer, limit=limit, quiet=True, keep_origin=True, images=images)
+    data = prepare_data(
+        recipe.data,
+        recipe.method,
+        recipe.base_dir,
+        tokenizer,
+        limit=limit,
+        quiet=True,
+        keep_origin=True,
+        images=images,
+    )
     pad = images.image_pad_id if images else None
     labels = {i: s.label for i, s in enumerate(_sources(recipe))}
     index_kind = {r.source: r.index_kind for r in data.reports}
@@ -143,4 +154,4 @@ def preview(
 
 
 def _sources(recipe: Recipe) -> list:
-    return resolve_sources(recipe, "train")
+    return resolve_sources(recipe.data, recipe.base_dir, "train")

@@ -14,8 +14,8 @@ from transformers import TrainerCallback
 
 from .errors import QwentuneError
 from .logs import is_main_process, log
+from .metrics import read_metrics
 from .recipe import Recipe
-from .run import read_metrics
 from .runinfo import atomic_write_text, run_dir_for
 
 RESUME_IGNORED = ("training.resume", "output.overwrite")  # may differ between the first run and its resumption

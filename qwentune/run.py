@@ -4,19 +4,19 @@ adapter and merging at the end. Plain functions, so each method's script stays r
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from transformers import TrainerCallback
-
 from .export import QuantSpec, merge_adapter, write_train_sidecar
+from .inputs import prepare_inputs
 from .logs import _cuda, is_main_process, log, process_state
+from .metrics import plot_losses
 from .model import Precision
 from .recipe import Recipe
-from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir
+from .resume import resume_checkpoint
+from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir, prepare_run_dir
 
 
 @dataclass
@@ -72,60 +72,6 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
     )
 
 
-class MetricsFile(TrainerCallback):
-    """Every log line (train and eval) appended to run_dir/metrics.jsonl by the main process."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        row = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=float) + "\n")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: training loss per step, eval loss where measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and _finite(r["loss"])]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and _finite(r["eval_loss"])]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
     """adapter/ in PEFT format plus qwentune_train.json (`sidecar`: write_train_sidecar's arguments). Atomic."""
     target = run_dir / "adapter"
@@ -162,13 +108,6 @@ class RunStart(NamedTuple):
 def start_run(recipe: Recipe) -> RunStart:
     """Run dir, model source, tokenizer, and the data through the same code path as `qwentune preprocess`
     (official template, exact masks / prompt+completion ids, bad rows counted by reason)."""
-    from .data import prepare_data
-    from .model import load_tokenizer
-    from .resume import resume_checkpoint
-    from .runinfo import prepare_run_dir
-    from .sources import resolve_model
-    from .vision import image_settings
-
     checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
     if recipe.output.push_to_hub:  # a missing token must stop the run before training, not after
         from .push import check_repo_id, require_token
@@ -176,11 +115,7 @@ def start_run(recipe: Recipe) -> RunStart:
         check_repo_id(recipe.output.push_to_hub, where="output.push_to_hub")
         require_token()
     run_dir = prepare_run_dir(recipe, is_main=is_main_process(), resuming=checkpoint is not None)
-    source = resolve_model(
-        recipe.model.source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
-    tokenizer = load_tokenizer(source.path, recipe.model)
-    data = prepare_data(recipe, tokenizer, images=image_settings(source.path, recipe, tokenizer))
+    source, tokenizer, _, data = prepare_inputs(recipe)
     tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
     reports = [r.to_dict() for r in data.reports]
     if is_main_process():

@@ -8,11 +8,11 @@ from transformers import set_seed
 from .errors import QwentuneError
 from .export import QuantSpec
 from .logs import is_main_process, log
+from .metrics import MetricsFile
 from .model import add_adapter, load_base_model, resolve_precision
 from .recipe import Recipe
 from .resume import train_until_stopped
 from .run import (
-    MetricsFile,
     TrainResult,
     effective_batch,
     finish_run,

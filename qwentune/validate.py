@@ -15,9 +15,9 @@ SAMPLE_ROWS = 5
 
 def _source_line(recipe: Recipe) -> tuple[str, Path | None]:
     """What the model source is, and its local dir when one exists already (for the template check)."""
-    from .sources import _classify, describe_source
+    from .sources import classify_source, describe_source
 
-    kind, payload = _classify(recipe.model.source)
+    kind, payload = classify_source(recipe.model.source)
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE"):
         return f"Hugging Face Hub model {payload} (HF_HUB_OFFLINE is set: not checked)", None
     return describe_source(recipe.model.source), Path(payload) if kind == "local" else None
@@ -25,7 +25,7 @@ def _source_line(recipe: Recipe) -> tuple[str, Path | None]:
 
 def _template(recipe: Recipe, model_dir: Path | None):
     """The recipe's template, or None when it is the model's own and the model is not on disk yet."""
-    from .render import load_template
+    from .template import load_template
 
     spec = recipe.data.template
     if spec == "model":
@@ -39,7 +39,7 @@ def _template(recipe: Recipe, model_dir: Path | None):
 
 def _template_path(recipe: Recipe, spec: str) -> str | Path:
     from .recipe import resolve_path
-    from .render import BUILTIN_TEMPLATES
+    from .template import BUILTIN_TEMPLATES
 
     return spec if spec in BUILTIN_TEMPLATES else resolve_path(recipe, spec)
 
@@ -48,28 +48,24 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
     """Every data source exists, its format is detected, and its first rows convert to canonical rows."""
     import json
 
-    from .data import _read_source, resolve_sources
-    from .formats import convert, detect_format, needs_tools
+    from .canonical import needs_tools
+    from .datafiles import read_source, resolve_sources
+    from .formats import convert, detect_source_format
     from .vision import has_images, row_images
 
     lines = []
     for which in ("train", "eval"):
-        for source in resolve_sources(recipe, which):
+        for source in resolve_sources(recipe.data, recipe.base_dir, which):
+            texts = [text for _, text in itertools.islice(read_source(source), SAMPLE_ROWS)]
             rows = []
-            for _, text in itertools.islice(_read_source(source), SAMPLE_ROWS):
+            for text in texts:
                 try:
                     rows.append(json.loads(text))
                 except json.JSONDecodeError:
                     rows.append(None)
             if not rows:
                 raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
-            fmt = recipe.data.format
-            if fmt == "auto":
-                fmt = next((f for r in rows if isinstance(r, dict) and (f := detect_format(r))), None)
-                if fmt is None:
-                    raise QwentuneError(
-                        f"cannot tell the format of {source.label}", where=source.key, hint="set data.format"
-                    )
+            fmt = detect_source_format(texts, recipe.data.format, label=source.label, where=source.key)
             good = images = 0
             for i, raw in enumerate(rows):
                 try:

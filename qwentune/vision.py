@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRow
+from .canonical import image_reference, is_image_part
+from .errors import BadRow, QwentuneError
 from .render import IGNORE_INDEX
 from .shapes import is_vl
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-LLAVA_PLACEHOLDER = "<image>"
 IMAGE_COLUMNS = ("image_files", "image_sizes")  # not "images": TRL would take the rows for raw vision data
 
 
@@ -97,20 +97,17 @@ def settings_of(processor: Any, tokenizer: Any) -> ImageSettings:
     )
 
 
-def image_settings(model_dir: Path, recipe: Any, tokenizer: Any) -> ImageSettings | None:
-    """The settings for a Qwen2-VL model dir (recipe's model.min_pixels/max_pixels applied); None for text models."""
+def image_settings(
+    model_dir: Path, tokenizer: Any, *, min_pixels: int | None = None, max_pixels: int | None = None
+) -> ImageSettings | None:
+    """The settings for a Qwen2-VL model dir (model.min_pixels/max_pixels applied); None for text models."""
     if not is_vision_model(model_dir):
         return None
-    processor = load_image_processor(model_dir, recipe.model.min_pixels, recipe.model.max_pixels)
+    processor = load_image_processor(model_dir, min_pixels, max_pixels)
     return settings_of(processor, tokenizer)
 
 
 # ---------------------------------------------------------------- images in canonical rows
-
-
-def is_image_part(part: Any) -> bool:
-    """What the official template renders as an image (any part with an `image`/`image_url` key, or type image)."""
-    return isinstance(part, Mapping) and (part.get("type") == "image" or "image" in part or "image_url" in part)
 
 
 def image_parts(messages: Iterable[Mapping]) -> list[Mapping]:
@@ -131,16 +128,6 @@ def _row_messages(row: Mapping) -> list[Mapping]:
 
 def has_images(row: Mapping) -> bool:
     return bool(image_parts(_row_messages(row)))
-
-
-def _reference(part: Mapping) -> Any:
-    value = part.get("image")
-    if value is None and "image_url" in part:
-        url = part["image_url"]
-        value = url.get("url") if isinstance(url, Mapping) else url
-    if value is None:
-        value = part.get("path")
-    return value
 
 
 @dataclass(frozen=True)
@@ -173,8 +160,6 @@ def open_image(ref: str):
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        from .errors import QwentuneError
-
         raise QwentuneError("images need Pillow", where="data", hint="pip install 'qwentune[vl]'") from None
     try:
         if ref.startswith("data:image/"):
@@ -211,49 +196,9 @@ def row_images(row: Mapping, base_dir: str | None) -> list[ImageFile]:
             raise BadRow("video_unsupported", "the row has a video part; only images are supported")
     out = []
     for part in image_parts(messages):
-        ref = resolve_reference(_reference(part), base_dir)
+        ref = resolve_reference(image_reference(part), base_dir)
         image = open_image(ref)
         out.append(ImageFile(ref, image.width, image.height))
-    return out
-
-
-def attach_images(messages: list[dict], images: Any) -> list[dict]:
-    """LLaVA / ShareGPT / TRL rows: a top-level `images` list (or one `image`) fills, in order, the `<image>`
-    placeholders in text contents and the image parts that carry no image of their own. The counts must match."""
-    if isinstance(images, (str, Mapping)):
-        images = [images]
-    if not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
-        raise BadRow("image_count_mismatch", f"'images' must be a list of paths, got {type(images).__name__}")
-    pending = list(images)
-    placeholders = 0
-    out = []
-    for msg in messages:
-        content = msg.get("content")
-        if isinstance(content, str) and LLAVA_PLACEHOLDER in content:
-            parts: list[dict] = []
-            pieces = content.split(LLAVA_PLACEHOLDER)
-            for k, text in enumerate(pieces):
-                if k:
-                    placeholders += 1
-                    parts.append({"type": "image", "image": pending.pop(0) if pending else None})
-                if text:
-                    parts.append({"type": "text", "text": text})
-            msg = {**msg, "content": parts}
-        elif isinstance(content, list):
-            parts = []
-            for part in content:
-                if is_image_part(part) and _reference(part) is None:
-                    placeholders += 1
-                    part = {**part, "type": "image", "image": pending.pop(0) if pending else None}
-                parts.append(part)
-            msg = {**msg, "content": parts}
-        out.append(msg)
-    if placeholders != len(images):
-        raise BadRow(
-            "image_count_mismatch",
-            f"{placeholders} image placeholder(s) ({LLAVA_PLACEHOLDER} or image parts without a path) "
-            f"but {len(images)} image(s) in 'images'",
-        )
     return out
 
 
@@ -306,19 +251,6 @@ def expand_pads(
 def trained_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) of each run of trained labels."""
     return _runs(lab != IGNORE_INDEX for lab in labels)
-
-
-def check_not_cut(ids: Sequence[int], max_length: int, settings: ImageSettings) -> None:
-    """Truncation may cut text after the last image, never into or before an image's tokens (the model would see
-    fewer pads than the image has features: "Image features and image tokens do not match")."""
-    vision = (settings.image_pad_id, settings.vision_start_id, settings.vision_end_id)
-    last = max((i for i, tid in enumerate(ids) if tid in vision), default=-1)
-    if last >= max_length:
-        raise BadRow(
-            "image_tokens_cut",
-            f"{len(ids)} tokens; cutting to max_length {max_length} would cut image tokens (the last ends at "
-            f"{last + 1}), so the row is dropped",
-        )
 
 
 # ---------------------------------------------------------------- the collator

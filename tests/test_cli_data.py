@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tiny_models import shared_tokenizer, tiny_model_dir
 
-from qwentune.render import load_template, render_conversation
+from qwentune.render import render_conversation
+from qwentune.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"

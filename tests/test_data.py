@@ -13,11 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import shared_tokenizer
 
-from qwentune.data import DPO_COLUMNS, DataReport, Unparsed, load_rows, prepare_data
+from qwentune.data import prepare_data as prepare_sections
+from qwentune.datafiles import Unparsed, load_rows
+from qwentune.datamap import DPO_COLUMNS
+from qwentune.datareport import DataReport
 from qwentune.errors import QwentuneError
 from qwentune.highlight import preview
 from qwentune.recipe import load_recipe
-from qwentune.render import IGNORE_INDEX, load_template, render_batch
+from qwentune.render import IGNORE_INDEX, render_batch
+from qwentune.template import load_template
 
 WEATHER = {
     "type": "function",
@@ -86,6 +90,11 @@ def recipe(train, method: str = "sft", **data):
             "data": {"train": [str(p) for p in (train if isinstance(train, list) else [train])], **data},
         }
     )
+
+
+def prepare_data(r, tokenizer, **kwargs):
+    """The data step as the jobs call it: with the recipe's data section, method and directory."""
+    return prepare_sections(r.data, r.method, r.base_dir, tokenizer, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -389,7 +398,8 @@ def test_every_source_kind_gives_the_same_ids(tmp_path, tok):
 
 def test_load_rows_yields_source_index_and_row(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [GOOD, "", "{oops"])  # the blank line is not a row
-    rows = list(load_rows(recipe(path)))
+    r = recipe(path)
+    rows = list(load_rows(r.data, r.base_dir))
     assert [(i, type(r).__name__) for _, i, r in rows] == [(1, "dict"), (3, "Unparsed")]
     assert rows[0][0] == str(path) and isinstance(rows[1][2], Unparsed)
 

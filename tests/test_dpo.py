@@ -18,7 +18,8 @@ import qwentune
 import qwentune.dpo
 from qwentune import cli
 from qwentune.formats import convert
-from qwentune.render import load_template, render_preference
+from qwentune.render import render_preference
+from qwentune.template import load_template
 from qwentune.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

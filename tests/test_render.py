@@ -14,18 +14,16 @@ from pathlib import Path
 import pytest
 
 from qwentune.errors import BadRow, QwentuneError
+from qwentune.fit import fit_row as fit_length
 from qwentune.render import (
-    BUILTIN_TEMPLATES,
     IGNORE_INDEX,
-    ChatTemplate,
     Rendered,
-    fit_length,
-    load_template,
     render_batch,
     render_conversation,
     render_preference,
     render_preference_batch,
 )
+from qwentune.template import BUILTIN_TEMPLATES, ChatTemplate, load_template
 
 IM_END = 151645
 SHARED_TEMPLATES = Path("/work/shared/templates")

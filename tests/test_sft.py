@@ -12,7 +12,8 @@ from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwentune
-from qwentune.render import load_template, render_conversation
+from qwentune.render import render_conversation
+from qwentune.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import TOKENIZER_DIR, shared_tokenizer, template_text, tiny_model_dir
 
-from qwentune import sources
+from qwentune import gguf_source, offline, sources
 from qwentune.errors import QwentuneError
 from qwentune.shapes import SHAPES, build_model, param_count, real_config, tiny_config
 from qwentune.sources import OFFLINE_MODEL, describe_source, resolve_model
@@ -227,13 +227,13 @@ def test_gguf_dequantizes_once_then_hits_the_cache(tiny_gguf, tmp_path: Path, mo
     def must_not_run(*args, **kwargs):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(sources, "dequantize_gguf", must_not_run)
-    monkeypatch.setattr(sources, "_sha256_file", must_not_run)
+    monkeypatch.setattr(gguf_source, "dequantize_gguf", must_not_run)
+    monkeypatch.setattr(gguf_source, "_sha256_file", must_not_run)
     assert resolve_model(str(path), cache_dir=cache, progress=False).path == resolved.path  # no re-hash either
 
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched: re-hash, no rebuild
     hashed = []
-    monkeypatch.setattr(sources, "_sha256_file", lambda p, progress: hashed.append(p) or sha)
+    monkeypatch.setattr(gguf_source, "_sha256_file", lambda p, progress: hashed.append(p) or sha)
     assert resolve_model(str(path), cache_dir=cache, progress=False).path == resolved.path
     assert hashed == [path]
 
@@ -254,7 +254,7 @@ def test_failed_conversion_leaves_nothing(tiny_gguf, tmp_path: Path, monkeypatch
         (out / "config.json").write_text("{}")  # half-written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sources, "dequantize_gguf", crash)
+    monkeypatch.setattr(gguf_source, "dequantize_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(str(path), cache_dir=cache, progress=False)
     assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
@@ -271,16 +271,16 @@ def test_stale_temp_dir_is_cleaned_and_not_mistaken_for_a_result(tiny_gguf, tmp_
     incomplete.mkdir()
     (incomplete / "config.json").write_text("{}")
     calls = []
-    real = sources.dequantize_gguf
+    real = gguf_source.dequantize_gguf
 
     def counting(gguf, out, **kwargs):
         calls.append(gguf)
         return real(gguf, out, **kwargs)
 
-    monkeypatch.setattr(sources, "dequantize_gguf", counting)
+    monkeypatch.setattr(gguf_source, "dequantize_gguf", counting)
     resolved = resolve_model(str(path), cache_dir=cache, progress=False)
     assert len(calls) == 1 and not stale.exists()
-    assert (resolved.path / sources.MARKER).is_file()
+    assert (resolved.path / gguf_source.MARKER).is_file()
 
 
 def test_gguf_that_transformers_cannot_read(tmp_path: Path):
@@ -322,7 +322,7 @@ def _fake_parts(tmp_path: Path, payload: bytes, parts: int = 6) -> list[Path]:
 def _use_fake_offline(monkeypatch, parts: list[Path | None], *, size: int, sha256: str) -> None:
     spec = dataclasses.replace(sources.OFFLINE_MODELS[OFFLINE_NAME], size=size, sha256=sha256)
     monkeypatch.setitem(sources.OFFLINE_MODELS, OFFLINE_NAME, spec)
-    monkeypatch.setattr(sources, "_part_path", lambda spec, index: parts[index - 1])
+    monkeypatch.setattr(offline, "_part_path", lambda spec, index: parts[index - 1])
 
 
 def test_offline_parts_are_found_in_site_packages():
@@ -337,7 +337,7 @@ def test_offline_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch):
     payload = b"GGUF" + os.urandom(4000)
     parts = _fake_parts(tmp_path, payload)
     _use_fake_offline(monkeypatch, parts, size=len(payload), sha256="0" * 64)
-    monkeypatch.setattr(sources, "dequantize_gguf", lambda *a, **k: pytest.fail("unverified bytes were loaded"))
+    monkeypatch.setattr(gguf_source, "dequantize_gguf", lambda *a, **k: pytest.fail("unverified bytes were loaded"))
     cache = tmp_path / "cache"
     with pytest.raises(QwentuneError, match="checksum") as caught:
         resolve_model(OFFLINE_MODEL, cache_dir=cache, progress=False)
@@ -349,7 +349,7 @@ def test_offline_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch):
 def test_offline_size_mismatch_is_refused_before_reading(tmp_path: Path, monkeypatch):
     parts = _fake_parts(tmp_path, b"GGUF" + b"x" * 100)
     _use_fake_offline(monkeypatch, parts, size=491_400_064, sha256="0" * 64)
-    monkeypatch.setattr(sources, "_assembled", lambda *a, **k: pytest.fail("assembled despite wrong size"))
+    monkeypatch.setattr(sources, "assembled", lambda *a, **k: pytest.fail("assembled despite wrong size"))
     with pytest.raises(QwentuneError, match="refusing"):
         resolve_model(OFFLINE_MODEL, cache_dir=tmp_path / "cache", progress=False)
 
@@ -362,9 +362,9 @@ def test_offline_parts_assemble_into_the_verified_gguf(tiny_gguf, tmp_path: Path
     cache = tmp_path / "cache"
     resolved = resolve_model(OFFLINE_MODEL, cache_dir=cache, progress=False)
     assert resolved.kind == "offline" and resolved.path == cache / "models" / sha
-    assert json.loads((resolved.path / sources.MARKER).read_text())["source"] == OFFLINE_MODEL
+    assert json.loads((resolved.path / gguf_source.MARKER).read_text())["source"] == OFFLINE_MODEL
     assert list((cache / "tmp").iterdir()) == []
-    monkeypatch.setattr(sources, "_assembled", lambda *a, **k: pytest.fail("cache miss"))
+    monkeypatch.setattr(sources, "assembled", lambda *a, **k: pytest.fail("cache miss"))
     assert resolve_model(OFFLINE_MODEL, cache_dir=cache, progress=False).path == resolved.path
 
 

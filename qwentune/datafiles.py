@@ -1,0 +1,234 @@
+"""Where data comes from: the sources behind data.train / data.eval (files, folders of files, save_to_disk dirs, hub
+datasets) and their rows as JSON text with their line (jsonl) or row numbers."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import datasets
+
+from .errors import QwentuneError
+from .formats import detect_format
+from .recipe import DataSection
+
+DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    key: str  # the recipe key it came from: data.train[0]
+    kind: str  # jsonl | json | parquet | csv | disk | hub
+    path: str  # a resolved file/dir path, or a hub id
+    split: str | None = None  # for save_to_disk DatasetDicts and hub datasets
+
+    @property
+    def label(self) -> str:
+        return self.path + (f"#{self.split}" if self.split and self.kind == "hub" else "")
+
+    @property
+    def arrow(self) -> bool:
+        """Rows read through Arrow (struct columns): a null there may be a key that was never given."""
+        return self.kind in ("parquet", "disk", "hub")
+
+    @property
+    def base_dir(self) -> str | None:
+        """Where relative image paths in the rows start: the data file's folder (a save_to_disk dir itself)."""
+        if self.kind == "hub":
+            return None
+        path = Path(self.path)
+        return str(path if path.is_dir() else path.parent)
+
+    @property
+    def index_kind(self) -> str:
+        return "line" if self.kind == "jsonl" else "row"
+
+
+class Unparsed(NamedTuple):
+    """A jsonl line that is not JSON (load_rows yields it in place of the row)."""
+
+    text: str
+    error: str
+
+
+def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> list[Source]:
+    """The sources behind data.train / data.eval: a file, a dir of data files, a save_to_disk dir, or a hub id
+    (`owner/name`, optionally `#split`). Relative paths resolve against the current dir, then `base_dir`."""
+    out: list[Source] = []
+    for i, value in enumerate(getattr(data, which)):
+        key = f"data.{which}[{i}]"
+        name, _, split = value.partition("#")
+        path = data_path(base_dir, name)
+        default_split = data.split if which == "train" else None
+        if path.is_dir():
+            if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+                out.append(Source(key, "disk", str(path), split or default_split))
+                continue
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
+            if not files:
+                raise QwentuneError(
+                    f"no data files in directory {path}",
+                    where=key,
+                    hint=f"put {', '.join(DATA_SUFFIXES)} files there, or a dataset saved with save_to_disk",
+                )
+            out += [Source(key, DATA_SUFFIXES[p.suffix.lower()], str(p)) for p in files]
+        elif path.is_file():
+            kind = DATA_SUFFIXES.get(path.suffix.lower())
+            if kind is None:
+                raise QwentuneError(
+                    f"unsupported data file type '{path.suffix}': {path}",
+                    where=key,
+                    hint="use .jsonl, .json, .parquet or .csv files, a save_to_disk dir, or a hub dataset id",
+                )
+            out.append(Source(key, kind, str(path)))
+        elif _looks_like_hub_id(base_dir, name):
+            out.append(Source(key, "hub", name, split or default_split or "validation"))
+        else:
+            raise QwentuneError(
+                f"data file not found: {value}",
+                where=key,
+                hint=f"looked for {path}; relative paths resolve against the current directory, then against the "
+                f"recipe's directory ({base_dir})",
+            )
+    return out
+
+
+def data_path(base_dir: Path, value: str) -> Path:
+    """A path named in the data section: absolute, relative to the current dir if it exists there, else to
+    `base_dir` (the recipe's dir), as `recipe.resolve_path` resolves it."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or p.exists() else base_dir / p
+
+
+def _looks_like_hub_id(base_dir: Path, name: str) -> bool:
+    """owner/name with no data-file suffix, whose first part is not a local directory (then it is a missing path)."""
+    if not _HUB_ID.match(name) or Path(name).suffix.lower() in DATA_SUFFIXES or name.startswith("."):
+        return False
+    return not data_path(base_dir, name.split("/")[0]).is_dir()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)  # dates, decimals, images (the VL path reads image columns itself)
+
+
+def dump_row(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=_json_default)
+
+
+def read_source(source: Source) -> Iterator[tuple[int, str]]:
+    """(row index, the row as JSON text) for every row; jsonl lines are passed on unparsed (blank lines skipped)."""
+    path = Path(source.path)
+    if source.kind == "jsonl":
+        yield from _read_jsonl_lines(path)
+    elif source.kind == "json":
+        yield from _read_json(source)
+    elif source.kind == "csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                yield i, dump_row(row)
+    elif source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield i, dump_row(row)
+                i += 1
+    elif source.kind in ("disk", "hub"):
+        ds = _load_arrow_dataset(source)
+        for i, row in enumerate(ds):
+            yield i, dump_row(row)
+    else:
+        raise ValueError(source.kind)
+
+
+def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
+
+
+def _read_json(source: Source) -> Iterator[tuple[int, str]]:
+    path = Path(source.path)
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{") and text.strip().count("\n"):  # JSON Lines in a .json file
+            yield from enumerate(line for line in text.splitlines() if line.strip())
+            return
+        raise QwentuneError(
+            f"not valid JSON: {e.msg}", where=f"{path}:{e.lineno}", hint="a .json file holds a list of rows"
+        ) from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if detect_format(data):
+            data = [data]
+        elif len(lists) == 1:
+            data = lists[0]
+        else:
+            raise QwentuneError(
+                "a .json data file must hold a list of rows", where=f"{source.key}: {path}", hint="or use .jsonl"
+            )
+    if not isinstance(data, list):
+        raise QwentuneError("a .json data file must hold a list of rows", where=f"{source.key}: {path}")
+    for i, row in enumerate(data):
+        yield i, dump_row(row)
+
+
+def _load_arrow_dataset(source: Source) -> datasets.Dataset:
+    try:
+        if source.kind == "disk":
+            ds = datasets.load_from_disk(source.path)
+        else:
+            ds = datasets.load_dataset(source.path, split=source.split)
+    except Exception as e:  # network, missing split, unknown id: all a user's to fix
+        raise QwentuneError(
+            f"cannot load dataset {source.label}: {type(e).__name__}: {e}",
+            where=source.key,
+            hint="check the id / path and the split (data.split, or `id#split`); offline, point data.train at files",
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        split = source.split or next((s for s in ("validation", "eval", "test") if s in ds), None)
+        if split not in ds:
+            raise QwentuneError(
+                f"{source.path} has no split {split!r} (it has {', '.join(names)})",
+                where=source.key,
+                hint="name the split as path#split, or set data.split",
+            )
+        ds = ds[split]
+    return ds
+
+
+def load_rows(data: DataSection, base_dir: Path, which: str = "train") -> Iterator[tuple[str, int, Any]]:
+    """(source, row index, raw row) for data.train or data.eval; the row index is the 1-based line of a .jsonl file
+    and the 0-based row of other sources. A jsonl line that is not JSON comes as `Unparsed(text, error)`."""
+    for source in resolve_sources(data, base_dir, which):
+        for index, text in itertools.islice(read_source(source), data.limit):
+            try:
+                yield source.label, index, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield source.label, index, Unparsed(text, f"{e.msg} at column {e.colno}")
+
+
+__all__ = [
+    "DATA_SUFFIXES",
+    "Source",
+    "Unparsed",
+    "data_path",
+    "dump_row",
+    "load_rows",
+    "read_source",
+    "resolve_sources",
+]

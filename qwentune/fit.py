@@ -1,0 +1,90 @@
+"""Fitting rendered rows into data.max_length, one function per kind of row: text rows (`fit_row`), rows with
+images (`fit_image_row`: never cut into an image) and preference pairs (`fit_pair`).
+
+'drop' and 'error' raise BadRow (the pipeline turns the length reasons into a hard error under 'error');
+'truncate' keeps the start of a row and cuts the end of a pair's completions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .errors import BadRow, QwentuneError, did_you_mean
+from .render import Rendered, RenderedPair
+from .vision import ImageSettings
+
+OVERLONG = ("drop", "truncate", "error")
+LENGTH_REASONS = ("over_length", "prompt_over_length", "completion_truncated_to_nothing")
+
+
+def fit_row(rendered: Rendered, max_length: int, overlong: str) -> Rendered:
+    """Fit a rendered row into max_length tokens. 'drop' and 'error' raise BadRow('over_length') (the pipeline turns
+    'error' into a hard error); 'truncate' keeps the start and needs at least one trained token left."""
+    if overlong not in OVERLONG:
+        raise QwentuneError(
+            f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}",
+            where="overlong",
+            hint=did_you_mean(str(overlong), OVERLONG),
+        )
+    n = len(rendered.input_ids)
+    if n <= max_length:
+        return rendered
+    if overlong != "truncate":
+        raise BadRow("over_length", f"{n} tokens, more than max_length {max_length}")
+    spans = [(a, min(b, max_length)) for a, b in rendered.trained_spans if a < max_length]
+    if not spans:
+        raise BadRow("over_length", f"{n} tokens, and no trained token within the first {max_length}")
+    return replace(
+        rendered,
+        input_ids=rendered.input_ids[:max_length],
+        labels=rendered.labels[:max_length],
+        trained_spans=spans,
+        truncated=True,
+    )
+
+
+def fit_image_row(rendered: Rendered, max_length: int, overlong: str, settings: ImageSettings) -> Rendered:
+    """`fit_row` for a row with expanded image pads: truncation may cut text after the last image, never into or
+    before an image's tokens (the model would see fewer pads than the image has features: "Image features and image
+    tokens do not match")."""
+    if overlong == "truncate" and len(rendered.input_ids) > max_length:
+        _check_not_cut(rendered.input_ids, max_length, settings)
+    return fit_row(rendered, max_length, overlong)
+
+
+def _check_not_cut(ids: Sequence[int], max_length: int, settings: ImageSettings) -> None:
+    vision = (settings.image_pad_id, settings.vision_start_id, settings.vision_end_id)
+    last = max((i for i, tid in enumerate(ids) if tid in vision), default=-1)
+    if last >= max_length:
+        raise BadRow(
+            "image_tokens_cut",
+            f"{len(ids)} tokens; cutting to max_length {max_length} would cut image tokens (the last ends at "
+            f"{last + 1}), so the row is dropped",
+        )
+
+
+def fit_pair(pair: RenderedPair, max_length: int, overlong: str) -> tuple[list[int], list[int], list[int], bool]:
+    """DPO lengths: (prompt, chosen, rejected, truncated). A prompt over max_length is dropped (prompt_over_length);
+    a pair over it is dropped (over_length) or, under `truncate`, its completions are cut from the end (they then
+    lose <|im_end|>: counted as truncated); a prompt that fills max_length leaves nothing to cut to
+    (completion_truncated_to_nothing)."""
+    prompt, chosen, rejected = pair.prompt_input_ids, pair.chosen_input_ids, pair.rejected_input_ids
+    p, m = len(prompt), max_length
+    if p > m:
+        raise BadRow("prompt_over_length", f"the prompt has {p} tokens, more than max_length {m}")
+    room = m - p
+    longest = max(len(chosen), len(rejected))
+    truncated = longest > room
+    if truncated:
+        if overlong != "truncate":
+            raise BadRow("over_length", f"prompt {p} + completion {longest} tokens, more than max_length {m}")
+        if room == 0:
+            raise BadRow("completion_truncated_to_nothing", f"the prompt fills max_length {m} by itself")
+        chosen, rejected = chosen[:room], rejected[:room]
+        if chosen == rejected:
+            raise BadRow("identical_pair", f"chosen and rejected are the same in their first {room} tokens")
+    return prompt, chosen, rejected, truncated
+
+
+__all__ = ["LENGTH_REASONS", "OVERLONG", "fit_image_row", "fit_pair", "fit_row"]
