@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import QwentuneError
+from ..sources import resolve_model
 from .adapter import check_adapter_config
 from .card import write_card
 from .checkpoint import config_dtype, load_model, read_json, untie_config_dict
@@ -32,8 +33,6 @@ from .streaming import streaming_merge
 
 def resolve_base(source: str | Path) -> Path:
     """A base-model reference (local dir, hub id, .gguf, offline:…) → a local directory, via the one model resolver."""
-    from ..sources import resolve_model
-
     return resolve_model(str(source)).path
 
 
