@@ -15,7 +15,8 @@ from qwentune.chat import Conversation, Generator, handle_line, parse_reply, rea
 from qwentune.errors import QwentuneError
 from qwentune.formats import convert
 from qwentune.inference import load_for_inference, resolve_trained
-from qwentune.render import load_template, render_conversation
+from qwentune.render import render_conversation
+from qwentune.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"
