@@ -12,7 +12,6 @@ import torch
 from .errors import QwentuneError
 from .recipe import Recipe
 from .shapes import is_vl, quant_skip_modules
-from .tokens import patch_output_bias
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -241,9 +240,7 @@ def add_adapter(recipe: Recipe, model, trainable_token_ids: list[int] | None = N
     from peft import get_peft_model
 
     model = _prepare_for_adapter(recipe, model)
-    peft_model = get_peft_model(model, lora_config(recipe, model, trainable_token_ids))
-    patch_output_bias(peft_model)
-    return peft_model
+    return get_peft_model(model, lora_config(recipe, model, trainable_token_ids))
 
 
 def load_adapter_for_training(recipe: Recipe, model, adapter_dir: Path):
@@ -253,6 +250,4 @@ def load_adapter_for_training(recipe: Recipe, model, adapter_dir: Path):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QwentuneError("not an adapter dir (no adapter_config.json)", where=str(adapter_dir))
     model = _prepare_for_adapter(recipe, model)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    patch_output_bias(peft_model)
-    return peft_model
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
