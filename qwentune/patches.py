@@ -84,9 +84,9 @@ def _mentions(function, name: str) -> bool:
     return False
 
 
-def _problem(owner, name: str, params: tuple = (), read_by=None) -> str | None:
+def _problem(owner, name: str, params: tuple = (), read_by: tuple | None = None) -> str | None:
     """What differs from what a patch needs: `owner.name` missing, taking other parameters than `params`, or no
-    longer read by `read_by`; None when all is as written for."""
+    longer read by `read_by` ((owner, attribute) of the function that reads it); None when all is as written for."""
     where = f"{_name(owner)}.{name}"
     value = getattr(owner, name, None)
     if value is None:
@@ -99,8 +99,8 @@ def _problem(owner, name: str, params: tuple = (), read_by=None) -> str | None:
         wanted = params[:-1] if params[-1] is ... else params
         if (have[: len(wanted)] if params[-1] is ... else have) != wanted:
             return f"{where} takes ({', '.join(have)}), not ({', '.join(str(p) for p in params)})"
-    if read_by is not None and not _mentions(read_by, name):
-        return f"{_name(read_by)} no longer reads {name}"
+    if read_by is not None and not _mentions(getattr(*read_by, None), name):
+        return f"{_name(read_by[0])}.{read_by[1]} no longer reads {name}"
     return None
 
 
@@ -144,7 +144,7 @@ def compact_head_on_cpu():
     untouched (TRL's kernel reads its own `trl.kernels.chunked_logprob._use_triton`)."""
     import trl.trainer.utils as trl_utils
 
-    problem = _problem(trl_utils, "_use_triton", USE_TRITON, read_by=trl_utils.add_fused_lm_head)
+    problem = _problem(trl_utils, "_use_triton", USE_TRITON, read_by=(trl_utils, "add_fused_lm_head"))
     if problem:
         raise _changed("trl", TRL, problem)
     on_gpu = trl_utils._use_triton
@@ -180,9 +180,9 @@ def lean_cpu_fold():
             yield
             return
         problems = [
-            _problem(trl_utils, "_ChunkedLogProbFunction", read_by=trl_utils.add_fused_lm_head),
-            _problem(chunked, "_forward_tile", FORWARD_TILE, read_by=chunked.ChunkedLogProbFunction.forward),
-            _problem(chunked, "_backward_tile", BACKWARD_TILE, read_by=chunked.ChunkedLogProbFunction.backward),
+            _problem(trl_utils, "_ChunkedLogProbFunction", read_by=(trl_utils, "add_fused_lm_head")),
+            _problem(chunked, "_forward_tile", FORWARD_TILE, read_by=(chunked.ChunkedLogProbFunction, "forward")),
+            _problem(chunked, "_backward_tile", BACKWARD_TILE, read_by=(chunked.ChunkedLogProbFunction, "backward")),
         ]
         if function is not None:
             problems.append(_problem(function, "forward", CHUNKED_FORWARD))
@@ -274,7 +274,7 @@ def pretokenized_dpo_trainer():
     from trl import DPOTrainer
 
     for name, params in (("_prepare_dataset", PREPARE_DATASET), ("_precompute_ref_logps", PRECOMPUTE_REF_LOGPS)):
-        problem = _problem(DPOTrainer, name, params, read_by=DPOTrainer.__init__)
+        problem = _problem(DPOTrainer, name, params, read_by=(DPOTrainer, "__init__"))
         if problem:
             raise _changed("trl", TRL, problem)
 
