@@ -98,7 +98,7 @@ def _problem(owner, name: str, params: tuple = (), read_by: tuple | None = None)
             have = ()
         wanted = params[:-1] if params[-1] is ... else params
         if (have[: len(wanted)] if params[-1] is ... else have) != wanted:
-            return f"{where} takes ({', '.join(have)}), not ({', '.join(str(p) for p in params)})"
+            return f"{where} takes ({', '.join(have)}), not ({', '.join('...' if p is ... else p for p in params)})"
     if read_by is not None and not _mentions(getattr(*read_by, None), name):
         return f"{_name(read_by[0])}.{read_by[1]} no longer reads {name}"
     return None
