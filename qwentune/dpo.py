@@ -11,10 +11,10 @@ With `dpo.precompute_ref_log_probs` the reference log-probs of every pair are co
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from transformers import set_seed
 
+from . import patches
 from .errors import QwentuneError, did_you_mean
 from .export import QuantSpec
 from .logs import is_main_process, log
@@ -31,8 +31,7 @@ from .run import (
     trainer_arguments,
 )
 from .sources import resolve_model
-from .speed import score_only_trained_positions
-from .tokens import check_tokens, trainable_token_ids
+from .tokens import check_tokens, prepare_new_token_rows
 from .vision import text_only, vision_collator
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
@@ -53,26 +52,8 @@ CONFIG_FIELDS = {
 REMOVED_FIELDS = {
     "rpo_alpha": "RPO is now a loss combination: loss_type: [sigmoid, sft] with loss_weights: [1.0, ALPHA]",
 }
-_FALLBACK_LOSSES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
 EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
              "logps/chosen", "logps/rejected")  # fmt: skip
-
-
-def supported_loss_types() -> tuple[str, ...]:
-    """The loss types the installed TRL's DPOConfig documents (`loss_type` help), else those of TRL 1.16."""
-    try:
-        from trl import DPOConfig
-
-        help_text = {f.name: f for f in dataclasses.fields(DPOConfig)}["loss_type"].metadata.get("help", "")
-        found = tuple(dict.fromkeys(re.findall(r"`'([a-z0-9_]+)'`", help_text)))
-        if found:
-            return found
-    except (ImportError, KeyError):
-        pass
-    return _FALLBACK_LOSSES
 
 
 def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
@@ -81,7 +62,7 @@ def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
     from trl import DPOConfig
 
     d = recipe.dpo
-    losses = supported_loss_types()
+    losses = patches.trl_dpo_loss_types()
     for loss in d.loss_type:
         if loss not in losses:
             raise QwentuneError(
@@ -118,68 +99,6 @@ def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
             )
 
 
-def _pretokenized_dpo_trainer():
-    from trl import DPOTrainer
-
-    class PretokenizedDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer on our exact ids, with the reference settled before TRL first uses it."""
-
-        def __init__(self, *args, continuing: bool, **kwargs):
-            self._continuing = continuing
-            self._reference_settled = False
-            super().__init__(*args, **kwargs)
-            self._settle_reference()
-
-        # TRL re-renders and re-tokenizes text pairs and adds a trained "\n" after <|im_end|>; ours are already exact.
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            self._settle_reference()  # TRL precomputes inside its __init__, right after it made its "ref" copy
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-
-        def _settle_reference(self) -> None:
-            """The one place where TRL's reference adapter is fixed up.
-
-            Given a PeftModel and no ref_model, TRL 1.16 adds an adapter "ref" and copies every parameter whose name
-            contains ".default." into it; the reference forward then runs with "ref" active.
-            - Fresh adapter: the copy is zero-initialised LoRA (B = 0) and trainable-token rows equal to the base
-              rows, i.e. exactly the base, which the policy with its adapter disabled already is. We delete it:
-              the reference is the adapter-disabled model, with no copy kept.
-            - Continued adapter: PEFT trainable tokens are named `…trainable_tokens_delta.default` (no trailing
-              dot), so TRL leaves "ref" with the *base* token rows and the reference would be neither the base nor
-              the adapter it continues. We copy every "default" tensor into "ref", frozen."""
-            if self._reference_settled:
-                return
-            self._reference_settled = True
-            from peft import PeftModel
-
-            model = self.accelerator.unwrap_model(self.model)
-            if self.ref_model is not None or not isinstance(model, PeftModel) or "ref" not in model.peft_config:
-                return
-            if not self._continuing:
-                model.delete_adapter("ref")
-                model.set_adapter("default")
-                return
-            named = dict(model.named_parameters())
-            for name, param in named.items():
-                parts = name.split(".")
-                if "default" not in parts:
-                    continue
-                parts[parts.index("default")] = "ref"
-                ref = named.get(".".join(parts))
-                if ref is None:
-                    raise QwentuneError(
-                        f"TRL's reference adapter has no copy of {name}",
-                        where="dpo reference",
-                        hint="set dpo.reference to the merged model of the adapter you continue",
-                    )
-                ref.data = param.data.detach().clone()
-                ref.requires_grad_(False)
-
-    return PretokenizedDPOTrainer
-
-
 def train_dpo(recipe: Recipe) -> TrainResult:
     from trl import DPOConfig
 
@@ -204,7 +123,11 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         )
         reference = f"frozen copy of the adapter {adapter_dir}"
     else:
-        new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
+        new_tokens = prepare_new_token_rows(  # flagged special-token rows: trainable, from their base values
+            model, tokenizer, data.train, train_new_tokens=recipe.peft.train_new_tokens,
+            init_from_text=False,  # the policy must start equal to its reference, the adapter-disabled base
+            run_dir=run_dir,
+        )  # fmt: skip
         model = add_adapter(
             recipe.peft,
             model,
@@ -254,21 +177,6 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     collator = None
     if data.images is not None:  # Qwen2-VL: pixel inputs for the prompt's images, once per chosen/rejected row
         collator = vision_collator(source.path, recipe, tokenizer, data.images, preference=True)
-    score_only_trained_positions()
-    trainer = _pretokenized_dpo_trainer()(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        data_collator=collator,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
-        continuing=continuing,
-    )
-    if d.precompute_ref_log_probs and ref_model is not None:
-        trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
-
     metrics: dict = {
         "effective_batch": batch,
         "processes": processes,
@@ -277,12 +185,28 @@ def train_dpo(recipe: Recipe) -> TrainResult:
                 "label_smoothing": d.label_smoothing, "reference": reference,
                 "precompute_ref_log_probs": d.precompute_ref_log_probs},
     }  # fmt: skip
+    with patches.trl_for_dpo(model) as DPOTrainer:  # TRL/PEFT internals patched for this trainer only, restored after
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train,
+            eval_dataset=evals,
+            processing_class=tokenizer,
+            callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+            continuing=continuing,
+        )
+        if d.precompute_ref_log_probs and ref_model is not None:
+            trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
+        if evals is not None:
+            metrics["eval_before"] = _eval_summary(trainer.evaluate())
+        train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
+        metrics.update(train_output.metrics, global_step=train_output.global_step)
+        if evals is not None:
+            after = _final_eval(trainer, train_output.global_step) or trainer.evaluate()
+            metrics["eval_after"] = _eval_summary(after)
     if evals is not None:
-        metrics["eval_before"] = _eval_summary(trainer.evaluate())
-    train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
-    metrics.update(train_output.metrics, global_step=train_output.global_step)
-    if evals is not None:
-        metrics["eval_after"] = _eval_summary(_final_eval(trainer, train_output.global_step) or trainer.evaluate())
         log(
             "eval reward accuracy {:.3f} → {:.3f}, mean margin {:.4f} → {:.4f}".format(
                 metrics["eval_before"].get("rewards/accuracies", float("nan")),

@@ -23,7 +23,7 @@ CARDS_GB = (8, 12, 16, 24, 40, 48, 80)  # GPU memory sizes (GiB) the verdict pic
 CUDA_CONTEXT = 0.5 * GiB  # CUDA context + kernels, outside torch's allocator
 ALLOCATOR_HEADROOM = 1.10  # fragmentation in torch's caching allocator
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's chunked log-prob kernel: [tokens, vocab] projection tile
-CPU_TILE_TEMPS = 3  # fp32 tile-sized temporaries of speed.lean_cpu_head's fold (a copy, exp, p in backward)
+CPU_TILE_TEMPS = 3  # fp32 tile-sized temporaries of patches.lean_cpu_fold's fold (a copy, exp, p in backward)
 NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size; double-quant block size over the absmax
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -437,7 +437,7 @@ def estimate(
     hidden_bytes = resid if qlora or weight_bytes == 4 else a  # the final norm's output dtype
     compute = autocast or hidden_bytes
     T = min(n_head, TILE_TOKENS)
-    vocab_tile = CPU_VOCAB_CHUNK if device == "cpu" else TILE_VOCAB  # speed.lean_cpu_head narrows CPU tiles
+    vocab_tile = CPU_VOCAB_CHUNK if device == "cpu" else TILE_VOCAB  # patches.lean_cpu_fold narrows CPU tiles
     tile = T * vocab_tile * compute
     fused = n_head * h * (hidden_bytes + 4 + (hidden_bytes if hidden_bytes != 4 else 0)) + tile
     fused_desc = (

@@ -12,7 +12,6 @@ import torch
 from .errors import QwentuneError
 from .recipe import ModelSection, PeftSection, TrainingSection
 from .shapes import is_vl, quant_skip_modules
-from .tokens import patch_output_bias
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -240,7 +239,6 @@ def add_adapter(
 
     model = _prepare_for_adapter(model, quant, gradient_checkpointing)
     peft_model = get_peft_model(model, lora_config(peft, model, trainable_token_ids))
-    patch_output_bias(peft_model)
     return peft_model
 
 
@@ -252,5 +250,4 @@ def load_adapter_for_training(model, adapter_dir: Path, *, quant=None, gradient_
         raise QwentuneError("not an adapter dir (no adapter_config.json)", where=str(adapter_dir))
     model = _prepare_for_adapter(model, quant, gradient_checkpointing)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    patch_output_bias(peft_model)
     return peft_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import set_seed
 
+from . import patches
 from .errors import QwentuneError
 from .export import QuantSpec
 from .logs import is_main_process, log
@@ -20,8 +21,7 @@ from .run import (
     start_run,
     trainer_arguments,
 )
-from .speed import score_only_trained_positions
-from .tokens import trainable_token_ids
+from .tokens import prepare_new_token_rows
 from .vision import text_only, vision_collator
 
 
@@ -44,7 +44,14 @@ def train_sft(recipe: Recipe) -> TrainResult:
     quant = QuantSpec.for_peft(recipe.peft)  # None for LoRA
     set_seed(recipe.training.seed)  # the adapter's random init must not depend on what ran before in this process
     model = load_base_model(recipe.model, source.path, precision, quant=quant, train_vision=recipe.peft.train_vision)
-    new_tokens = trainable_token_ids(recipe, model, tokenizer, data.train, run_dir=run_dir)
+    new_tokens = prepare_new_token_rows(  # flagged special-token rows: trainable, starting from their text
+        model,
+        tokenizer,
+        data.train,
+        train_new_tokens=recipe.peft.train_new_tokens,
+        init_from_text=True,
+        run_dir=run_dir,
+    )
     model = add_adapter(
         recipe.peft, model, new_tokens.ids, quant=quant, gradient_checkpointing=recipe.training.gradient_checkpointing
     )
@@ -69,28 +76,29 @@ def train_sft(recipe: Recipe) -> TrainResult:
         packing=recipe.sft.packing,
         padding_free=recipe.sft.packing,
         dataset_num_proc=recipe.data.num_proc,
+        # Our rows are already tokenized with exact labels: TRL prepares nothing, except the bins when it packs.
+        dataset_kwargs={"skip_prepare_dataset": not recipe.sft.packing},
     )
     collator = None
     if data.images is not None:  # Qwen2-VL: the collator adds pixel_values / image_grid_thw / mm_token_type_ids
         collator = vision_collator(source.path, recipe, tokenizer, data.images)
-    score_only_trained_positions()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
-    )
-
     metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
-    if data.eval is not None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
-    metrics.update(train_output.metrics, global_step=train_output.global_step)
-    if data.eval is not None:
-        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    with patches.trl_for_sft(model):  # TRL/PEFT internals patched for this trainer only, restored after
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+        )
+        if data.eval is not None:
+            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
+        metrics.update(train_output.metrics, global_step=train_output.global_step)
+        if data.eval is not None:
+            metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
     sample_row = (data.eval if data.eval is not None else data.train)[0]
     return finish_run(

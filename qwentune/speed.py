@@ -1,97 +1,24 @@
-"""Speed levers that leave the loss and its gradients unchanged (each one tested for that in tests/test_speed*.py).
+"""The lean CPU fold of TRL's fused LM head: the same math as TRL's torch fold, with less memory traffic.
 
-Both SFT and DPO in TRL 1.16 already compute per-token log-probabilities through a fused LM head
-(`trl.trainer.utils.add_fused_lm_head`): the `(tokens, 151,936)` logits are never materialized, the head is projected
-in `[TOKEN_CHUNK_SIZE, chunk_size]` tiles folded into an online log-sum-exp, and the backward recomputes each tile.
-On CUDA the fold is a Triton kernel. On CPU it is torch code (`_forward_tile`/`_backward_tile`) that makes about a
-dozen full-tile temporaries per tile, and the tiles are `4096 × 32768` fp32 (512 MiB each): every temporary is a fresh
-mmap that the kernel zero-fills, so the head spends more time in page faults and elementwise passes than in its matrix
-products, and its peak memory is several such tiles. The levers below fix that on CPU only.
+TRL (1.16) computes SFT and DPO per-token log-probabilities through a fused LM head (`add_fused_lm_head`): the
+`(tokens, vocabulary)` logits are never materialized; the head is projected in tiles folded into an online
+log-sum-exp, and the backward recomputes each tile. On CUDA the fold is a Triton kernel. On CPU it is torch code that
+makes about a dozen full-tile temporaries per tile; with TRL's `4096 × 32768` fp32 tiles (512 MiB each) every
+temporary is a fresh zero-filled mmap. The two folds below work in place on narrower tiles (`CPU_VOCAB_CHUNK`
+columns). `qwentune.patches.lean_cpu_fold` installs them around a training run; tests/test_speed_head.py holds them
+equal to TRL's fold and to full logits.
 """
 
 from __future__ import annotations
 
 import math
 
-_PATCHED = False
-_LEAN_PATCHED = False
-
 # Vocabulary columns per tile on CPU: a 4096-token tile is then 32 MiB in fp32, inside the range glibc serves from its
 # heap instead of a fresh mmap per allocation (measured in benchmarks/train_throughput.py; see README "Performance").
 CPU_VOCAB_CHUNK = 2048
 
 
-def score_only_trained_positions() -> None:
-    """TRL's fused LM head projects only the positions whose label is trained — but only on CUDA/XPU ("compact");
-    on CPU it projects every position through the 151,936-row head, although masked positions contribute exactly zero.
-    Chat data trains ~25% of its tokens (prompts, tools blocks and tool results are masked), so on CPU this does 4× the
-    head work for nothing. We let the compact path run on CPU too; the Triton kernel choice is untouched.
-
-    Also applies `lean_cpu_head` (narrow tiles and in-place tile math on CPU)."""
-    global _PATCHED
-    lean_cpu_head()
-    if _PATCHED:
-        return
-    import trl.trainer.utils as trl_utils
-
-    on_gpu = trl_utils._use_triton
-
-    def compact(device) -> bool:
-        return True if device.type == "cpu" else on_gpu(device)
-
-    trl_utils._use_triton = compact
-    _PATCHED = True
-
-
-def lean_cpu_head() -> None:
-    """On CPU, TRL's fused LM head with narrow vocabulary tiles (`CPU_VOCAB_CHUNK` columns) and a fold that works in
-    place: the same online log-sum-exp, the same gradient formula, the tile still rounded to the compute dtype before
-    the gradient matrix products. The CUDA/Triton path is untouched (the torch fold only runs where Triton does not,
-    and the tile width changes only for CPU tensors)."""
-    global _LEAN_PATCHED
-    if _LEAN_PATCHED:
-        return
-    try:  # TRL internals: where a TRL release renames them, its own (slower) CPU path runs unchanged
-        import trl.kernels.chunked_logprob as chunked
-        import trl.trainer.utils as trl_utils
-
-        original_forward, original_backward = chunked._forward_tile, chunked._backward_tile
-        function = trl_utils._ChunkedLogProbFunction
-    except (ImportError, AttributeError):
-        _LEAN_PATCHED = True
-        return
-
-    def unscaled(flags: dict) -> bool:
-        return not flags["HAS_SOFTCAP"] and flags["logit_scale"] == 1.0 and flags["inv_t"] == 1.0
-
-    # TRL calls the folds with the tensors and column range positionally and the flags as keywords.
-    def forward_tile(*args, **flags):
-        if not unscaled(flags):  # softcapped or scaled logits (not Qwen): TRL's own fold
-            return original_forward(*args, **flags)
-        tile, _, targets, *stats, vocab_start, n_cols = args
-        _lean_forward_fold(tile, targets, *stats, vocab_start, n_cols, flags)
-
-    def backward_tile(*args, **flags):
-        if not unscaled(flags):
-            return original_backward(*args, **flags)
-        tile, _, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols = args
-        _lean_backward_fold(tile, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols, flags)
-
-    class NarrowTilesOnCPU:
-        """TRL's ChunkedLogProbFunction, called with `CPU_VOCAB_CHUNK` vocabulary columns for CPU tensors."""
-
-        @staticmethod
-        def apply(hidden, weight, bias, targets, temperature, chunk_size, *args):
-            if hidden.device.type == "cpu":
-                chunk_size = min(chunk_size, CPU_VOCAB_CHUNK)
-            return function.apply(hidden, weight, bias, targets, temperature, chunk_size, *args)
-
-    chunked._forward_tile, chunked._backward_tile = forward_tile, backward_tile
-    trl_utils._ChunkedLogProbFunction = NarrowTilesOnCPU
-    _LEAN_PATCHED = True
-
-
-def _lean_forward_fold(
+def lean_forward_fold(
     tile, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before_target, target_logit, vocab_start,
     n_cols, flags,
 ) -> None:  # fmt: skip
@@ -133,9 +60,7 @@ def _lean_forward_fold(
     target_logit.copy_(torch.where(in_tile, target_z, target_logit))
 
 
-def _lean_backward_fold(
-    tile, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols, flags
-) -> None:
+def lean_backward_fold(tile, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols, flags) -> None:
     """TRL's `_backward_tile` for unscaled logits: overwrite the tile with d(loss)/d(logits),
     g_lp·(1[target] − p) − g_ent·p·(log p + H), computed in fp32 in place and rounded into the tile once."""
     import torch

@@ -11,13 +11,15 @@ call position, `</tool_call>` from 20.8 to 6.7, and the mean NLL of all trained 
 tool-call rows, before any training). PEFT's token rows hold whole values, so the start is part of the adapter and
 the merge needs nothing extra.
 
-Three entry points:
+Two entry points:
 
-* `trainable_token_ids` — training: the check on the loaded base model, printed, saved as
-  ``run_dir/special_tokens.json`` and in the run metrics; with ``auto`` the flagged ids become trainable.
+* `prepare_new_token_rows` — training: the check on the loaded base model, printed, saved as
+  ``run_dir/special_tokens.json`` and in the run metrics; with ``auto`` the flagged ids become trainable and (SFT)
+  their rows in the base model are rewritten to start from their text.
 * `flagged_in_model_files` — `qwentune preview`: the same check on the embedding/lm_head tensors read straight from
   the model dir's safetensors files (nothing else is loaded).
-* `patch_output_bias` — the one workaround TRL/PEFT need for trainable tokens on the output layer.
+
+PEFT's trainable-token wrapper needs one workaround under TRL's fused head: `patches.peft_output_bias`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import numpy as np
 import torch
 
 from .logs import is_main_process, log
-from .recipe import Recipe
 from .runinfo import atomic_write_json
 
 # A row is "untrained" when it is one of a cluster of near-identical rows (never-used tokens collapse together
@@ -176,14 +177,17 @@ def check_tokens(model, tokenizer, dataset) -> TokenCheck:
     return result
 
 
-def trainable_token_ids(recipe: Recipe, model, tokenizer, dataset, run_dir: Path | None = None) -> TokenCheck:
-    """The check, printed and saved; with `peft.train_new_tokens: auto` the flagged rows become trainable."""
+def prepare_new_token_rows(
+    model, tokenizer, dataset, *, train_new_tokens: str, init_from_text: bool, run_dir: Path | None = None
+) -> TokenCheck:
+    """The check, printed and saved (`run_dir/special_tokens.json`). With `train_new_tokens` "auto" the flagged ids
+    are returned to be made trainable (`TokenCheck.ids`) and, with `init_from_text`, their rows in `model` are
+    rewritten in place to start from their text (`init_rows_from_text`); "off" only reports them."""
 
     result = check_tokens(model, tokenizer, dataset)
-    if recipe.peft.train_new_tokens == "auto":
+    if train_new_tokens == "auto":
         result.ids = result.flagged
-        if recipe.method == "sft":
-            # Not for DPO: its reference is the adapter-disabled base, and the policy must start equal to it.
+        if init_from_text:
             result.initialised = init_rows_from_text(model, tokenizer, result.ids)
     log(result.summary())
     if result.flagged and not result.ids:
@@ -292,19 +296,3 @@ def flagged_in_model_files(model_dir: Path, tokenizer) -> set[int] | None:
     the embeddings cannot be read without loading the model."""
     rows = check_model_files(model_dir, tokenizer)
     return None if rows is None else {r.token_id for r in rows if r.flagged}
-
-
-# --- the one TRL/PEFT workaround -------------------------------------------------------------------------------
-
-
-def patch_output_bias(peft_model) -> None:
-    """TRL's fused LM-head loss (`trl.trainer.utils.add_fused_lm_head`, used by SFTTrainer and DPOTrainer) reads
-    `lm_head.weight` and `lm_head.bias`. PEFT's trainable-token wrapper (`TrainableTokensWrapper`) forwards only
-    `weight` (base + trained rows) and raises AttributeError for `bias` on the first training step. We give the
-    wrapper instance the base layer's bias (None for Qwen) as a plain attribute: its `weight` is already the trained
-    one, and a bias is never a trainable-token row. Call after PEFT wraps the model (fresh or loaded adapter)."""
-    from peft.utils.other import TrainableTokensWrapper
-
-    head = peft_model.get_output_embeddings()
-    if isinstance(head, TrainableTokensWrapper) and "bias" not in head.__dict__:
-        object.__setattr__(head, "bias", getattr(head.token_adapter.base_layer, "bias", None))

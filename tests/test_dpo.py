@@ -15,7 +15,7 @@ from tiny_models import shared_tokenizer, tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM
 
 import qwentune
-import qwentune.dpo
+import qwentune.patches
 from qwentune import cli
 from qwentune.formats import convert
 from qwentune.render import render_preference
@@ -69,7 +69,7 @@ def reference_probe(monkeypatch):
     (TRL's own `compute_ref_log_probs`: adapter disabled, "ref" adapter or ref_model) are taken just before and
     just after training."""
     seen: dict = {}
-    make = qwentune.dpo._pretokenized_dpo_trainer
+    make = qwentune.patches.pretokenized_dpo_trainer
 
     def probing():
         class Probing(make()):
@@ -85,7 +85,7 @@ def reference_probe(monkeypatch):
 
         return Probing
 
-    monkeypatch.setattr(qwentune.dpo, "_pretokenized_dpo_trainer", probing)
+    monkeypatch.setattr(qwentune.patches, "pretokenized_dpo_trainer", probing)
     return seen
 
 

@@ -12,28 +12,37 @@ HIDDEN = 64
 OUTPUTS = ("log_probs", "entropy", "is_top1")  # what TRL's SFTTrainer asks the fused head for
 
 
-@pytest.fixture
-def trl_head(monkeypatch):
-    """TRL's fused-head function as TRL ships it; `patched()` returns it after qwentune.speed's levers. Every
-    attribute the levers touch is restored after the test."""
+def _trl_as_shipped():
+    """TRL's fused-head function from a fresh copy of its module, executed from TRL's own file: whatever the imported
+    module holds now (after any test before this one), this copy folds with TRL's own `_forward_tile`."""
+    import importlib.util
+
     import trl.kernels.chunked_logprob as chunked
+
+    spec = importlib.util.spec_from_file_location(chunked.__name__, chunked.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh.ChunkedLogProbFunction is not chunked.ChunkedLogProbFunction
+    return fresh.ChunkedLogProbFunction
+
+
+@pytest.fixture
+def trl_head():
+    """TRL's fused-head function as TRL ships it, and `patched()`: the one training uses inside
+    `patches.lean_cpu_fold` (entered for the test, restored after it)."""
     import trl.trainer.utils as trl_utils
 
-    import qwentune.speed as speed
+    from qwentune import patches
 
-    for module, name in ((chunked, "_forward_tile"), (chunked, "_backward_tile"),
-                         (trl_utils, "_ChunkedLogProbFunction"), (trl_utils, "_use_triton")):  # fmt: skip
-        monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(speed, "_PATCHED", False)
-    monkeypatch.setattr(speed, "_LEAN_PATCHED", False)
-    original = trl_utils._ChunkedLogProbFunction
+    original = _trl_as_shipped()
+    with patches.lean_cpu_fold():
+        function = trl_utils._ChunkedLogProbFunction
 
-    def patched():
-        speed.score_only_trained_positions()
-        assert trl_utils._ChunkedLogProbFunction is not original
-        return trl_utils._ChunkedLogProbFunction
+        def patched():
+            assert function.__qualname__.endswith("NarrowTilesOnCPU")  # the lean fold is installed
+            return function
 
-    return original, patched
+        yield original, patched
 
 
 def _inputs(tokens: int, seed: int = 0, dtype=torch.float32):

@@ -29,7 +29,6 @@ from qwentune.tokens import (
     check_model_files,
     check_tokens,
     flagged_in_model_files,
-    patch_output_bias,
     text_token_ids,
 )
 
@@ -202,10 +201,10 @@ def test_text_token_ids_split_the_special_token_text(qwen_tokenizer):
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_auto_starts_flagged_rows_from_their_text_in_sft_only(tmp_path, broken, qwen_tokenizer, method):
     """SFT: the flagged rows start from the mean of their text's rows. DPO: untouched (its reference is the
-    adapter-disabled base, which the policy must equal at step 0)."""
+    adapter-disabled base, which the policy must equal at step 0; dpo.py asks for no text start)."""
     from datasets import Dataset
 
-    from qwentune.tokens import trainable_token_ids
+    from qwentune.tokens import prepare_new_token_rows
 
     model_dir, _, _ = broken(UNTIED)
     model = load(model_dir)
@@ -217,10 +216,9 @@ def test_auto_starts_flagged_rows_from_their_text_in_sft_only(tmp_path, broken, 
         rows = Dataset.from_dict(
             {"prompt_input_ids": [trained[:3]], "chosen_input_ids": [trained[3:]], "rejected_input_ids": [[IM_END]]}
         )
-    recipe = qwentune.load_recipe(
-        {"model": {"source": "x"}, "data": {"train": [str(ROOT / "data/tool_calls.jsonl")]}, "method": method}
+    result = prepare_new_token_rows(
+        model, qwen_tokenizer, rows, train_new_tokens="auto", init_from_text=method == "sft"
     )
-    result = trainable_token_ids(recipe, model, qwen_tokenizer, rows)
     assert result.ids == [TC, ETC]
     after = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
     if method == "dpo":
@@ -245,36 +243,6 @@ def test_lora_config_trains_the_rows_of_both_layers_unless_trained_whole(tmp_pat
     assert lora_config(whole.peft, tied, [TC]).trainable_token_indices is None  # one shared matrix, trained in full
     untied = load(tiny_model_dir(tmp_path / "untied", UNTIED))
     assert lora_config(whole.peft, untied, [TC]).trainable_token_indices == {"embed_tokens": [TC]}
-
-
-# --- TRL's fused LM head and PEFT's trainable-token wrapper -----------------------------------------------------
-
-
-def test_patch_output_bias_lets_trls_fused_head_run_on_trainable_tokens(tmp_path):
-    """SFTTrainer/DPOTrainer add TRL's fused LM head to the base, then call the PeftModel with fused_lm_head=True;
-    the head reads `lm_head.bias`, which PEFT's TrainableTokensWrapper does not have."""
-    from peft import get_peft_model
-    from peft.utils.other import TrainableTokensWrapper
-    from trl.trainer.utils import add_fused_lm_head
-
-    base = load(tiny_model_dir(tmp_path))
-    add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # exactly as SFTTrainer does
-    recipe = bare_recipe()
-    peft_model = get_peft_model(base, lora_config(recipe.peft, base, [TC, ETC]))
-    assert isinstance(peft_model.get_output_embeddings(), TrainableTokensWrapper)
-    ids = torch.tensor([[IMS, 77091, 198, TC, 4913, ETC, IM_END]])
-    labels = torch.tensor([[-100, -100, -100, TC, 4913, ETC, IM_END]])
-
-    with pytest.raises(AttributeError, match="bias"):
-        peft_model(input_ids=ids, labels=labels, fused_lm_head=True)
-
-    patch_output_bias(peft_model)
-    fused = peft_model(input_ids=ids, labels=labels, fused_lm_head=True)
-    plain = peft_model(input_ids=ids, labels=labels)  # the unfused forward: full logits + the model's own loss
-    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-5)
-    fused.loss.backward()
-    delta = peft_model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
-    assert delta.grad is not None and bool((delta.grad.abs().sum(dim=1) > 0).all())  # both rows get a gradient
 
 
 # --- the fix, end to end ------------------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""Every reach into TRL's and PEFT's internals, in one place.
+
+Each patch is a context manager that installs what it needs around one trainer's life and puts back exactly what was
+there on exit (normal or raised). Each names the library release it was written for and checks, on entry, that the
+internal it needs is still there with the same signature and is still read where the patch expects; when not, it
+raises `LibraryChanged` naming the internal and both versions. The one exception is speed only: where TRL's CPU fold
+changed, `lean_cpu_fold` leaves TRL's own (slower, equal) CPU path running and says so once.
+
+sft.py and dpo.py each enter one block: `with trl_for_sft(model):` / `with trl_for_dpo(model) as DPOTrainer:`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import inspect
+import re
+import types
+
+from .errors import QwentuneError
+from .logs import log
+from .speed import CPU_VOCAB_CHUNK, lean_backward_fold, lean_forward_fold
+
+TRL = "1.16"  # the TRL release the TRL patches below were written for
+PEFT = "0.21"  # the PEFT release peft_output_bias was written for
+
+# TRL 1.16's signatures of the internals we replace or override ("..." ends a prefix: more may follow).
+USE_TRITON = ("device",)
+FORWARD_TILE = (
+    "tile", "tile_stride", "targets", "running_max", "sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
+    "max_before_target", "target_logit", "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP",
+    "HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS", "HAS_MEAN_LOGITS", "HAS_IS_TOP1", "BLOCK_SIZE",
+)  # fmt: skip
+BACKWARD_TILE = (
+    "tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy", "vocab_start", "n_cols",
+    "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD", "BLOCK_SIZE",
+)  # fmt: skip
+CHUNKED_FORWARD = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", ...)
+PREPARE_DATASET = ("self", "dataset", "processing_class", "args", "dataset_name")
+PRECOMPUTE_REF_LOGPS = ("self", "dataset", "name", "batch_size")
+# The loss types TRL 1.16's DPOConfig documents; used when the installed TRL's help text yields none.
+TRL_DPO_LOSSES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
+class LibraryChanged(QwentuneError):
+    """An internal that a patch needs is missing or changed in the installed library."""
+
+
+def _version(library: str) -> str:
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _changed(library: str, written_for: str, problem: str) -> LibraryChanged:
+    installed = _version(library)
+    return LibraryChanged(
+        f"{problem} in the installed {library} {installed}; qwentune's patch for it was written for "
+        f"{library} {written_for}",
+        where="qwentune/patches.py",
+        hint=f"install {library} {written_for}.x (qwentune's requirements), or update qwentune/patches.py for "
+        f"{library} {installed}",
+    )
+
+
+def _name(owner) -> str:
+    return owner.__name__ if inspect.ismodule(owner) else f"{owner.__module__}.{owner.__qualname__}"
+
+
+def _mentions(function, name: str) -> bool:
+    """Whether `function` (or a function defined inside it) reads a global or attribute called `name`."""
+    code = getattr(function, "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        code = stack.pop()
+        if name in code.co_names:
+            return True
+        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return False
+
+
+def _problem(owner, name: str, params: tuple = (), read_by: tuple | None = None) -> str | None:
+    """What differs from what a patch needs: `owner.name` missing, taking other parameters than `params`, or no
+    longer read by `read_by` ((owner, attribute) of the function that reads it); None when all is as written for."""
+    where = f"{_name(owner)}.{name}"
+    value = getattr(owner, name, None)
+    if value is None:
+        return f"{where} is missing"
+    if params:
+        try:
+            have = tuple(inspect.signature(value).parameters)
+        except (TypeError, ValueError):
+            have = ()
+        wanted = params[:-1] if params[-1] is ... else params
+        if (have[: len(wanted)] if params[-1] is ... else have) != wanted:
+            return f"{where} takes ({', '.join(have)}), not ({', '.join('...' if p is ... else p for p in params)})"
+    if read_by is not None and not _mentions(getattr(*read_by, None), name):
+        return f"{_name(read_by[0])}.{read_by[1]} no longer reads {name}"
+    return None
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log(message)
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
+
+
+def _ours(value) -> bool:
+    return getattr(value, "_qwentune_patch", False)
+
+
+def _mark(value):
+    value._qwentune_patch = True
+    return value
+
+
+# --- TRL's fused LM head on CPU (speed only: loss and gradients unchanged, tests/test_speed*.py) ---------------------
+
+
+@contextlib.contextmanager
+def compact_head_on_cpu():
+    """TRL's fused LM head projects only the positions whose label is trained ("compact"), but only on CUDA/XPU; on
+    CPU it projects every position through the 151,936-row head, although masked positions contribute exactly zero
+    (chat data trains ~25% of its tokens). Lets the compact path run on CPU too. Written for TRL 1.16:
+    `trl.trainer.utils._use_triton(device)`, read by `add_fused_lm_head` on every call. The Triton kernel choice is
+    untouched (TRL's kernel reads its own `trl.kernels.chunked_logprob._use_triton`)."""
+    import trl.trainer.utils as trl_utils
+
+    problem = _problem(trl_utils, "_use_triton", USE_TRITON, read_by=(trl_utils, "add_fused_lm_head"))
+    if problem:
+        raise _changed("trl", TRL, problem)
+    on_gpu = trl_utils._use_triton
+    if _ours(on_gpu):  # already installed by an enclosing block
+        yield
+        return
+
+    @_mark
+    def compact(device) -> bool:
+        return True if device.type == "cpu" else on_gpu(device)
+
+    with _replaced(trl_utils, "_use_triton", compact):
+        yield
+
+
+@contextlib.contextmanager
+def lean_cpu_fold():
+    """On CPU, TRL's fused LM head folds `CPU_VOCAB_CHUNK`-column tiles with speed.py's in-place folds: the same online
+    log-sum-exp and gradient, the tile still rounded to the compute dtype before the gradient products. Softcapped or
+    scaled logits (not Qwen) keep TRL's own fold; the CUDA/Triton path is untouched (TRL's torch fold only runs where
+    Triton does not, and the tile width changes only for CPU tensors). Written for TRL 1.16:
+    `trl.kernels.chunked_logprob._forward_tile/_backward_tile` (tensors and column range positional, flags as
+    keywords) and `trl.trainer.utils._ChunkedLogProbFunction`. Speed only: where they changed, TRL's own CPU fold runs
+    and this says so once."""
+    try:
+        import trl.kernels.chunked_logprob as chunked
+        import trl.trainer.utils as trl_utils
+    except ImportError as error:
+        problems = [str(error)]
+    else:
+        function = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+        if _ours(function):  # already installed by an enclosing block
+            yield
+            return
+        problems = [
+            _problem(trl_utils, "_ChunkedLogProbFunction", read_by=(trl_utils, "add_fused_lm_head")),
+            _problem(chunked, "_forward_tile", FORWARD_TILE, read_by=(chunked.ChunkedLogProbFunction, "forward")),
+            _problem(chunked, "_backward_tile", BACKWARD_TILE, read_by=(chunked.ChunkedLogProbFunction, "backward")),
+        ]
+        if function is not None:
+            problems.append(_problem(function, "forward", CHUNKED_FORWARD))
+        problems = [p for p in problems if p]
+    if problems:
+        _say_once(
+            f"TRL {_version('trl')}: {'; '.join(problems)} (qwentune's lean CPU fold was written for TRL {TRL}); "
+            "TRL's own CPU fold runs instead (slower, same loss)"
+        )
+        yield
+        return
+
+    original_forward, original_backward = chunked._forward_tile, chunked._backward_tile
+
+    def unscaled(flags: dict) -> bool:
+        return not flags["HAS_SOFTCAP"] and flags["logit_scale"] == 1.0 and flags["inv_t"] == 1.0
+
+    def forward_tile(*args, **flags):
+        if not unscaled(flags):  # softcapped or scaled logits: TRL's own fold
+            return original_forward(*args, **flags)
+        tile, _, targets, *stats, vocab_start, n_cols = args
+        lean_forward_fold(tile, targets, *stats, vocab_start, n_cols, flags)
+
+    def backward_tile(*args, **flags):
+        if not unscaled(flags):
+            return original_backward(*args, **flags)
+        tile, _, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols = args
+        lean_backward_fold(tile, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols, flags)
+
+    @_mark
+    class NarrowTilesOnCPU:
+        """TRL's ChunkedLogProbFunction, called with `CPU_VOCAB_CHUNK` vocabulary columns for CPU tensors."""
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, *args):
+            if hidden.device.type == "cpu":
+                chunk_size = min(chunk_size, CPU_VOCAB_CHUNK)
+            return function.apply(hidden, weight, bias, targets, temperature, chunk_size, *args)
+
+    with (
+        _replaced(chunked, "_forward_tile", forward_tile),
+        _replaced(chunked, "_backward_tile", backward_tile),
+        _replaced(trl_utils, "_ChunkedLogProbFunction", NarrowTilesOnCPU),
+    ):
+        yield
+
+
+# --- PEFT's trainable-token wrapper under TRL's fused LM head --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peft_output_bias(peft_model):
+    """TRL's fused LM head reads `lm_head.weight` and `lm_head.bias`. PEFT's trainable-token wrapper
+    (`TrainableTokensWrapper`, on an output layer with trainable token rows) forwards only `weight` (base + trained
+    rows) and raises AttributeError for `bias` on the first training step. Gives the wrapper instance its base layer's
+    bias (None for Qwen) as a plain attribute, removed on exit: its `weight` is already the trained one, and a bias
+    is never a trainable-token row. Written for PEFT 0.21 (`peft.utils.other.TrainableTokensWrapper`,
+    `.token_adapter.base_layer`); where the wrapper answers `bias` itself, nothing is done."""
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        raise _changed("peft", PEFT, "peft.utils.other.TrainableTokensWrapper is missing") from None
+    head = peft_model.get_output_embeddings()
+    if not isinstance(head, TrainableTokensWrapper):
+        yield
+        return
+    if hasattr(head, "bias"):  # the wrapper answers `bias` itself: nothing to patch
+        yield
+        return
+    base = getattr(getattr(head, "token_adapter", None), "base_layer", None)
+    if base is None:
+        raise _changed("peft", PEFT, "TrainableTokensWrapper.token_adapter.base_layer is missing")
+    # object.__setattr__: nn.Module's would register a tensor bias as the wrapper's own parameter (saved twice).
+    object.__setattr__(head, "bias", getattr(base, "bias", None))
+    try:
+        yield
+    finally:
+        head.__dict__.pop("bias", None)
+
+
+# --- TRL's DPOTrainer on our exact ids -------------------------------------------------------------------------------
+
+
+def pretokenized_dpo_trainer():
+    """TRL's DPOTrainer on our exact ids, with the reference settled before TRL first uses it. TRL 1.16 has no public
+    switch to skip its DPO dataset preparation (only vision datasets skip it), so the subclass overrides
+    `_prepare_dataset` and hooks `_precompute_ref_logps`; a subclass changes nothing outside its own instances.
+    Written for TRL 1.16: both are checked to exist with their 1.16 signatures and to be called by `__init__`."""
+    from trl import DPOTrainer
+
+    for name, params in (("_prepare_dataset", PREPARE_DATASET), ("_precompute_ref_logps", PRECOMPUTE_REF_LOGPS)):
+        problem = _problem(DPOTrainer, name, params, read_by=(DPOTrainer, "__init__"))
+        if problem:
+            raise _changed("trl", TRL, problem)
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def __init__(self, *args, continuing: bool, **kwargs):
+            self._continuing = continuing
+            self._reference_settled = False
+            super().__init__(*args, **kwargs)
+            self._settle_reference()
+
+        # TRL re-renders and re-tokenizes text pairs and adds a trained "\n" after <|im_end|>; ours are already exact.
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self._settle_reference()  # TRL precomputes inside its __init__, right after it made its "ref" copy
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+        def _settle_reference(self) -> None:
+            """The one place where TRL's reference adapter is fixed up.
+
+            Given a PeftModel and no ref_model, TRL 1.16 adds an adapter "ref" and copies every parameter whose name
+            contains ".default." into it; the reference forward then runs with "ref" active.
+            - Fresh adapter: the copy is zero-initialised LoRA (B = 0) and trainable-token rows equal to the base
+              rows, i.e. exactly the base, which the policy with its adapter disabled already is. We delete it:
+              the reference is the adapter-disabled model, with no copy kept.
+            - Continued adapter: PEFT trainable tokens are named `…trainable_tokens_delta.default` (no trailing
+              dot), so TRL leaves "ref" with the *base* token rows and the reference would be neither the base nor
+              the adapter it continues. We copy every "default" tensor into "ref", frozen."""
+            if self._reference_settled:
+                return
+            self._reference_settled = True
+            from peft import PeftModel
+
+            model = self.accelerator.unwrap_model(self.model)
+            if self.ref_model is not None or not isinstance(model, PeftModel) or "ref" not in model.peft_config:
+                return
+            if not self._continuing:
+                model.delete_adapter("ref")
+                model.set_adapter("default")
+                return
+            named = dict(model.named_parameters())
+            for name, param in named.items():
+                parts = name.split(".")
+                if "default" not in parts:
+                    continue
+                parts[parts.index("default")] = "ref"
+                ref = named.get(".".join(parts))
+                if ref is None:
+                    raise QwentuneError(
+                        f"TRL's reference adapter has no copy of {name}",
+                        where="dpo reference",
+                        hint="set dpo.reference to the merged model of the adapter you continue",
+                    )
+                ref.data = param.data.detach().clone()
+                ref.requires_grad_(False)
+
+    return PretokenizedDPOTrainer
+
+
+def trl_dpo_loss_types() -> tuple[str, ...]:
+    """The loss types the installed TRL's DPOConfig documents. TRL 1.16 keeps no public list: they are read from the
+    help text of `DPOConfig.loss_type` (each written `'name'` in backticks). Where that yields none, TRL 1.16's list,
+    said once."""
+    try:
+        from trl import DPOConfig
+
+        help_text = {f.name: f for f in dataclasses.fields(DPOConfig)}["loss_type"].metadata.get("help", "")
+        found = tuple(dict.fromkeys(re.findall(r"`'([a-z0-9_]+)'`", help_text)))
+        if found:
+            return found
+    except (ImportError, KeyError):
+        pass
+    _say_once(
+        f"TRL {_version('trl')}: DPOConfig's loss_type help names no loss types; checking dpo.loss_type against "
+        f"TRL {TRL}'s list"
+    )
+    return TRL_DPO_LOSSES
+
+
+# --- one block per trainer -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def trl_for_sft(peft_model):
+    """Everything SFTTrainer needs patched: construct, evaluate and train the trainer inside this block."""
+    with peft_output_bias(peft_model), compact_head_on_cpu(), lean_cpu_fold():
+        yield
+
+
+@contextlib.contextmanager
+def trl_for_dpo(peft_model):
+    """Everything DPOTrainer needs patched; yields the DPOTrainer class to construct (`pretokenized_dpo_trainer`).
+    Construct, evaluate and train the trainer inside this block."""
+    trainer_class = pretokenized_dpo_trainer()
+    with peft_output_bias(peft_model), compact_head_on_cpu(), lean_cpu_fold():
+        yield trainer_class
