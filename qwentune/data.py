@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import datasets
 
-from .errors import BadRow, QwentuneError
+from .errors import BadRow, QwentuneError, json_error_text
 from .formats import FORMATS, convert, detect_format, needs_tools, normalize_tools
 from .recipe import Recipe, resolve_path
 from .render import ChatTemplate, fit_length, load_template, render_batch, render_preference_batch
@@ -219,10 +219,17 @@ def _read_source(source: Source) -> Iterator[tuple[int, str]]:
             for i, row in enumerate(csv.DictReader(f)):
                 yield i, _dump(row)
     elif source.kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise QwentuneError(
+                f"cannot read {path} as Parquet: {e}", where=source.key, hint="is the file complete?"
+            ) from None
+        for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield i, _dump(row)
                 i += 1
@@ -303,7 +310,7 @@ def load_rows(recipe: Recipe, which: str = "train") -> Iterator[tuple[str, int, 
             try:
                 yield source.label, index, json.loads(text)
             except json.JSONDecodeError as e:
-                yield source.label, index, Unparsed(text, f"{e.msg} at column {e.colno}")
+                yield source.label, index, Unparsed(text, json_error_text(e))
 
 
 # ---------------------------------------------------------------- the mapped step (runs in the map workers)
@@ -338,7 +345,7 @@ def _process_batch(batch: dict, *, opts: _Options, tokenizer: Any, template: Cha
             try:
                 raw = json.loads(text)
             except json.JSONDecodeError as e:
-                raise BadRow("invalid_json", f"{e.msg} at column {e.colno}") from None
+                raise BadRow("invalid_json", json_error_text(e)) from None
             row = convert(raw, fmt, arrow=arrow, tools=opts.tools, system_prompt=opts.system_prompt)
             if not template.supports_tools and needs_tools(row):
                 raise BadRow("tools_unsupported", f"the row uses tools; template {template.name} has no tool support")

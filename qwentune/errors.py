@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 
 class QwentuneError(Exception):
@@ -39,3 +42,27 @@ class BadRow(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def json_error_text(error: json.JSONDecodeError) -> str:
+    """A JSON parse error in words, with its line and column (json's own `msg` may end in 'at', e.g. 'Unterminated
+    string starting at', so the position is never appended as 'at column N')."""
+    return f"{error.msg} (line {error.lineno}, column {error.colno})"
+
+
+def read_json_file(path: str | Path, *, hint: str) -> Any:
+    """A JSON file the user supplied (a model's config.json, a tools file): a QwentuneError naming the file and line
+    when it cannot be read, is not UTF-8, or is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise QwentuneError(
+            f"not valid JSON: {e.msg} (column {e.colno})", where=f"{path}:{e.lineno}", hint=hint
+        ) from None
+    except UnicodeDecodeError as e:
+        raise QwentuneError(
+            f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})", where=str(path), hint=hint
+        ) from None
+    except OSError as e:
+        raise QwentuneError(f"cannot read: {e.strerror or e}", where=str(path), hint=hint) from None
