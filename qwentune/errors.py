@@ -45,9 +45,11 @@ class BadRow(Exception):
 
 
 def json_error_text(error: json.JSONDecodeError) -> str:
-    """A JSON parse error in words, with its line and column (json's own `msg` may end in 'at', e.g. 'Unterminated
-    string starting at', so the position is never appended as 'at column N')."""
-    return f"{error.msg} (line {error.lineno}, column {error.colno})"
+    """A JSON parse error in words with its position. json's `msg` may end in 'at' ('Invalid control character
+    at'), so the position is phrased to follow either way: 'at column 18', 'at line 3 column 2'."""
+    msg = error.msg.removesuffix(" at")
+    where = f"line {error.lineno} column {error.colno}" if error.lineno > 1 else f"column {error.colno}"
+    return f"{msg} at {where}"
 
 
 def read_json_file(path: str | Path, *, hint: str) -> Any:
