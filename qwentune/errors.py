@@ -24,7 +24,11 @@ class QwentuneError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
             text += f" (hint: {self.hint})"
-        return text
+        return text.translate(_LINE_BREAKS)  # one line, whatever the user's text held
+
+
+# Characters str.splitlines() breaks at, shown escaped so an error about user text stays one line.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
