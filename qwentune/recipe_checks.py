@@ -41,6 +41,8 @@ MINIMUMS: dict[str, tuple[float, str]] = {
     "dpo.label_smoothing": (0, "0.0"),
     "dpo.rpo_alpha": (0, "1.0"),
 }
+# Upper bounds where a huge value would not fail cleanly but start thousands of processes.
+MAXIMUMS = {"data.num_proc": 256, "training.dataloader_num_workers": 256}
 _STRICT = {"training.learning_rate"}  # must be > its minimum, not ≥
 _SEEDS = ("data.seed", "training.seed")  # numpy / torch seeds: < 2^32
 
@@ -66,6 +68,9 @@ def check_recipe(recipe: Any, where: str) -> None:
         value = _value(recipe, key)
         if value is not None and (value <= minimum if key in _STRICT else value < minimum):
             fail(key, f"must be {'>' if key in _STRICT else '≥'} {minimum}, got {value}", f"e.g. {example}")
+    for key, maximum in MAXIMUMS.items():
+        if _value(recipe, key) > maximum:
+            fail(key, f"must be at most {maximum}, got {_value(recipe, key)}", "about the number of CPU cores")
     for key in _SEEDS:
         if _value(recipe, key) >= 1 << 32:
             fail(key, f"must be < 2^32, got {_value(recipe, key)}", "e.g. 42")
