@@ -95,7 +95,14 @@ def prepare_run_dir(recipe: Recipe, *, is_main: bool = True) -> Path:
                 where=str(run_dir),
                 hint="pick another output.dir, or set output.overwrite=true",
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        except OSError as e:
+            raise QwentuneError(
+                f"cannot write the run dir: {e.strerror or e}",
+                where=f"output.dir {run_dir}",
+                hint="pick a writable dir",
+            ) from None
         atomic_write_json(run_dir / "versions.json", {"libraries": library_versions(), "git": git_revision()})
     return run_dir

@@ -219,3 +219,13 @@ def test_an_internal_error_is_one_line_with_exit_1(monkeypatch, capsys):
     assert cli.main(["validate", str(RECIPE)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("internal error: RuntimeError: boom") and "QWENTUNE_DEBUG=1" in err and "\n" not in err
+
+
+def test_train_into_an_unwritable_output_dir_is_one_line(tmp_path, model):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run = qwentune(
+        "train", RECIPE, f"model.source={model}", f"output.dir={blocker}/run", "data.eval=[]", "data.limit=2",
+        "training.max_steps=1", "training.precision=fp32",
+    )  # fmt: skip
+    one_line_error(run, f"output.dir {blocker}/run", "cannot write the run dir")
