@@ -22,7 +22,7 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     here, so a mistyped override is not read as a second recipe path."""
     recipes, overrides = [], []
     for item in items:
-        if Path(item).is_file() or ("=" not in item and item.endswith((".yaml", ".yml"))):
+        if os.path.isfile(item) or ("=" not in item and item.endswith((".yaml", ".yml"))):
             recipes.append(item)
         elif "=" in item:
             overrides.append(item)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -23,6 +24,7 @@ from .recipe_yaml import StrictLoader, key_in_message, line_of_key, read_yaml
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+NAME_MAX = 255  # the longest file name (bytes) of every common filesystem
 
 
 def _choices(*values: Any, help: str = "") -> dict:
@@ -368,7 +370,7 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = 
     else:
         path = Path(source)
         where = str(path)
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise QwentuneError("recipe file not found", where=where, hint="check the path; recipes live in recipes/")
         tree = read_yaml(path, where) or {}
         if not isinstance(tree, dict):
@@ -413,6 +415,13 @@ def dump_recipe(recipe: Recipe) -> str:
 def resolve_path(recipe: Recipe, value: str) -> Path:
     """A path from the recipe: absolute, relative to the current dir if it exists there, else to the recipe's dir."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
+    if any(len(os.fsencode(part)) > NAME_MAX for part in p.parts):  # else every later stat() is an OSError
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise QwentuneError(
+            f"path '{shown}' has a name longer than {NAME_MAX} bytes",
+            where=str(recipe.path or "recipe"),
+            hint="check the path",
+        )
+    if p.is_absolute() or os.path.exists(p):  # os.path: False (not an error) for names too long for the filesystem
         return p
     return recipe.base_dir / p

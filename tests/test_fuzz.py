@@ -135,7 +135,7 @@ override_text = st.one_of(
 def path_values(workspace: Path) -> st.SearchStrategy:
     return st.sampled_from(
         [str(workspace / "tiny-qwen2.5-0.5b-instruct"), str(workspace / "good.jsonl"), str(workspace / "missing"),
-         str(workspace), "", "qwen2.5-instruct", "model", "[]", "null"]
+         str(workspace), "", "qwen2.5-instruct", "model", "[]", "null", "n" * 300, f"/{'n' * 300}/x.jsonl"]
     )  # fmt: skip
 
 
@@ -156,7 +156,7 @@ def set_key(tree: dict, key: str, value) -> None:
     node[last] = value
 
 
-@examples(25)
+@examples(20)
 @given(data=st.data())
 def test_random_overrides_never_crash_validate(workspace, data):
     overrides = []
@@ -164,7 +164,8 @@ def test_random_overrides_never_crash_validate(workspace, data):
         value = data.draw(path_values(workspace) if key in PATH_KEYS else override_text, label=key)
         overrides.append(f"{key}={value}")
     if data.draw(st.booleans(), label="a stray word"):
-        overrides.append(data.draw(st.text(max_size=8).filter(lambda s: s and "=" not in s), label="word"))
+        word = st.text(max_size=8) | st.just("w" * 300) | st.just("w" * 300 + ".yaml")
+        overrides.append(data.draw(word.filter(lambda s: s and "=" not in s), label="word"))
     tree = base_tree(workspace)
     path = workspace / "recipe.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -172,7 +173,7 @@ def test_random_overrides_never_crash_validate(workspace, data):
     assert_clean_exit(code, stderr)
 
 
-@examples(25)
+@examples(20)
 @given(data=st.data())
 def test_random_recipe_files_never_crash_validate(workspace, data):
     tree = base_tree(workspace)
@@ -309,7 +310,7 @@ def preprocess_args(workspace: Path, data: Path, fmt: str) -> list[str]:
 FORMATS = st.sampled_from(["auto", "auto", "messages", "sharegpt", "alpaca", "prompt_completion"])
 
 
-@examples(12)
+@examples(8)
 @given(lines=data_file(), fmt=FORMATS)
 def test_random_rows_never_crash_preprocess_and_every_row_is_counted(workspace, lines, fmt):
     data = workspace / "rows.jsonl"

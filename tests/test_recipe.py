@@ -212,3 +212,23 @@ def test_override_values_yaml_cannot_parse():
     for bad in ("peft.target_modules=[q_proj", "data.train={a: 1", "data.system_prompt='unclosed"):
         with pytest.raises(QwentuneError, match=rf"^override '{re.escape(bad)}': value .* is not valid YAML"):
             parse_override(bad)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "n" * 300,
+        "n" * 300 + ".yaml",
+        "data.train=" + "n" * 300,
+        "data.template=/" + "n" * 300,
+        "model.source=" + "n" * 300,
+    ],
+)
+def test_names_too_long_for_the_filesystem_are_one_line_errors(item, capsys, monkeypatch):
+    """Fuzz finding: a path component over 255 bytes made stat() raise OSError (ENAMETOOLONG) → a traceback."""
+    from qwentune.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["validate", str(ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"), item]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
