@@ -323,7 +323,7 @@ def test_random_rows_never_crash_preprocess_and_every_row_is_counted(workspace, 
         assert len(written) == int(REPORT.findall(stderr)[0][0])
 
 
-@examples(2)
+@examples(1)
 @given(
     lines=data_file(), fmt=FORMATS, overrides=st.lists(st.sampled_from(KEYS).map(lambda k: f"{k}=.nan"), max_size=1)
 )
