@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import QwentuneError
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ def prepare(recipe: Recipe | str | Path | dict, overrides=None, *, limit: int | 
     """Render and mask the recipe's data: PreparedData(train, eval, reports, template)."""
     from .inputs import prepare_inputs
 
+    if limit is not None and limit < 1:
+        raise QwentuneError(f"{limit} is not a valid limit (must be ≥ 1, or None for every row)", where="limit")
     return prepare_inputs(_recipe(recipe, overrides), limit=limit).data
 
 
@@ -43,18 +46,27 @@ def preprocess(
     from .vision import IMAGE_COLUMNS
 
     recipe = _recipe(recipe, overrides)
+    output = Path(output)
+    if output.is_dir():
+        raise QwentuneError("is a directory", where=f"--output {output}", hint="name a .jsonl file, e.g. rows.jsonl")
     data = prepare(recipe, limit=limit)
     columns = [c for c in data.train.column_names if c.endswith("input_ids") or c in ("labels", *IMAGE_COLUMNS)]
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as e:
+        raise QwentuneError(
+            f"cannot write here: {e.strerror or e}", where=f"--output {output}", hint="pick a writable path"
+        ) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in data.train.select_columns(columns):
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, output)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise QwentuneError(f"cannot write: {e.strerror or e}", where=f"--output {output}") from None
         raise
     return len(data.train)
 

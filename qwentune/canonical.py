@@ -229,6 +229,9 @@ def normalize_messages(turns: Any, *, arrow: bool = False) -> list[dict]:
         calls = turn.get("tool_calls")
         if calls is None and isinstance(turn.get("function_call"), (dict, str)):
             calls = [turn["function_call"]]  # legacy OpenAI assistant function_call
+        if value is None and (role != "assistant" or is_blank(calls) or calls == []):
+            # null content is an empty turn only beside tool calls (OpenAI); elsewhere the text is missing
+            raise BadRow("null_content", f"message {i} ({role}) has no content")
         if not is_blank(calls) and calls != []:
             if role != "assistant":
                 raise BadRow("bad_role_order", f"message {i} ({role}) carries tool calls")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import QwentuneError
@@ -16,9 +18,20 @@ Multi-GPU: accelerate launch --config_file launch/ddp.yaml -m qwentune train REC
 
 
 def _split(items: list[str]) -> tuple[list[str], list[str]]:
-    """Recipe paths and `a.b=value` overrides, in any order."""
-    recipes = [i for i in items if "=" not in i]
-    overrides = [i for i in items if "=" in i]
+    """Recipe paths and `a.b=value` overrides, in any order. A word that is neither a file nor has '=' is refused
+    here, so a mistyped override is not read as a second recipe path."""
+    recipes, overrides = [], []
+    for item in items:
+        if os.path.isfile(item) or ("=" not in item and item.endswith((".yaml", ".yml"))):
+            recipes.append(item)
+        elif "=" in item:
+            overrides.append(item)
+        else:
+            raise QwentuneError(
+                f"'{item}' is not an override (expected section.key=value) and not a recipe file",
+                where="command line",
+                hint="write overrides as section.key=value, e.g. training.epochs=2",
+            )
     return recipes, overrides
 
 
@@ -127,7 +140,7 @@ def cmd_push(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qwentune",
         description="Fine-tune Qwen2.5 / Qwen2 / Qwen2-VL with LoRA or QLoRA: exact chat-template masks, SFT and DPO, "
         "merged checkpoints that plain transformers loads.",
@@ -143,12 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="render and mask the data exactly as training will; write jsonl")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--output", "-o", required=True, help="output .jsonl (input_ids/labels, or DPO id columns)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows of each data file")
+    p.add_argument("--limit", type=_at_least(1, "limit"), default=None, help="only the first N rows of each data file")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("preview", help="show tokens with the trained ones highlighted")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--rows", type=_at_least(1, "number of rows"), default=3)
     p.add_argument("--no-color", action="store_true", help="mark trained spans as [[...]] instead of colour")
     p.set_defaults(func=cmd_preview)
 
@@ -160,8 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="peak memory per process from the model's config (nothing loads)")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (default cuda)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: data.max_length)")
-    p.add_argument("--token-rows", type=int, default=None, help="trainable token rows (default: 2 if auto, else 0)")
+    p.add_argument(
+        "--seq-len",
+        type=_at_least(16, "sequence length"),
+        default=None,
+        help="tokens per row (default: data.max_length)",
+    )
+    p.add_argument(
+        "--token-rows",
+        type=_at_least(0, "number of token rows"),
+        default=None,
+        help="trainable token rows (default: 2 if auto, else 0)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_estimate)
 
@@ -208,17 +231,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least(minimum: int, what: str):
+    """argparse type for a count (--limit, --rows, ...): a whole number ≥ `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not a valid {what} (must be ≥ {minimum})")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (like every other error) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (hint: {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (a QwentuneError) is one line on stderr and exit code 2; any other exception is a
+    bug, reported in one line with exit code 1. QWENTUNE_DEBUG=1 shows the traceback of either."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("QWENTUNE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except QwentuneError as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e.render()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(a bug in qwentune, not in your input; set QWENTUNE_DEBUG=1 for the traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

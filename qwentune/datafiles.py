@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import datasets
 
-from .errors import QwentuneError
+from .errors import QwentuneError, json_error_text
 from .formats import detect_format
 from .recipe import DataSection
 
@@ -136,10 +136,17 @@ def read_source(source: Source) -> Iterator[tuple[int, str]]:
             for i, row in enumerate(csv.DictReader(f)):
                 yield i, dump_row(row)
     elif source.kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise QwentuneError(
+                f"cannot read {path} as Parquet: {e}", where=source.key, hint="is the file complete?"
+            ) from None
+        for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield i, dump_row(row)
                 i += 1
@@ -219,7 +226,7 @@ def load_rows(data: DataSection, base_dir: Path, which: str = "train") -> Iterat
             try:
                 yield source.label, index, json.loads(text)
             except json.JSONDecodeError as e:
-                yield source.label, index, Unparsed(text, f"{e.msg} at column {e.colno}")
+                yield source.label, index, Unparsed(text, json_error_text(e))
 
 
 __all__ = [

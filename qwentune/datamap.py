@@ -19,7 +19,7 @@ import datasets
 
 from .canonical import needs_tools
 from .datafiles import dump_row
-from .errors import BadRow
+from .errors import BadRow, json_error_text
 from .fit import fit_image_row, fit_pair, fit_row
 from .formats import convert
 from .render import render_batch, render_preference_batch
@@ -64,7 +64,7 @@ def _process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: Chat
             try:
                 raw = json.loads(text)
             except json.JSONDecodeError as e:
-                raise BadRow("invalid_json", f"{e.msg} at column {e.colno}") from None
+                raise BadRow("invalid_json", json_error_text(e)) from None
             row = convert(raw, fmt, arrow=arrow, tools=opts.tools, system_prompt=opts.system_prompt)
             if not template.supports_tools and needs_tools(row):
                 raise BadRow("tools_unsupported", f"the row uses tools; template {template.name} has no tool support")

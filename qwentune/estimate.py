@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QwentuneError
+from .errors import QwentuneError, read_json_file
 from .export import QuantSpec
 from .recipe import Recipe
 from .shapes import is_vl
@@ -126,7 +126,8 @@ def model_shape(source: str) -> Shape:
         return _from_facts(shape("qwen2.5-0.5b-instruct"), "Qwen2.5-0.5B shape, untied (offline GGUF)", tied=False)
     kind, payload = classify_source(source)
     if kind == "local":
-        return _from_config(json.loads((Path(payload) / "config.json").read_text()), f"{payload}/config.json")
+        config = read_json_file(Path(payload) / "config.json", hint="the model dir is damaged: download it again")
+        return _from_config(config, f"{payload}/config.json")
     if kind == "gguf":
         return _from_gguf(Path(payload))
     for name, facts in SHAPES.items():

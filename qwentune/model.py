@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import QwentuneError
+from .errors import QwentuneError, read_json_file
 from .recipe import ModelSection, PeftSection, TrainingSection
 from .shapes import is_vl, quant_skip_modules
 
@@ -52,12 +52,29 @@ def resolve_precision(model: ModelSection, training: TrainingSection) -> Precisi
     return Precision(weights=weights, bf16=wanted == "bf16", fp16=wanted == "fp16")
 
 
+# The small JSON files of a model dir, checked before transformers reads them (its errors name no line).
+MODEL_JSON_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json")
+
+
+def check_model_files(model_path: Path) -> None:
+    """A QwentuneError naming the file and line when a JSON file of a local model dir is damaged."""
+    for name in MODEL_JSON_FILES:
+        if (Path(model_path) / name).is_file():
+            read_json_file(Path(model_path) / name, hint="the model dir is damaged: download or save it again")
+
+
 def load_tokenizer(model_path: Path, model: ModelSection):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, revision=model.revision, trust_remote_code=model.trust_remote_code
-    )
+    check_model_files(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:  # a dir without (readable) tokenizer files: transformers' words are clear
+        raise QwentuneError(
+            f"cannot load the tokenizer: {str(e).splitlines()[0]}", where=str(model_path), hint="check the model dir"
+        ) from None
     if tokenizer.pad_token is None:
         # Qwen tokenizers pad with <|endoftext|>; never pad with <|im_end|>, which is trained.
         tokenizer.pad_token = "<|endoftext|>"

@@ -7,6 +7,8 @@ so the notebook API and the CLI read the same object.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -17,9 +19,12 @@ from typing import Any
 import yaml
 
 from .errors import QwentuneError, did_you_mean
+from .recipe_checks import MAX_LENGTH_CAP, OUTPUT_DIR_FIELDS, check_recipe  # noqa: F401 - re-exported
+from .recipe_yaml import StrictLoader, key_in_message, line_of_key, read_yaml
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+NAME_MAX = 255  # the longest file name (bytes) of every common filesystem
 
 
 def _choices(*values: Any, help: str = "") -> dict:
@@ -172,9 +177,6 @@ class Recipe:
         return self.path.parent if self.path else Path.cwd()
 
 
-REPORT_TO = ("wandb", "tensorboard")
-
-
 # ---------------------------------------------------------------- building from plain data
 
 
@@ -225,17 +227,32 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise _type_error(key, value, tp, where)
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 1 << 63:
+                raise QwentuneError(
+                    f"'{key}' is out of range: {value}", where=where, hint=f"set {key} to a smaller int"
+                )
+            return value
         raise _type_error(key, value, tp, where)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-        raise _type_error(key, value, tp, where)
+            number = value
+        elif isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            number = value
+        if number is None:
+            raise _type_error(key, value, tp, where)
+        try:
+            number = float(number)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise QwentuneError(
+                f"'{key}' must be a finite number, got {value}", where=where, hint=f"set {key} to a plain number"
+            )
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -292,156 +309,100 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`training.learning_rate=1e-4` → (['training', 'learning_rate'], 1e-4), values typed by YAML rules."""
+    where = f"override '{text}'"
     if "=" not in text:
         raise QwentuneError(
-            f"override '{text}' has no '='", where="command line", hint="write overrides as section.key=value"
+            f"'{text}' has no '=' (expected section.key=value)", where="command line", hint="e.g. training.epochs=2"
         )
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise QwentuneError(f"override '{text}' has an empty key", where="command line", hint="e.g. training.epochs=2")
+        raise QwentuneError("empty key (expected section.key=value)", where=where, hint="e.g. training.epochs=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        if raw.strip()[:1] in ("[", "{", '"', "'"):  # meant as a list / mapping / quoted string: say what is wrong
+            problem = getattr(e, "problem", None) or "cannot be parsed"
+            raise QwentuneError(
+                f"value {raw.strip()!r} is not valid YAML: {problem}",
+                where=where,
+                hint="close the brackets/quotes, e.g. peft.target_modules=[q_proj,v_proj]",
+            ) from None
+        value = raw  # plain text YAML cannot type (e.g. a system prompt with ': ' in it)
     return key.split("."), value
 
 
 def _apply_override(tree: dict, parts: list[str], value: Any, raw: str) -> None:
     cls: type = Recipe
     node = tree
+    where = f"override '{raw}'"
     for i, part in enumerate(parts):
         known = _fields(cls)
         dotted = ".".join(parts[: i + 1])
         if part not in known:
             hint = did_you_mean(part, known) or f"allowed keys here: {', '.join(known)}"
-            raise QwentuneError(f"unknown key '{dotted}' in override '{raw}'", where="command line", hint=hint)
+            raise QwentuneError(f"unknown key '{dotted}'", where=where, hint=hint)
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if _is_section(tp):
                 raise QwentuneError(
-                    f"'{dotted}' is a section, not a value", where="command line", hint=f"set {dotted}.<key>=value"
+                    f"'{dotted}' is a section, not a value", where=where, hint=f"set {dotted}.<key>=value"
                 )
             node[part] = value
             return
         if not _is_section(tp):
-            raise QwentuneError(
-                f"'{dotted}' is a value, not a section", where="command line", hint=f"use {dotted}=..."
-            )
+            raise QwentuneError(f"'{dotted}' is a value, not a section", where=where, hint=f"use {dotted}=...")
         sub = node.get(part)
         if not isinstance(sub, dict):
             sub = node[part] = {}
         node, cls = sub, tp
 
 
-# ---------------------------------------------------------------- checks across keys
-
-
-def _check(recipe: Recipe, where: str) -> None:
-    def fail(key: str, message: str, hint: str) -> None:
-        raise QwentuneError(f"'{key}' {message}", where=where, hint=hint)
-
-    if not recipe.model.source:
-        fail("model.source", "is required", "a hub id, local dir, .gguf file or offline:qwen2.5-coder-0.5b-instruct")
-    if not recipe.data.train:
-        fail("data.train", "is required", "one or more data files, e.g. data/tool_calls.jsonl")
-    if not 0.0 <= recipe.data.eval_fraction < 1.0:
-        fail("data.eval_fraction", f"must be in [0, 1), got {recipe.data.eval_fraction}", "e.g. 0.05")
-    if recipe.data.max_length < 16:
-        fail("data.max_length", f"must be at least 16, got {recipe.data.max_length}", "e.g. 2048")
-    if recipe.data.num_proc < 1:
-        fail("data.num_proc", "must be ≥ 1", "e.g. 4")
-    t = recipe.training
-    for key, value in (("per_device_batch_size", t.per_device_batch_size), ("grad_accum", t.grad_accum)):
-        if value < 1:
-            fail(f"training.{key}", f"must be ≥ 1, got {value}", "e.g. 1")
-    if t.learning_rate <= 0:
-        fail("training.learning_rate", "must be > 0", "e.g. 2e-4")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        fail("training.epochs", "must be > 0 when training.max_steps is not set", "e.g. epochs: 1 or max_steps: 100")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        fail("training.warmup_ratio", "must be in [0, 1)", "e.g. 0.03")
-    p = recipe.peft
-    if p.r < 1:
-        fail("peft.r", "must be ≥ 1", "e.g. 16")
-    if not 0.0 <= p.dropout < 1.0:
-        fail("peft.dropout", "must be in [0, 1)", "e.g. 0.05")
-    if p.method == "qlora" and p.quant.bits != 4:
-        fail("peft.quant.bits", "must be 4 for QLoRA merges to be exact", "use bits: 4 (nf4)")
-    for target in recipe.logging.report_to:
-        if target not in REPORT_TO:
-            hint = did_you_mean(target, REPORT_TO) or "wandb or tensorboard"
-            fail("logging.report_to", f"has unknown target {target!r}", hint)
-    d = recipe.dpo
-    if d.beta <= 0:
-        fail("dpo.beta", "must be > 0", "e.g. 0.1")
-    if d.loss_weights is not None and len(d.loss_weights) != len(d.loss_type):
-        fail("dpo.loss_weights", f"needs one weight per loss_type ({len(d.loss_type)})", "e.g. [1.0, 0.5]")
-    if recipe.method == "sft" and recipe.data.format == "preference":
-        fail("data.format", "is 'preference' but method is sft", "use method: dpo, or a conversation format")
-
-
 # ---------------------------------------------------------------- public entry points
 
 
 def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:
-    """A checked Recipe from a YAML path or a dict, with overrides (`["a.b=1"]` or `{"a.b": 1}`) applied first."""
+    """A checked Recipe from a YAML path or a dict, with overrides (`["a.b=1"]` or `{"a.b": 1}`) applied first.
+
+    An error names the override a bad value came from, else the recipe file's line."""
     path: Path | None = None
     if isinstance(source, dict):
         tree, where = _deepcopy(source), "recipe"
     else:
         path = Path(source)
         where = str(path)
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise QwentuneError("recipe file not found", where=where, hint="check the path; recipes live in recipes/")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f"{where}:{mark.line + 1}" if mark else where
-            problem = getattr(e, "problem", e)
-            raise QwentuneError(f"not valid YAML: {problem}", where=at, hint="check quoting and indentation") from None
-        tree = tree or {}
+        tree = read_yaml(path, where) or {}
         if not isinstance(tree, dict):
             raise QwentuneError("a recipe must be a mapping of sections", where=where, hint="see recipes/")
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
-    for raw_parts, value in items:
-        parts = raw_parts.split(".") if isinstance(raw_parts, str) else raw_parts
-        _apply_override(tree, parts, value, f"{'.'.join(parts)}={value}")
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v, f"{k}={v}") for k, v in overrides.items()]
+    else:
+        items = [(*parse_override(o), o) for o in overrides or []]
+    origin: dict[str, str] = {}  # dotted key → the override that set it
+    for parts, value, raw in items:
+        _apply_override(tree, parts, value, raw)
+        origin[".".join(parts)] = raw
     try:
         recipe = _build(Recipe, tree, "", where)
+        recipe.path = path
+        check_recipe(recipe, where)
     except QwentuneError as e:
-        if path is not None and e.where == where:
-            e = _with_line(e, path)
-        raise e from None
-    recipe.path = path
-    _check(recipe, where)
+        raise _locate(e, where, path, origin) from None
     return recipe
 
 
-def _with_line(error: QwentuneError, path: Path) -> QwentuneError:
-    """Point an error about key 'a.b' at the line of the YAML file where that key is written."""
-    m = re.search(r"'([\w.\[\]]+)'", error.message)
-    if not m:
+def _locate(error: QwentuneError, where: str, path: Path | None, origin: dict[str, str]) -> QwentuneError:
+    """Point an error about key 'a.b' at the override that set it, or at the recipe file's line that holds it."""
+    key = key_in_message(error.message)
+    if error.where != where or key is None:
         return error
-    parts = re.sub(r"\[\d+\]", "", m.group(1)).split(".")
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return error
-    line = None
-    for part in parts:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key_node, value_node in node.value:
-            if key_node.value == part:
-                line, node = key_node.start_mark.line + 1, value_node
-                break
-        else:
-            break
-    if line is None:
-        return error
-    return QwentuneError(error.message, where=f"{path}:{line}", hint=error.hint)
+    for dotted, raw in origin.items():
+        if key == dotted or key.startswith((dotted + "[", dotted + ".")):
+            return QwentuneError(error.message, where=f"override '{raw}'", hint=error.hint)
+    line = line_of_key(path, key) if path is not None else None
+    return QwentuneError(error.message, where=f"{path}:{line}", hint=error.hint) if line else error
 
 
 def _deepcopy(tree: dict) -> dict:
@@ -455,6 +416,13 @@ def dump_recipe(recipe: Recipe) -> str:
 def resolve_path(recipe: Recipe, value: str) -> Path:
     """A path from the recipe: absolute, relative to the current dir if it exists there, else to the recipe's dir."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
+    if any(len(os.fsencode(part)) > NAME_MAX for part in p.parts):  # else every later stat() is an OSError
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise QwentuneError(
+            f"path '{shown}' has a name longer than {NAME_MAX} bytes",
+            where=str(recipe.path or "recipe"),
+            hint="check the path",
+        )
+    if p.is_absolute() or os.path.exists(p):  # os.path: False (not an error) for names too long for the filesystem
         return p
     return recipe.base_dir / p

@@ -124,10 +124,17 @@ def prepare_run_dir(recipe: Recipe, *, is_main: bool = True, resuming: bool = Fa
                 where=str(run_dir),
                 hint="pick another output.dir, or set output.overwrite=true",
             )
-        if not resuming:
-            clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        try:
+            if not resuming:
+                clear_run_dir(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        except OSError as e:
+            raise QwentuneError(
+                f"cannot write the run dir: {e.strerror or e}",
+                where=f"output.dir {run_dir}",
+                hint="pick a writable dir",
+            ) from None
         atomic_write_json(run_dir / "versions.json", {"libraries": library_versions(), "git": git_revision()})
     return run_dir
 
@@ -173,7 +180,11 @@ class RunDirLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise QwentuneError(f"cannot create the run dir: {exc.strerror}", where=str(self.run_dir)) from None
+            raise QwentuneError(
+                f"cannot write the run dir: {exc.strerror or exc}",
+                where=f"output.dir {self.run_dir}",
+                hint="pick a writable dir",
+            ) from None
         lock = FileLock(str(self.run_dir / LOCK_NAME), timeout=0)
         try:
             lock.acquire()

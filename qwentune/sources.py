@@ -67,7 +67,7 @@ def classify_source(source: str) -> tuple[str, str | Path]:
     if "://" in source:  # URLs are not a source form (use a Hub id or download the file)
         raise QwentuneError(f"unknown model source '{source}'", where="model", hint=f"use {ACCEPTED_FORMS}")
     path = Path(source).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: False (not an error) for names too long for the filesystem
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             hint = (
@@ -77,7 +77,7 @@ def classify_source(source: str) -> tuple[str, str | Path]:
             )
             raise QwentuneError(f"'{path}' is a directory without config.json", where="model", hint=hint)
         return "local", path.resolve()
-    if path.is_file():
+    if os.path.isfile(path):
         if path.suffix.lower() == ".gguf":
             return "gguf", path.resolve()
         raise QwentuneError(

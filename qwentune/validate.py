@@ -6,7 +6,7 @@ import itertools
 import os
 from pathlib import Path
 
-from .errors import BadRow, QwentuneError
+from .errors import BadRow, QwentuneError, read_json_file
 from .recipe import Recipe, load_recipe
 from .shapes import is_vl
 
@@ -108,18 +108,38 @@ def _combination_lines(recipe: Recipe) -> list[str]:
 
 def _vision_lines(recipe: Recipe, model_dir: Path | None) -> list[str]:
     """`peft.train_vision` needs a Qwen2-VL model: checked here when the model is on disk already."""
-    import json
-
     config = model_dir / "config.json" if model_dir is not None else None
     if config is None or not config.is_file():
         return []
     from .model import check_train_vision
 
-    model_type = json.loads(config.read_text()).get("model_type", "?")
+    config_data = read_json_file(config, hint="the model dir is damaged: download or save it again")
+    if not isinstance(config_data, dict):
+        raise QwentuneError("config.json must hold a JSON object", where=str(config), hint="the model dir is damaged")
+    _check_context(recipe, config_data)
+    model_type = config_data.get("model_type", "?")
     check_train_vision(recipe.peft.train_vision, model_type, where=str(recipe.path or "recipe"))
     if not is_vl(model_type):
         return []
     return [f"vision: train_vision {recipe.peft.train_vision}"]
+
+
+def _check_context(recipe: Recipe, config: dict) -> None:
+    """data.max_length within the model's context: max_position_embeddings, times a rope_scaling factor if any."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    positions = text.get("max_position_embeddings", config.get("max_position_embeddings"))
+    scaling = text.get("rope_scaling") or config.get("rope_scaling") or {}
+    factor = scaling.get("factor", 1) if isinstance(scaling, dict) else 1
+    if not isinstance(positions, int) or not isinstance(factor, (int, float)) or factor < 1:
+        return
+    limit = int(positions * factor)
+    if recipe.data.max_length > limit:
+        raise QwentuneError(
+            f"'data.max_length' ({recipe.data.max_length}) is above the model's context of {limit} tokens "
+            "(max_position_embeddings" + (f" × rope_scaling factor {factor})" if factor != 1 else ")"),
+            where=str(recipe.path or "recipe"),
+            hint=f"set data.max_length ≤ {limit}",
+        )
 
 
 def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from qwentune.errors import QwentuneError
 from qwentune.recipe import dump_recipe, load_recipe, parse_override
+from qwentune.recipe_checks import MAXIMUMS, MINIMUMS
 from qwentune.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +81,11 @@ def test_overrides_are_typed_and_unknown_override_keys_fail():
     )  # fmt: skip
     assert recipe.training.max_steps == 7 and recipe.training.learning_rate == 1e-5
     assert recipe.peft.target_modules == ["q_proj", "v_proj"] and recipe.output.merge is False
-    with pytest.raises(QwentuneError, match=r"command line: unknown key 'peft.rank'.*"):
+    with pytest.raises(QwentuneError, match=r"override 'peft.rank=8': unknown key 'peft.rank'"):
         load_recipe(MINIMAL, ["peft.rank=8"])
     with pytest.raises(QwentuneError, match="is a section"):
         load_recipe(MINIMAL, ["peft=3"])
-    with pytest.raises(QwentuneError, match="has no '='"):
+    with pytest.raises(QwentuneError, match="'training.max_steps' has no '='"):
         parse_override("training.max_steps")
 
 
@@ -139,3 +141,94 @@ def test_yaml_off_is_read_as_the_choice_off(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {source: x}\ndata: {train: a.jsonl}\npeft:\n  train_new_tokens: off\n")
     assert load_recipe(path).peft.train_new_tokens == "off"  # YAML 1.1 reads a bare `off` as false
+
+
+@pytest.mark.parametrize("key", sorted(MINIMUMS))
+def test_every_number_key_has_its_lower_bound(key):
+    minimum, _ = MINIMUMS[key]
+    strict = key == "training.learning_rate"
+    below = minimum if strict else minimum - 1
+    with pytest.raises(QwentuneError, match=rf"^override '{re.escape(key)}={below}': '{re.escape(key)}' must be"):
+        load_recipe(MINIMAL, [f"{key}={below}"])
+    if not strict:
+        assert load_recipe(MINIMAL, [f"{key}={minimum}"]) is not None
+
+
+@pytest.mark.parametrize("key, too_big", [*((k, v + 1) for k, v in MAXIMUMS.items()), ("training.seed", 2**32)])
+def test_counts_that_would_start_thousands_of_processes_or_overflow_are_refused(key, too_big):
+    with pytest.raises(QwentuneError, match=rf"'{re.escape(key)}' must be"):
+        load_recipe(MINIMAL, [f"{key}={too_big}"])
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e400", "nan"])
+def test_non_finite_floats_are_refused(value):
+    with pytest.raises(QwentuneError, match=r"'training.learning_rate' must be (a finite number|float)"):
+        load_recipe(MINIMAL, [f"training.learning_rate={value}"])
+    with pytest.raises(QwentuneError, match=r"^recipe: 'dpo.loss_weights\[1\]' must be a finite number"):
+        load_recipe({**MINIMAL, "dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float("inf")]}})
+
+
+def test_checks_across_keys_name_the_file_line_or_the_override(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  source: m\ndata:\n  train: x.jsonl\n  limit: -5\n")
+    with pytest.raises(QwentuneError, match=rf"^{re.escape(str(path))}:5: 'data.limit' must be ≥ 1, got -5"):
+        load_recipe(path)
+    with pytest.raises(QwentuneError, match=r"^override 'data.limit=0': 'data.limit' must be ≥ 1, got 0"):
+        load_recipe(MINIMAL, ["data.limit=0"])
+    with pytest.raises(QwentuneError, match=r"^override 'data.limit=-1': "):  # the API's dict overrides too
+        load_recipe(MINIMAL, {"data.limit": -1})
+
+
+@pytest.mark.parametrize(
+    "template, ok",
+    [("runs/{model}-{method}-{peft}", True), ("out/{{literal}}", True), ("out/{foo}", False), ("out/{model!r}", False),
+     ("out/{model:>9}", False), ("out/{0}", False), ("out/{model", False), ("out/}", False)],
+)  # fmt: skip
+def test_output_dir_placeholders(template, ok):
+    if ok:
+        assert load_recipe(MINIMAL, {"output.dir": template}).output.dir == template
+    else:
+        with pytest.raises(QwentuneError, match=r"'output.dir' (has an unknown placeholder|is not a valid path temp)"):
+            load_recipe(MINIMAL, {"output.dir": template})
+
+
+def test_duplicate_keys_are_refused_at_every_depth_but_merge_keys_still_work(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  source: a\ndata:\n  train: x\n  limit: 1\n  limit: 2\n")
+    with pytest.raises(
+        QwentuneError, match=rf"^{re.escape(str(path))}:6: .*duplicate key 'limit' \(first on line 5\)"
+    ):
+        load_recipe(path)
+    path.write_text("base: &b\n  source: a\nmodel:\n  <<: *b\n  source: c\ndata:\n  train: x\n")
+    with pytest.raises(QwentuneError, match="unknown key 'base'"):  # merge keys parse; `base` is just not a section
+        load_recipe(path)
+
+
+def test_override_values_yaml_cannot_parse():
+    assert parse_override("data.system_prompt=Note: a: b") == (
+        ["data", "system_prompt"],
+        "Note: a: b",
+    )  # text YAML cannot type
+    for bad in ("peft.target_modules=[q_proj", "data.train={a: 1", "data.system_prompt='unclosed"):
+        with pytest.raises(QwentuneError, match=rf"^override '{re.escape(bad)}': value .* is not valid YAML"):
+            parse_override(bad)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "n" * 300,
+        "n" * 300 + ".yaml",
+        "data.train=" + "n" * 300,
+        "data.template=/" + "n" * 300,
+        "model.source=" + "n" * 300,
+    ],
+)
+def test_names_too_long_for_the_filesystem_are_one_line_errors(item, capsys, monkeypatch):
+    """Fuzz finding: a path component over 255 bytes made stat() raise OSError (ENAMETOOLONG) → a traceback."""
+    from qwentune.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["validate", str(ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"), item]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
