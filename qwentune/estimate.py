@@ -1,10 +1,7 @@
 """Peak memory of one training process, from the model's config alone (no weights load) — `qwentune estimate`.
-
-Everything is per process: under DDP every rank holds all of it. The activation constants are what the code paths
-actually keep for backward (PEFT LoRA, Qwen2 layers, SDPA, TRL's fused head), checked tensor by tensor against
-saved-tensor hooks and against measured peaks in tests/test_estimate.py. Tokens per step are counted at the worst
-case, data.max_length × per_device_batch_size, all of them trained.
-"""
+Per process (under DDP every rank holds all of it); the activation constants are what the code paths keep for
+backward, checked against saved-tensor hooks and measured peaks (tests/test_estimate.py); tokens are counted at the
+worst case, data.max_length × per_device_batch_size, all of them trained."""
 
 from __future__ import annotations
 
