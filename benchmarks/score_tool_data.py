@@ -65,7 +65,9 @@ def load(path: Path, limit: int | None) -> list[dict]:
         tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
         msgs = row["messages"]
         i = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        expected = [call_key(c["function"]["name"], c["function"]["arguments"]) for c in msgs[i].get("tool_calls") or []]
+        expected = [
+            call_key(c["function"]["name"], c["function"]["arguments"]) for c in msgs[i].get("tool_calls") or []
+        ]
         items.append({"prompt": msgs[:i], "tools": tools, "expected": expected, "category": category(row)})
     return items
 
@@ -116,7 +118,9 @@ def score(items: list[dict], replies: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "data/tool_calls_eval.jsonl")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parents[1] / "data/tool_calls_eval.jsonl"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--limit", type=int)

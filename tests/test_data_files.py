@@ -381,3 +381,35 @@ def test_tool_eval_uses_held_out_cities():
         return out
 
     assert not cities("tool_calls.jsonl") & cities("tool_calls_eval.jsonl")
+
+
+def _scorer():
+    spec = importlib.util.spec_from_file_location("score_tool_data", DATA.parent / "benchmarks/score_tool_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_held_out_split_scores_calls_and_refusals():
+    """A reply that repeats each reference turn scores every row; plain text scores no call; calling always fails
+    every no-call row. (benchmarks/score_tool_data.py scores a model this way.)"""
+    scorer = _scorer()
+    items = scorer.load(DATA / "tool_calls_eval.jsonl", None)
+    perfect = []
+    for row in read_rows("tool_calls_eval.jsonl"):
+        first = next(m for m in row["messages"] if m["role"] == "assistant")
+        calls = [
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in first.get("tool_calls") or []
+        ]
+        blocks = "".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>\n" for c in reversed(calls))  # any order
+        perfect.append(blocks or first["content"])
+    result = scorer.score(items, perfect)
+    assert result["exact"] == [24, 24] and result["no_call"] == [16, 16]
+    assert scorer.score(items, ["Sure."] * len(items))["exact"] == [0, 24]
+    always = '<tool_call>\n{"name": "get_tide_times", "arguments": {"harbor": "Kinsale"}}\n</tool_call>'
+    assert scorer.score(items, [always] * len(items))["no_call"] == [0, 16]
+    as_floats = [re.sub(r'(": \d+)([,}])', r"\1.0\2", r) if "<tool_call>" in r else r for r in perfect]
+    assert as_floats != perfect and scorer.score(items, as_floats)["exact"] == [24, 24], "3 == 3.0"
+    one_short = [r.split("</tool_call>")[0] + "</tool_call>" if r.count("<tool_call>") > 1 else r for r in perfect]
+    assert scorer.score(items, one_short)["exact"] == [16, 24], "a parallel row needs every call"
