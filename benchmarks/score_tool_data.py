@@ -90,6 +90,7 @@ def generate(model_dir: str, items: list[dict], batch_size: int, max_new_tokens:
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for i, seq in zip(idx, gen[:, enc["input_ids"].shape[1] :], strict=True):
             out[i] = tok.decode(seq, skip_special_tokens=False).split("<|im_end|>")[0]
+        print(f"  {min(start + batch_size, len(order))}/{len(order)} rows", file=sys.stderr, flush=True)
     return out
 
 

@@ -189,4 +189,17 @@ EVAL_TOOLS: list[Tool] = [
         vague=[("When's the next train to {destination}?", "Which station are you leaving from?", "{station}")],
     ),
 ]
+# Related questions the offered tool cannot answer (the eval's `near` rows), for the tools above without one.
+MORE_NEAR = {
+    "get_air_quality": ("What does an AQI of 160 mean?", "On the US scale, 151-200 is unhealthy for everyone."),
+    "rent_car": ("What does an SUV stand for?", "Sport utility vehicle."),
+    "water_plants": ("How often should I water a cactus?", "Rarely: about every two to four weeks in summer, less in "
+                     "winter, letting the soil dry out fully."),
+    "get_player_stats": ("How many points is a three-pointer worth in basketball?", "Three points."),
+    "find_podcast": ("What is a podcast?", "A series of audio episodes you can download or stream."),
+    "register_guest": ("How far ahead should I send wedding invitations?", "Usually six to eight weeks before."),
+    "get_train_departures": ("What is the gauge of most European railways?", "Standard gauge: 1,435 mm."),
+}  # fmt: skip
+for _tool in EVAL_TOOLS:
+    _tool.near = _tool.near + ([MORE_NEAR[_tool.name]] if _tool.name in MORE_NEAR else [])
 EVAL_BY_NAME = {t.name: t for t in EVAL_TOOLS}
