@@ -10,10 +10,10 @@ import torch
 
 from .errors import QwentuneError
 
-# q8_0 stores each 32-value block as int8 × one f16 scale (~0.4% relative error per weight); on the real
-# Qwen2.5-Coder-0.5B that moves logits by up to ~1.5 at a logit scale of ~30, and a tiny random model far less.
-Q8_0_TOLERANCE_ABS = 0.25
-Q8_0_TOLERANCE_REL = 0.08
+# q8_0 stores each 32-value block as int8 × one f16 scale; measured max |Δlogit| 0.29 at logit scale 32.6 on the real
+# Qwen2.5-Coder-0.5B (0.9%) and 0.010 at scale 0.86 on a tiny random model: ~4x headroom over both.
+Q8_0_TOLERANCE_ABS = 0.1
+Q8_0_TOLERANCE_REL = 0.04
 GREEDY_TOKENS = 16
 SAMPLE_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 ROUNDTRIP_TEXT = '<|im_start|>user\nHello, wörld! 你好 <tool_call>{"a": 1}</tool_call><|im_end|>\n<|endoftext|>'
