@@ -6,9 +6,20 @@ print(qwentune.preview(recipe, rows=1))
 result = qwentune.train(recipe)          # result.adapter_dir, result.merged_dir, result.metrics
 """
 
-from .api import merge, prepare, preprocess, preview, train
+from .api import export_gguf, merge, prepare, preprocess, preview, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
 
-__all__ = ["load_recipe", "Recipe", "prepare", "preprocess", "preview", "train", "merge", "QwentuneError", "BadRow"]
+__all__ = [
+    "load_recipe",
+    "Recipe",
+    "prepare",
+    "preprocess",
+    "preview",
+    "train",
+    "merge",
+    "export_gguf",
+    "QwentuneError",
+    "BadRow",
+]
 __version__ = "0.1.0"

@@ -139,6 +139,20 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .gguf_export import export_gguf
+
+    report = export_gguf(args.model, args.gguf, type=args.type, ollama=args.ollama, force=args.force)
+    p = report.parity
+    print(
+        f"wrote {report.path} ({report.type}, {report.size_bytes / 2**20:.1f} MiB); parity max |Δlogit| = "
+        f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.2g}), greedy agreement {report.greedy['agreement']:.0%}"
+    )
+    if report.modelfile is not None:
+        print(f"Modelfile: {report.modelfile} (ollama create NAME -f {report.modelfile})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qwentune",
@@ -228,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-only", action="store_true", help="upload the run's adapter/ instead of merged/")
     p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; upload nothing")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("export", help="write a GGUF for llama.cpp / Ollama, verified against the model it came from")
+    p.add_argument("model", help="merged model dir, run dir (its merged/), hub id, .gguf or offline:NAME")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--type", default="f16", metavar="TYPE", help="f16 (default), bf16 or q8_0")
+    p.add_argument("--ollama", action="store_true", help="also write a Modelfile beside the GGUF")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF / Modelfile")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
