@@ -103,4 +103,12 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
     return merge_adapter(Path(adapter_dir), Path(output), base=base, **kwargs)
 
 
-__all__ = ["load_recipe", "prepare", "preprocess", "preview", "train", "merge"]
+def evaluate(models, data, **kwargs):
+    """Score one or more models side by side on eval files (tool calls, BFCL, loss, preferences): EvalResult with
+    .table(), .markdown(), .metrics, .rows; see `qwentune.evaluate.evaluate` for the keyword arguments."""
+    from .evaluate import evaluate as run_eval
+
+    return run_eval(models, data, **kwargs)
+
+
+__all__ = ["load_recipe", "prepare", "preprocess", "preview", "train", "merge", "evaluate"]

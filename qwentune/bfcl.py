@@ -137,7 +137,9 @@ def read_bfcl(questions: str | Path, answers: str | Path | None) -> list[BfclCas
     known = {c.id for c in cases}
     for n, row in arows:
         if row["id"] not in known:
-            raise QwentuneError(f"id {row['id']!r} is not in the question file {questions}", where=f"{answers} row {n}")
+            raise QwentuneError(
+                f"id {row['id']!r} is not in the question file {questions}", where=f"{answers} row {n}"
+            )
     return cases
 
 
@@ -165,7 +167,9 @@ def _value_ok(value: Any, acceptable: list) -> str:
                 return ""
         return "value_error:dict"
     if isinstance(value, str):
-        return "" if standardize(value) in [_norm(a) for a in acceptable if isinstance(a, str)] else "value_error:string"
+        return (
+            "" if standardize(value) in [_norm(a) for a in acceptable if isinstance(a, str)] else "value_error:string"
+        )
     if isinstance(value, list):
         if any(isinstance(v, dict) for v in value):
             for answer in acceptable:
@@ -206,7 +210,7 @@ def _type_ok(value: Any, spec_type: str, items_type: str | None) -> bool:
 def check_call(spec: dict, call: dict, answer: dict) -> str:
     """BFCL's simple-function check of one generated call `{"name", "arguments"}` against one possible answer
     `{"func.name": {param: [acceptable]}}` for the spec `spec`; '' when right, else the error type."""
-    (name, params), = answer.items()
+    ((name, params),) = answer.items()
     if call.get("name") not in (name, fc_name(name)):
         return f"wrong_func_name: {call.get('name')} (expected {fc_name(name)})"
     args = call.get("arguments")

@@ -83,4 +83,14 @@ def load_model(spec: str, *, dtype: Any = None) -> LoadedModel:
     return LoadedModel(spec, model.to(device).eval(), tokenizer)
 
 
-__all__ = ["LoadedModel", "load_model", "model_path"]
+def check_models(specs: list[str]) -> None:
+    """Resolve every MODEL argument before any is loaded, so a bad one fails before minutes of scoring."""
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            model_path(_adapter_base(path)[0])
+        else:
+            model_path(spec)
+
+
+__all__ = ["LoadedModel", "check_models", "load_model", "model_path"]

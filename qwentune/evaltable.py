@@ -90,8 +90,10 @@ class EvalResult:
         parts = []
         for model in self.models:
             metric = self.metrics.get(model, {}).get(name)
-            cell = "-" if metric is None else (
-                f"{metric['correct']}/{metric['total']}" if "correct" in metric else f"{metric['value']:.4g}"
+            cell = (
+                "-"
+                if metric is None
+                else (f"{metric['correct']}/{metric['total']}" if "correct" in metric else f"{metric['value']:.4g}")
             )
             parts.append(f"{model} {cell}")
         return f"{name} on {total} rows: " + " → ".join(parts)

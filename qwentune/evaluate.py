@@ -242,13 +242,14 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
              labels: list[str] | None = None) -> EvalResult:  # fmt: skip
     """Score each model on the same rows of `data`; with `output`, write eval.json and eval.md there (atomically).
     `template`: the chat template spec rows are rendered with ('model': each model's own)."""
-    from .evalmodels import load_model
+    from .evalmodels import check_models, load_model
 
     models = [models] if isinstance(models, (str, Path)) else list(models)
     data = [data] if isinstance(data, (str, Path)) else list(data)
     if not models:
         raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL --data FILE")
     items, skipped = collect(data, bfcl_answers=bfcl_answers, limit=limit)
+    check_models([str(m) for m in models])
     names = labels or [str(m) for m in models]
     result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped])
     for name, spec in zip(names, models):
@@ -261,6 +262,24 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
     if output is not None:
         result.write(Path(output))
     return result
+
+
+def evaluate_after_training(run_dir: str | Path, eval_section: Any, base_source: str, data_files: list[str | Path],
+                            *, template: str = "model", progress: bool = True) -> dict:  # fmt: skip
+    """Score `run_dir/merged` (and the base `base_source` when `eval_section.base`) on `eval_section.data` or, when
+    that is empty, `data_files` (the recipe's resolved data.eval); writes run_dir/eval/eval.json and eval.md.
+    Returns {"metrics": {"base": {...}, "tuned": {...}}, "markdown": table for the model card, "summary": one line}."""
+    run_dir = Path(run_dir)
+    data = list(eval_section.data) or list(data_files)
+    if not data:
+        raise QwentuneError("no eval data", where="eval.data", hint="set eval.data or data.eval in the recipe")
+    models, labels = [str(run_dir / "merged")], ["tuned"]
+    if eval_section.base:
+        models, labels = [base_source, *models], ["base", *labels]
+    result = evaluate(models, data, limit=eval_section.limit, batch_size=eval_section.batch_size,
+                      max_new_tokens=eval_section.max_new_tokens, output=run_dir / "eval", template=template,
+                      progress=progress, labels=labels)  # fmt: skip
+    return {"metrics": result.metrics, "markdown": result.markdown(), "summary": result.summary()}
 
 
 # ------------------------------------------------------------------------------------ older entry points (kept)
@@ -308,5 +327,13 @@ def preference_margin(model_dir: str | Path, data_file: str | Path, *, limit: in
     }
 
 
-__all__ = ["EvalResult", "collect", "evaluate", "parse_tool_calls", "preference_margin", "summarize",
-           "tool_call_accuracy"]  # fmt: skip
+__all__ = [
+    "EvalResult",
+    "collect",
+    "evaluate",
+    "evaluate_after_training",
+    "parse_tool_calls",
+    "preference_margin",
+    "summarize",
+    "tool_call_accuracy",
+]

@@ -151,9 +151,7 @@ def score_tool_calls(text: str, want: list[dict], tools: list[dict] | None = Non
     names = sorted(str(c.get("name")) for c in got)
     wanted = sorted(str(c["name"]) for c in want)
     if names != wanted:
-        return Verdict(
-            "tool_call", False, True, True, why=f"called {', '.join(names)}; expected {', '.join(wanted)}"
-        )
+        return Verdict("tool_call", False, True, True, why=f"called {', '.join(names)}; expected {', '.join(wanted)}")
     why = _match(got, want, tools)
     return Verdict("tool_call", not why, True, True, True, not why, why)
 
