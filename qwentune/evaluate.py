@@ -114,7 +114,8 @@ def collect(data: list[str | Path], *, bfcl_answers: str | Path | None = None, l
             try:
                 item = _item(str(path), n, raw)
             except BadRow as bad:
-                skipped.append(Skipped(str(path), n, bad.reason))
+                reason = "no_expected_turn" if bad.reason == "no_assistant_turn" else bad.reason
+                skipped.append(Skipped(str(path), n, reason))
                 continue
             if item.kind == "sft":
                 item.sample, sft = sft < SFT_SAMPLES, sft + 1

@@ -53,9 +53,9 @@ def greedy_generate(
         eos_token_id=stops,
         pad_token_id=pad,
         repetition_penalty=1.0,
-        temperature=None,
-        top_p=None,
-        top_k=None,
+        temperature=1.0,  # the neutral values: the model's own sampling defaults must not leak in
+        top_p=1.0,
+        top_k=50,
     )
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
