@@ -116,3 +116,53 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_adapter_dir_loads_base_plus_adapter_unmerged(tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwentune.evalmodels import load_model
+
+    base = tiny_model_dir(tmp_path)
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    (adapter / "qwentune_train.json").write_text(
+        json.dumps({"format": "qwentune-train", "model_card": {"base": str(base)}})
+    )
+    loaded = load_model(str(adapter))
+    assert isinstance(loaded.model, PeftModel)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = peft.eval()(ids).logits
+        got = loaded.model(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(ids).logits
+    assert torch.equal(got, want) and not torch.allclose(got, plain)
+
+
+def test_after_training_and_recipe_run_dir(tmp_path):
+    import shutil
+
+    from qwentune.evaluate import evaluate_after_training
+    from qwentune.recipe import EvalSection
+
+    base = tiny_model_dir(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(f"model:\n  source: {base}\ndata:\n  train: [{TOOLS_EVAL}]\n")
+    proc = _cli(str(run_dir), cwd=tmp_path)  # no merged model yet
+    assert proc.returncode == 2 and "no merged/ model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    shutil.copytree(base, run_dir / "merged")
+    out = evaluate_after_training(
+        run_dir, EvalSection(limit=2, max_new_tokens=4), str(base), [TOOLS_EVAL], progress=False
+    )
+    assert set(out["metrics"]) == {"base", "tuned"} and out["metrics"]["base"] == out["metrics"]["tuned"]
+    assert out["summary"] == "tool calls: exact on 2 rows: base 0/2 → tuned 0/2"
+    assert "| tool calls: exact | 0/2 (0.0%) | 0/2 (0.0%) | +0.0 pt |" in out["markdown"]
+    assert json.loads((run_dir / "eval" / "eval.json").read_text())["models"] == ["base", "tuned"]
