@@ -166,3 +166,17 @@ def test_after_training_and_recipe_run_dir(tmp_path):
     assert out["summary"] == "tool calls: exact on 2 rows: base 0/2 → tuned 0/2"
     assert "| tool calls: exact | 0/2 (0.0%) | 0/2 (0.0%) | +0.0 pt |" in out["markdown"]
     assert json.loads((run_dir / "eval" / "eval.json").read_text())["models"] == ["base", "tuned"]
+
+
+def test_notebook_api_name_is_the_function_and_the_module_still_imports():
+    code = (
+        "import types, qwentune\n"
+        "from qwentune.evaluate import parse_tool_calls, evaluate\n"
+        "import qwentune.toolscore\n"
+        "fn = qwentune.evaluate\n"
+        "assert fn.__module__ == 'qwentune.api' and not isinstance(fn, types.ModuleType)\n"
+        'text = \'<tool_call>{"name": "f", "arguments": {}}</tool_call>\'\n'
+        "assert parse_tool_calls(text) == [{'name': 'f', 'arguments': {}}]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
