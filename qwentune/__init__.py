@@ -4,9 +4,12 @@ import qwentune
 recipe = qwentune.load_recipe("recipes/qwen2.5-0.5b-instruct/sft_lora.yaml", ["training.max_steps=10"])
 print(qwentune.preview(recipe, rows=1))
 result = qwentune.train(recipe)          # result.adapter_dir, result.merged_dir, result.metrics
+scores = qwentune.evaluate(["offline:qwen2.5-coder-0.5b-instruct", result.merged_dir], "data/tool_calls_eval.jsonl")
+print(scores.table())                    # models as columns, with deltas
 """
 
-from .api import export_gguf, merge, prepare, preprocess, preview, train
+from . import evaluate as _evaluate_module  # noqa: F401  loaded first, so the function below keeps the name
+from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
 
@@ -19,6 +22,7 @@ __all__ = [
     "train",
     "merge",
     "export_gguf",
+    "evaluate",
     "QwentuneError",
     "BadRow",
 ]

@@ -117,4 +117,12 @@ def export_gguf(
     return _export_gguf(model, output, type=type, ollama=ollama, force=force)
 
 
-__all__ = ["load_recipe", "prepare", "preprocess", "preview", "train", "merge", "export_gguf"]
+def evaluate(models, data, **kwargs):
+    """Score one or more models side by side on eval files (tool calls, BFCL, loss, preferences): EvalResult with
+    .table(), .markdown(), .metrics, .rows; see `qwentune.evaluate.evaluate` for the keyword arguments."""
+    from .evaluate import evaluate as run_eval
+
+    return run_eval(models, data, **kwargs)
+
+
+__all__ = ["load_recipe", "prepare", "preprocess", "preview", "train", "merge", "evaluate", "export_gguf"]

@@ -156,6 +156,18 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """What `qwentune eval RECIPE_OR_RUN_DIR` (and, once wired, the end of training) scores."""
+
+    enabled: bool = field(default=False, metadata={"help": "score the tuned model at the end of training"})
+    data: list[str] = field(default_factory=list, metadata={"help": "eval files; empty: the recipe's data.eval"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N scoreable rows of each eval file"})
+    base: bool = field(default=True, metadata={"help": "score the base model too, side by side with the tuned one"})
+    max_new_tokens: int = field(default=256, metadata={"help": "greedy tokens per generated reply"})
+    batch_size: int = field(default=8, metadata={"help": "prompts generated together (left-padded)"})
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -166,6 +178,7 @@ class Recipe:
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     # Where the recipe came from (not a recipe key): relative data paths resolve against its directory.
     path: Path | None = field(default=None, metadata={"internal": True}, compare=False)
 
