@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import QwentuneError, did_you_mean
+from .trainer_fields import check_trainer_section
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -145,7 +146,7 @@ class OutputSection:
 
 @dataclass
 class LoggingSection:
-    report_to: list[str] = field(default_factory=list)  # wandb | tensorboard
+    report_to: list[str] = field(default_factory=list)  # wandb | tensorboard | mlflow | ... (REPORT_TO)
     project: str = "qwentune"
     run_name: str | None = None
 
@@ -161,6 +162,9 @@ class Recipe:
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    # Fields of the installed TRL SFTConfig/DPOConfig (for `method`) that qwentune does not set, passed through as
+    # they are (neftune_noise_alpha, use_liger_kernel, torch_compile, ...); checked by trainer_fields.
+    trainer: dict[str, Any] = field(default_factory=dict)
     # Where the recipe came from (not a recipe key): relative data paths resolve against its directory.
     path: Path | None = field(default=None, metadata={"internal": True}, compare=False)
 
@@ -172,7 +176,9 @@ class Recipe:
         return self.path.parent if self.path else Path.cwd()
 
 
-REPORT_TO = ("wandb", "tensorboard")
+# The integrations transformers reports to (transformers.integrations.INTEGRATION_TO_CALLBACK).
+REPORT_TO = ("wandb", "tensorboard", "mlflow", "trackio", "comet_ml", "neptune", "clearml", "azure_ml", "dagshub",
+             "dvclive", "flyte", "kubeflow", "codecarbon", "swanlab")  # fmt: skip
 
 
 # ---------------------------------------------------------------- building from plain data
@@ -194,6 +200,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -220,6 +228,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(key, value, tp, where)
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:  # a free mapping (trainer:): its keys are checked where their meaning is known
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp, where)
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -317,6 +329,11 @@ def _apply_override(tree: dict, parts: list[str], value: Any, raw: str) -> None:
             hint = did_you_mean(part, known) or f"allowed keys here: {', '.join(known)}"
             raise QwentuneError(f"unknown key '{dotted}' in override '{raw}'", where="command line", hint=hint)
         tp = typing.get_type_hints(cls)[part]
+        if typing.get_origin(tp) is dict and len(parts) == i + 2:  # trainer.<field>=value
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node[part][parts[-1]] = value
+            return
         if i == len(parts) - 1:
             if _is_section(tp):
                 raise QwentuneError(
@@ -405,11 +422,16 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = 
         if not isinstance(tree, dict):
             raise QwentuneError("a recipe must be a mapping of sections", where=where, hint="see recipes/")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    trainer_overrides: dict[str, str] = {}  # trainer field → the override that set it (errors name it)
     for raw_parts, value in items:
         parts = raw_parts.split(".") if isinstance(raw_parts, str) else raw_parts
-        _apply_override(tree, parts, value, f"{'.'.join(parts)}={value}")
+        raw = f"{'.'.join(parts)}={value}"
+        _apply_override(tree, parts, value, raw)
+        if parts[0] == "trainer" and len(parts) == 2:
+            trainer_overrides[parts[1]] = raw
     try:
         recipe = _build(Recipe, tree, "", where)
+        recipe.trainer = check_trainer_section(recipe.trainer, recipe.method, where=where, overrides=trainer_overrides)
     except QwentuneError as e:
         if path is not None and e.where == where:
             e = _with_line(e, path)
