@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib.util
 import re
 import types
 import typing
@@ -134,6 +135,13 @@ def check_trainer_section(
                 where=at,
                 hint=e.hint or f"see TRL's {config}.{name}",
             ) from None
+    if checked.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        at = "command line" if "use_liger_kernel" in overrides else where
+        raise QwentuneError(
+            "'trainer.use_liger_kernel' is true but liger-kernel is not installed",
+            where=at,
+            hint="pip install liger-kernel",
+        )
     return checked
 
 

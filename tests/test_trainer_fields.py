@@ -97,6 +97,19 @@ def test_wrong_types_are_refused():
         load_recipe({**MINIMAL, "trainer": ["neftune_noise_alpha"]})
 
 
+def test_liger_kernel_needs_the_package():
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        assert load_recipe({**MINIMAL, "trainer": {"use_liger_kernel": True}}).trainer == {"use_liger_kernel": True}
+    else:
+        with pytest.raises(
+            QwentuneError, match=r"'trainer.use_liger_kernel' is true but liger-kernel is not installed"
+        ):
+            load_recipe({**MINIMAL, "trainer": {"use_liger_kernel": True}})
+    assert load_recipe({**MINIMAL, "trainer": {"use_liger_kernel": False}}).trainer == {"use_liger_kernel": False}
+
+
 def test_the_section_is_checked_against_the_config_of_the_method():
     # disable_dropout is a DPOConfig field: accepted for dpo, refused for sft with the reason
     assert load_recipe({**DPO, "trainer": {"disable_dropout": False}}).trainer == {"disable_dropout": False}
