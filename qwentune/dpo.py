@@ -33,6 +33,7 @@ from .run import (
 from .sources import resolve_model
 from .speed import score_only_trained_positions
 from .tokens import check_tokens, trainable_token_ids
+from .trainer_fields import build_config
 from .vision import text_only, vision_collator
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
@@ -242,7 +243,9 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         f", beta {d.beta}, label_smoothing {d.label_smoothing}; reference: {reference}"
         + (", log-probs precomputed" if d.precompute_ref_log_probs else "")
     )
-    args = DPOConfig(
+    args = build_config(  # TRL refusing a trainer: combination is a QwentuneError
+        DPOConfig,
+        recipe.trainer,
         **trainer_arguments(recipe, precision, run_dir, has_eval=evals is not None),
         beta=d.beta,
         loss_type=list(d.loss_type),

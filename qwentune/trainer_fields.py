@@ -231,3 +231,18 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
     return getattr(tp, "__name__", str(tp))
+
+
+def build_config(config_cls: type, passed: dict[str, Any], **arguments: Any) -> Any:
+    """`config_cls(**arguments)`; when TRL/transformers refuse a combination that the `trainer:` section (`passed`)
+    takes part in (e.g. load_best_model_at_end without matching strategies), a QwentuneError instead of a traceback."""
+    try:
+        return config_cls(**arguments)
+    except (ValueError, ImportError) as e:
+        if not passed:
+            raise
+        raise QwentuneError(
+            f"TRL's {config_cls.__name__} refused these settings: {' '.join(str(e).split())}",
+            where=", ".join(f"trainer.{name}" for name in passed),
+            hint="check the trainer: fields against the TRL docs (the other values come from the recipe's keys)",
+        ) from None

@@ -17,6 +17,8 @@ import qwentune
 from qwentune.errors import QwentuneError
 from qwentune.recipe import load_recipe
 from qwentune.resume import recipe_changes
+from qwentune.trainer_fields import build_config
+from qwentune.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"source": "Qwen/Qwen2.5-0.5B-Instruct"}, "data": {"train": "data/tool_calls.jsonl"}}
@@ -51,6 +53,13 @@ def test_unknown_field_is_refused_with_did_you_mean_and_the_line(tmp_path):
     assert "did you mean 'neftune_noise_alpha'?" in text
     with pytest.raises(QwentuneError, match=r"command line: unknown key 'trainer.use_ligerkernel' in override"):
         load_recipe(MINIMAL, ["trainer.use_ligerkernel=true"])
+
+
+def test_validate_lists_the_fields_passed_to_trl(tmp_path):
+    path = tmp_path / "r.yaml"
+    recipe = {**MINIMAL, "data": {"train": str(ROOT / "data/tool_calls.jsonl")}, "trainer": {"neftune_noise_alpha": 5}}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert "  trainer: neftune_noise_alpha=5.0 (passed to TRL SFTConfig)" in validate_recipe(path)
 
 
 def test_unknown_field_from_the_cli_is_one_line_exit_2(tmp_path):
@@ -119,6 +128,17 @@ def test_the_section_is_checked_against_the_config_of_the_method():
     assert load_recipe({**MINIMAL, "trainer": {"loss_type": "dft"}}).trainer == {"loss_type": "dft"}
     with pytest.raises(QwentuneError, match=r"'trainer.loss_type' is set by qwentune.*use dpo.loss_type"):
         load_recipe({**DPO, "trainer": {"loss_type": "ipo"}})
+
+
+def test_a_combination_trl_refuses_is_one_qwentune_error(tmp_path):
+    from trl import SFTConfig
+
+    passed = {"load_best_model_at_end": True}  # needs matching eval and save strategies
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", save_strategy="steps", **passed)
+    with pytest.raises(QwentuneError, match=r"TRL's SFTConfig refused these settings: --load_best_model_at_end") as e:
+        build_config(SFTConfig, passed, **settings)
+    assert e.value.where == "trainer.load_best_model_at_end" and "\n" not in str(e.value)
+    assert build_config(SFTConfig, {}, output_dir=str(tmp_path), use_cpu=True).output_dir == str(tmp_path)
 
 
 @pytest.mark.slow
