@@ -32,6 +32,7 @@ from .run import (
 )
 from .sources import resolve_model
 from .tokens import check_tokens, prepare_new_token_rows
+from .trainer_fields import build_config
 from .vision import text_only, vision_collator
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
@@ -165,7 +166,9 @@ def train_dpo(recipe: Recipe) -> TrainResult:
         f", beta {d.beta}, label_smoothing {d.label_smoothing}; reference: {reference}"
         + (", log-probs precomputed" if d.precompute_ref_log_probs else "")
     )
-    args = DPOConfig(
+    args = build_config(  # TRL refusing a trainer: combination is a QwentuneError
+        DPOConfig,
+        recipe.trainer,
         **trainer_arguments(recipe, precision, run_dir, has_eval=evals is not None),
         beta=d.beta,
         loss_type=list(d.loss_type),

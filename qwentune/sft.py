@@ -22,6 +22,7 @@ from .run import (
     trainer_arguments,
 )
 from .tokens import prepare_new_token_rows
+from .trainer_fields import build_config
 from .vision import text_only, vision_collator
 
 
@@ -68,7 +69,9 @@ def train_sft(recipe: Recipe) -> TrainResult:
     arguments = trainer_arguments(recipe, precision, run_dir, has_eval=data.eval is not None)
     if recipe.sft.group_by_length:
         arguments["train_sampling_strategy"] = "group_by_length"
-    args = SFTConfig(
+    args = build_config(  # TRL refusing a trainer: combination is a QwentuneError
+        SFTConfig,
+        recipe.trainer,
         **arguments,
         # Rows were fitted to data.max_length by the data pipeline; TRL must not cut them again. Packing needs the bin
         # size, and TRL skips its truncation when it packs (bins of whole rows, BFD).
