@@ -179,7 +179,7 @@ def train_dpo(recipe: Recipe) -> TrainResult:
     )
     collator = None
     if data.images is not None:  # Qwen2-VL: pixel inputs for the prompt's images, once per chosen/rejected row
-        collator = vision_collator(source.path, recipe, tokenizer, data.images, preference=True)
+        collator = vision_collator(source.path, recipe.model, tokenizer, data.images, preference=True)
     metrics: dict = {
         "effective_batch": batch,
         "processes": processes,

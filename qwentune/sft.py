@@ -84,7 +84,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
     )
     collator = None
     if data.images is not None:  # Qwen2-VL: the collator adds pixel_values / image_grid_thw / mm_token_type_ids
-        collator = vision_collator(source.path, recipe, tokenizer, data.images)
+        collator = vision_collator(source.path, recipe.model, tokenizer, data.images)
     metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
     with patches.trl_for_sft(model):  # TRL/PEFT internals patched for this trainer only, restored after
         trainer = SFTTrainer(
