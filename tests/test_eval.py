@@ -29,6 +29,13 @@ def _write(path: Path, rows: list) -> Path:
     return path
 
 
+def _call_rows(path: Path) -> Path:
+    """Only the held-out rows whose reference turn makes calls (the file also holds no-call and clarifying rows)."""
+    rows = [json.loads(line) for line in TOOLS_EVAL.read_text().splitlines()]
+    calls = [r for r in rows if any(m.get("tool_calls") for m in r["messages"] if m["role"] == "assistant")]
+    return _write(path, calls)
+
+
 def _reference_reply(item, tokenizer) -> str:
     """The text the official template renders for the reference assistant turn (what a perfect model generates)."""
     prompt = tokenizer.apply_chat_template(item.prompt, tools=item.tools, add_generation_prompt=True, tokenize=False)
@@ -50,7 +57,8 @@ def test_perfect_scripted_replies_score_one(tmp_path):
     }
     items, skipped = collect([TOOLS_EVAL, _write(tmp_path / "nocall.jsonl", [no_call])])
     assert skipped == [] and len(items) == 41
-    assert sum(it.kind == "tool_call" for it in items) == 40 and items[-1].kind == "no_call"
+    # the held-out split: 24 rows that call, 16 that must not (no tool fits, or a question to ask first)
+    assert sum(it.kind == "tool_call" for it in items) == 24 and sum(it.kind == "no_call" for it in items) == 17
     tok = shared_tokenizer()
     verdicts = [_score_generation(it, _reference_reply(it, tok)) for it in items]
     assert [v["why"] for v in verdicts if not v["ok"]] == []
@@ -64,7 +72,8 @@ def test_random_tiny_model_scores_zero_and_outputs_are_written(tmp_path):
     ]
     extra = _write(tmp_path / "mixed.jsonl", rows)
     out = tmp_path / "out"
-    result = evaluate([model, model], [TOOLS_EVAL, extra], limit=3, max_new_tokens=8, output=out, progress=False,
+    calls = _call_rows(tmp_path / "calls.jsonl")
+    result = evaluate([model, model], [calls, extra], limit=3, max_new_tokens=8, output=out, progress=False,
                       labels=["a", "b"])  # fmt: skip
     metrics = result.metrics["a"]
     assert metrics["tool calls: exact"] == {"correct": 0, "total": 3}
@@ -82,7 +91,8 @@ def test_random_tiny_model_scores_zero_and_outputs_are_written(tmp_path):
     assert {"prompt", "expected", "got", "verdict", "why"} <= set(row) and row["verdict"] is False and row["why"]
     assert (out / "eval.md").read_text().startswith("## Evaluation")
     sft = next(r for r in saved["rows"]["a"] if r["kind"] == "sft")
-    from qwentune.render import load_template, render_conversation
+    from qwentune.render import render_conversation
+    from qwentune.template import load_template
 
     tok = shared_tokenizer()
     rendered = render_conversation(rows[1]["messages"], None, tok, load_template("model", tok))
@@ -160,7 +170,7 @@ def test_after_training_and_recipe_run_dir(tmp_path):
     assert proc.returncode == 2 and "no merged/ model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     shutil.copytree(base, run_dir / "merged")
     out = evaluate_after_training(
-        run_dir, EvalSection(limit=2, max_new_tokens=4), str(base), [TOOLS_EVAL], progress=False
+        run_dir, EvalSection(limit=2, max_new_tokens=4), str(base), [_call_rows(tmp_path / "c.jsonl")], progress=False
     )
     assert set(out["metrics"]) == {"base", "tuned"} and out["metrics"]["base"] == out["metrics"]["tuned"]
     assert out["summary"] == "tool calls: exact on 2 rows: base 0/2 → tuned 0/2"
