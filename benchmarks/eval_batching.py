@@ -35,7 +35,7 @@ def main() -> None:
 
     from qwentune.evaluate import _prompt_ids, collect
     from qwentune.generate import greedy_generate
-    from qwentune.render import load_template
+    from qwentune.template import load_template
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -160,7 +160,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     added special tokens are control tokens, other added tokens (<tool_call>, ...) user-defined."""
     import gguf
 
-    from .sources import ENDOFTEXT
+    from .shapes import ENDOFTEXT
 
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:

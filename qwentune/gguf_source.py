@@ -16,11 +16,11 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from .errors import QwentuneError
+from .shapes import ENDOFTEXT, IM_END, IM_START
 
 CHUNK = 8 * 1024 * 1024
 MARKER = "qwentune-source.json"
 # Qwen's ChatML special tokens (ids 151643-151645 in the real vocabulary; looked up, never assumed).
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 
 def progress_bar(total: int, desc: str, progress: bool):

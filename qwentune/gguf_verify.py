@@ -39,7 +39,7 @@ def parity_rows(tokenizer) -> list[list[int]]:
     """Short rows (the 151,936-token vocab makes logits the cost): two prompts rendered with the model's own chat
     template (a plain text row without one), and a row of special tokens in the order they appear in chats. The
     merge's rows in export.py are random ids plus specials; these are the prompts a served model sees."""
-    from .sources import ENDOFTEXT, IM_END, IM_START
+    from .shapes import ENDOFTEXT, IM_END, IM_START
 
     if tokenizer.chat_template:
         rows = [

@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_TOKEN_IDS = {
     "vision_start_token_id": 151652,
     "vision_end_token_id": 151653,
