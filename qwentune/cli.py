@@ -155,18 +155,19 @@ def cmd_export(args) -> int:
 
 def _recipe_eval(target: str):
     """(models, labels, data, template, eval section, run dir) for `qwentune eval RECIPE_OR_RUN_DIR`."""
+    from .inference import is_run_dir
     from .recipe import load_recipe, resolve_path
     from .runinfo import run_dir_for
 
     path = Path(target)
     recipe = load_recipe(path / "recipe.yaml" if path.is_dir() else path)
     run_dir = path if path.is_dir() else run_dir_for(recipe)
-    if not (run_dir / "merged").is_dir():
-        raise QwentuneError("no merged/ model in the run dir", where=str(run_dir), hint="train the recipe first")
+    if not is_run_dir(run_dir):
+        raise QwentuneError("no merged/ model or adapter/ in the run dir", where=str(run_dir), hint="train it first")
     data = [str(resolve_path(recipe, d)) for d in (recipe.eval.data or recipe.data.eval)]
     if not data:
         raise QwentuneError("the recipe has no eval data", where=str(path), hint="set eval.data or data.eval")
-    models, labels = [str(run_dir / "merged")], ["tuned"]
+    models, labels = [str(run_dir)], ["tuned"]  # merged/, else the adapter on its base
     if recipe.eval.base:
         models, labels = [recipe.model.source, *models], ["base", *labels]
     return models, labels, data, recipe.data.template, recipe.eval, run_dir

@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .card import public_path
 from .runinfo import atomic_write_json, atomic_write_text
 
 
@@ -73,20 +74,33 @@ class EvalResult:
         ]
 
     def markdown(self) -> str:
-        """The table as markdown (for a model card)."""
+        """The table as markdown (for a model card: data files by their name, never a machine path)."""
         header, body = self._grid()
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
-        data = ", ".join(f"`{d}`" for d in self.data)
+        data = ", ".join(f"`{public_path(d)}`" for d in self.data)
         return f"## Evaluation\n\nData: {data}\n\n" + "\n".join(lines) + "\n"
 
-    def summary(self) -> str:
-        """One line, e.g. `tool calls on 40 held-out prompts: base 0/40 → tuned 37/40`."""
-        name = next((n for n in ("tool calls: exact", "bfcl overall", "preference: accuracy", "sft: loss")
-                     if n in self.metric_names()), None)  # fmt: skip
-        if name is None:
+    def summary(self, *, held_out: bool = False) -> str:
+        """One line, e.g. `tool calls on 40 held-out prompts: base 0/40 → tuned 37/40; no call on 10 held-out
+        prompts: base 10/10 → tuned 9/10` (tool calls and no-call when scored; else BFCL, preferences or loss)."""
+        names = self.metric_names()
+        picked = [n for n in ("tool calls: exact", "no call: refrained") if n in names]
+        picked = picked or [n for n in ("bfcl overall", "preference: accuracy", "sft: loss") if n in names][:1]
+        if not picked:
             return "nothing scored"
-        total = next(self.metrics[m][name]["total"] for m in self.models if name in self.metrics[m])
+        return "; ".join(self._summary_part(name, "held-out " if held_out else "") for name in picked)
+
+    def _summary_part(self, name: str, held: str) -> str:
+        total = next(self.metrics[m][name]["total"] for m in self.models if name in self.metrics.get(m, {}))
+        plural = "" if total == 1 else "s"
+        what = {
+            "tool calls: exact": f"tool calls on {total} {held}prompt{plural}",
+            "no call: refrained": f"no call on {total} {held}prompt{plural}",
+            "bfcl overall": f"BFCL on {total} {held}question{plural}",
+            "preference: accuracy": f"preference accuracy on {total} {held}pair{plural}",
+            "sft: loss": f"loss on {total} {held}row{plural}",
+        }[name]
         parts = []
         for model in self.models:
             metric = self.metrics.get(model, {}).get(name)
@@ -96,7 +110,7 @@ class EvalResult:
                 else (f"{metric['correct']}/{metric['total']}" if "correct" in metric else f"{metric['value']:.4g}")
             )
             parts.append(f"{model} {cell}")
-        return f"{name} on {total} rows: " + " → ".join(parts)
+        return f"{what}: " + " → ".join(parts)
 
     def to_dict(self) -> dict:
         return {"models": self.models, "data": self.data, "metrics": self.metrics, "skipped": self.skipped,

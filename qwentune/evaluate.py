@@ -24,6 +24,8 @@ from .bfcl import BfclCase, check_case, is_bfcl_row, read_bfcl
 from .errors import BadRow, QwentuneError
 from .evaltable import EvalResult
 from .formats import convert, detect_format
+from .runinfo import atomic_write_text
+from .template import ChatTemplate, load_template
 from .toolscore import parse_tool_calls, reference_calls, score_tool_calls
 
 SFT_SAMPLES = 3  # greedy samples shown per SFT file
@@ -146,23 +148,31 @@ def _score_generation(item: Item, text: str) -> dict:
     return score_tool_calls(text, item.expected, item.tools).to_dict()
 
 
-def _score_model(loaded: Any, items: list[Item], *, template: str, batch_size: int, max_new_tokens: int,
-                 progress: bool = True, train_on: str = "all") -> list[dict]:  # fmt: skip
+def _score_model(
+    model: Any,
+    tokenizer: Any,
+    items: list[Item],
+    *,
+    label: str,
+    template: str | ChatTemplate,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = True,
+    train_on: str = "all",
+) -> list[dict]:
     """One record per item: prompt, expected, got, verdict, why (+ loss numbers for sft/preference rows)."""
     from .generate import greedy_generate, sequence_logprobs
     from .render import render_batch, render_preference_batch
-    from .template import load_template
 
-    tokenizer = loaded.tokenizer
-    chat = load_template(template, tokenizer)
+    chat = template if isinstance(template, ChatTemplate) else load_template(template, tokenizer)
     records: list[dict] = [
         {"file": it.file, "row": it.row, "kind": it.kind, "prompt": it.prompt[-1].get("content") if it.prompt else ""}
         for it in items
     ]
     gen = [i for i, it in enumerate(items) if it.kind in ("tool_call", "no_call", "bfcl") or it.sample]
     outputs = greedy_generate(
-        loaded.model, tokenizer, [_prompt_ids(items[i], tokenizer, chat.text) for i in gen],
-        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"eval {loaded.label}", progress=progress,
+        model, tokenizer, [_prompt_ids(items[i], tokenizer, chat.text) for i in gen],
+        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"eval {label}", progress=progress,
     )  # fmt: skip
     for i, ids in zip(gen, outputs):
         text = tokenizer.decode(ids, skip_special_tokens=False)
@@ -189,7 +199,7 @@ def _score_model(loaded: Any, items: list[Item], *, template: str, batch_size: i
         for side in (p.chosen_input_ids, p.rejected_input_ids):
             seqs.append((p.prompt_input_ids + side, [-100] * len(p.prompt_input_ids) + list(side)))
             owners.append((i, "preference"))
-    logps = sequence_logprobs(loaded.model, seqs, batch_size=batch_size)
+    logps = sequence_logprobs(model, seqs, batch_size=batch_size)
     k = 0
     while k < len(owners):
         i, kind = owners[k]
@@ -240,48 +250,53 @@ def summarize(records: list[dict]) -> dict[str, dict]:
 
 def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, limit: int | None = None,
              batch_size: int = 8, max_new_tokens: int = 256, output: str | Path | None = None,
-             bfcl_answers: str | Path | None = None, template: str = "model", progress: bool = True,
+             bfcl_answers: str | Path | None = None, template: str | ChatTemplate = "model", progress: bool = True,
              labels: list[str] | None = None) -> EvalResult:  # fmt: skip
     """Score each model on the same rows of `data`; with `output`, write eval.json and eval.md there (atomically).
-    `template`: the chat template spec rows are rendered with ('model': each model's own)."""
-    from .evalmodels import check_models, load_model
+    A model is anything `inference.resolve_trained` opens (run dir, adapter dir, model dir, hub id, .gguf, offline:…).
+    `template`: the chat template rows are rendered with ('model': each model's own; a ChatTemplate: that one)."""
+    from .inference import load_for_inference, resolve_trained  # here: it imports torch (keeps `import qwentune` fast)
 
     models = [models] if isinstance(models, (str, Path)) else list(models)
     data = [data] if isinstance(data, (str, Path)) else list(data)
     if not models:
         raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL --data FILE")
     items, skipped = collect(data, bfcl_answers=bfcl_answers, limit=limit)
-    check_models([str(m) for m in models])
+    trained = [resolve_trained(str(m)) for m in models]  # every MODEL resolves before minutes of scoring start
     names = labels or [str(m) for m in models]
     result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped])
-    for name, spec in zip(names, models):
-        loaded = load_model(str(spec))
-        records = _score_model(loaded, items, template=template, batch_size=batch_size,
+    for name, spec in zip(names, trained):
+        model, tokenizer = load_for_inference(spec)
+        records = _score_model(model, tokenizer, items, label=name, template=template, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
         result.rows[name] = records
         result.metrics[name] = summarize(records)
-        del loaded
+        del model
     if output is not None:
         result.write(Path(output))
     return result
 
 
 def evaluate_after_training(run_dir: str | Path, eval_section: Any, base_source: str, data_files: list[str | Path],
-                            *, template: str = "model", progress: bool = True) -> dict:  # fmt: skip
-    """Score `run_dir/merged` (and the base `base_source` when `eval_section.base`) on `eval_section.data` or, when
-    that is empty, `data_files` (the recipe's resolved data.eval); writes run_dir/eval/eval.json and eval.md.
-    Returns {"metrics": {"base": {...}, "tuned": {...}}, "markdown": table for the model card, "summary": one line}."""
+                            *, template: str | ChatTemplate = "model", progress: bool = True) -> dict:  # fmt: skip
+    """Score the run's model (`run_dir/merged`, else its adapter on the base) and, when `eval_section.base`, the base
+    `base_source`, on `eval_section.data` or, when that is empty, `data_files` (paths resolved by the caller).
+    Writes run_dir/eval/eval.json + eval.md (every row) and run_dir/eval.md (the table the model card includes).
+    Returns {"metrics": {"base": {...}, "tuned": {...}}, "markdown"/"table": the table, "summary", "data"}."""
     run_dir = Path(run_dir)
-    data = list(eval_section.data) or list(data_files)
+    data = [str(d) for d in (eval_section.data or data_files)]
     if not data:
         raise QwentuneError("no eval data", where="eval.data", hint="set eval.data or data.eval in the recipe")
-    models, labels = [str(run_dir / "merged")], ["tuned"]
+    models, labels = [str(run_dir)], ["tuned"]
     if eval_section.base:
         models, labels = [base_source, *models], ["base", *labels]
     result = evaluate(models, data, limit=eval_section.limit, batch_size=eval_section.batch_size,
                       max_new_tokens=eval_section.max_new_tokens, output=run_dir / "eval", template=template,
                       progress=progress, labels=labels)  # fmt: skip
-    return {"metrics": result.metrics, "markdown": result.markdown(), "summary": result.summary()}
+    markdown = result.markdown()
+    atomic_write_text(run_dir / "eval.md", markdown)
+    summary = result.summary(held_out=True)
+    return {"metrics": result.metrics, "markdown": markdown, "table": result.table(), "summary": summary, "data": data}
 
 
 # ------------------------------------------------------------------------------------ older entry points (kept)

@@ -1,9 +1,11 @@
 """Open what a user trained, for inference: a run dir, an adapter dir, a merged or local model dir, or any model
-source the resolver takes (hub id, `.gguf`, `offline:…`). Used by `qwentune chat` (and meant for eval and push).
+source the resolver takes (hub id, `.gguf`, `offline:…`). The one loader of `qwentune chat` and `qwentune eval`.
 
 * run dir (holds `merged/` or `adapter/`): its `merged/` model; without one, its `adapter/` on its base.
-* adapter dir (`adapter_config.json`): the base named by the training sidecar `qwentune_train.json` (as the user
-  wrote it; else `adapter_config.json`'s `base_model_name_or_path`) plus the adapter through PEFT, not merged.
+* adapter dir (`adapter_config.json`): its base plus the adapter through PEFT, not merged. The base is the training
+  sidecar `qwentune_train.json`'s `base_model` (as the user wrote it; what training records), else its
+  `model_card.base` (a sidecar written by hand or another tool), else `adapter_config.json`'s
+  `base_model_name_or_path` (PEFT records the path the base was loaded from, often a machine path).
 * anything else goes to `sources.resolve_model`.
 
 The chat template is the one the model was trained with: the adapter sidecar's, else the saved tokenizer's.
@@ -82,9 +84,15 @@ def _saved_template(model_dir: Path) -> str | None:
 
 def adapter_base(adapter_dir: Path) -> tuple[str, Path]:
     """(base as the user wrote it, its local dir) for an adapter dir: the sidecar's `base_model` (its recorded
-    `base_path` when that dir still exists, so a hub base is not looked up again), else adapter_config.json's."""
+    `base_path` when that dir still exists, so a hub base is not looked up again), else the sidecar's
+    `model_card.base`, else adapter_config.json's `base_model_name_or_path`."""
     sidecar = _read_json(adapter_dir / SIDECAR) if (adapter_dir / SIDECAR).is_file() else {}
-    base = sidecar.get("base_model") or _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    card = sidecar.get("model_card") if isinstance(sidecar.get("model_card"), dict) else {}
+    base = (
+        sidecar.get("base_model")
+        or card.get("base")
+        or _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    )
     if not base:
         raise QwentuneError(
             "the adapter names no base model (no base_model in qwentune_train.json, none in adapter_config.json)",
@@ -142,15 +150,19 @@ def load_for_inference(spec: str | Path | Trained, *, dtype: Any = None) -> tupl
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     trained = spec if isinstance(spec, Trained) else resolve_trained(spec)
-    tokenizer = AutoTokenizer.from_pretrained(trained.tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(trained.tokenizer_path)
+        auto = AutoModelForImageTextToText if trained.is_vision else AutoModelForCausalLM
+        model = auto.from_pretrained(trained.model_path, dtype=dtype if dtype is not None else default_dtype())
+        if trained.adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, trained.adapter_path)
+    except (OSError, ValueError) as exc:  # a broken dir (missing weights, bad config): one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QwentuneError(f"cannot load the model: {first}", where=trained.spec) from None
     if trained.template is not None:
         tokenizer.chat_template = trained.template
-    auto = AutoModelForImageTextToText if trained.is_vision else AutoModelForCausalLM
-    model = auto.from_pretrained(trained.model_path, dtype=dtype if dtype is not None else default_dtype())
-    if trained.adapter_path is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, trained.adapter_path)
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval(), tokenizer

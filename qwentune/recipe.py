@@ -158,9 +158,10 @@ class LoggingSection:
 
 @dataclass
 class EvalSection:
-    """What `qwentune eval RECIPE_OR_RUN_DIR` (and, once wired, the end of training) scores."""
+    """What `qwentune eval RECIPE_OR_RUN_DIR` scores, and (`enabled`) what training scores at its end: numbers into
+    metrics.json["eval"], the table into run_dir/eval.md and the merged model card."""
 
-    enabled: bool = field(default=False, metadata={"help": "score the tuned model at the end of training"})
+    enabled: bool = field(default=False, metadata={"help": "score the tuned (and base) model at the end of training"})
     data: list[str] = field(default_factory=list, metadata={"help": "eval files; empty: the recipe's data.eval"})
     limit: int | None = field(default=None, metadata={"help": "only the first N scoreable rows of each eval file"})
     base: bool = field(default=True, metadata={"help": "score the base model too, side by side with the tuned one"})

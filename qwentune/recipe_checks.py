@@ -42,6 +42,9 @@ MINIMUMS: dict[str, tuple[float, str]] = {
     "output.sample_tokens": (0, "128 (0: no sample)"),
     "dpo.label_smoothing": (0, "0.0"),
     "dpo.rpo_alpha": (0, "1.0"),
+    "eval.limit": (1, "40 (or null for every row)"),
+    "eval.max_new_tokens": (1, "256"),
+    "eval.batch_size": (1, "8"),
 }
 # Upper bounds where a huge value would not fail cleanly but start thousands of processes.
 MAXIMUMS = {"data.num_proc": 256, "training.dataloader_num_workers": 256}
@@ -108,6 +111,9 @@ def check_recipe(recipe: Any, where: str) -> None:
         fail("dpo.loss_weights", f"needs one weight per loss_type ({len(d.loss_type)})", "e.g. [1.0, 0.5]")
     if recipe.method == "sft" and recipe.data.format == "preference":
         fail("data.format", "is 'preference' but method is sft", "use method: dpo, or a conversation format")
+    if recipe.eval.enabled and not (recipe.eval.data or recipe.data.eval):
+        fail("eval.enabled", "is true but there is no eval data (eval.data and data.eval are empty)",
+             "set eval.data: [data/tool_calls_eval.jsonl], or data.eval")  # fmt: skip
     _check_output_dir(recipe.output.dir, fail)
 
 

@@ -3,18 +3,20 @@ adapter and merging at the end. Plain functions, so each method's script stays r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .evaluate import collect, evaluate_after_training
 from .export import QuantSpec, merge_adapter, write_train_sidecar
 from .inputs import prepare_inputs
 from .logs import _cuda, is_main_process, log, process_state
 from .metrics import plot_losses
 from .model import Precision
-from .recipe import Recipe
+from .recipe import Recipe, resolve_path
 from .resume import resume_checkpoint
 from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir, prepare_run_dir
 
@@ -116,6 +118,8 @@ def start_run(recipe: Recipe) -> RunStart:
 
         check_repo_id(recipe.output.push_to_hub, where="output.push_to_hub")
         require_token()
+    if recipe.eval.enabled:  # a missing or unscoreable eval file must stop the run before training, not after
+        collect(eval_files(recipe), limit=recipe.eval.limit)
     run_dir = prepare_run_dir(recipe, is_main=is_main_process(), resuming=checkpoint is not None)
     source, tokenizer, _, data = prepare_inputs(recipe)
     tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
@@ -199,8 +203,10 @@ def finish_run(
                     "sample generation from the merged model (plain transformers, greedy):\n"
                     + metrics["sample"]["completion"]
                 )
+        if recipe.eval.enabled:
+            metrics["eval"] = evaluate_run(recipe, run_dir, base=str(source.path), template=template)
         atomic_write_json(run_dir / "metrics.json", _plain(metrics))
-        if result.merged_dir is not None:  # the card from what the run recorded: base as the user wrote it
+        if result.merged_dir is not None:  # after metrics.json and eval.md: the card shows both; base by name
             from .card import card_for_run
 
             atomic_write_text(result.merged_dir / "README.md", card_for_run(run_dir))
@@ -210,6 +216,22 @@ def finish_run(
             push_after_training(run_dir, recipe.output.push_to_hub)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def eval_files(recipe: Recipe) -> list[str]:
+    """What `eval:` scores: eval.data, else data.eval, each resolved like data.eval (`recipe.resolve_path`)."""
+    return [str(resolve_path(recipe, f)) for f in (recipe.eval.data or recipe.data.eval)]
+
+
+def evaluate_run(recipe: Recipe, run_dir: Path, *, base: str, template) -> dict:
+    """`eval:` at the end of training: the run's model (merged/, else the adapter) and, with eval.base, the base
+    (`base`: its local dir), rendered with the training template; logs the table and the one-line summary.
+    Returns what metrics.json keeps under "eval" (run_dir/eval.md and run_dir/eval/eval.json are written too)."""
+    section = dataclasses.replace(recipe.eval, data=eval_files(recipe))
+    out = evaluate_after_training(run_dir, section, base, [], template=template)
+    log(f"eval (every row: {run_dir / 'eval' / 'eval.json'}):\n{out['table']}")
+    log(out["summary"])
+    return {"data": out["data"], "limit": section.limit, "metrics": out["metrics"], "summary": out["summary"]}
 
 
 def prompt_of(row: dict) -> list[int]:

@@ -40,6 +40,7 @@ def _train_tools(tmp_path: Path, fix: str) -> qwentune.run.TrainResult:
         f"output.dir={tmp_path / ('run-' + fix)}",
         f"peft.train_new_tokens={fix}",
         "data.eval_limit=8",
+        "eval.enabled=false",  # scored below with tool_call_accuracy instead
     ]
     return qwentune.train(SFT_RECIPE, overrides)
 
