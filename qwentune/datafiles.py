@@ -16,7 +16,7 @@ import datasets
 
 from .errors import QwentuneError, json_error_text
 from .formats import detect_format
-from .recipe import DataSection
+from .recipe import DataSection, path_in
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -101,10 +101,8 @@ def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> 
 
 
 def data_path(base_dir: Path, value: str) -> Path:
-    """A path named in the data section: absolute, relative to the current dir if it exists there, else to
-    `base_dir` (the recipe's dir), as `recipe.resolve_path` resolves it."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() or p.exists() else base_dir / p
+    """A path named in the data section, resolved as every recipe path is (`recipe.path_in`)."""
+    return path_in(base_dir, value)
 
 
 def _looks_like_hub_id(base_dir: Path, name: str) -> bool:

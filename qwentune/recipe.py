@@ -448,14 +448,18 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def resolve_path(recipe: Recipe, value: str) -> Path:
     """A path from the recipe: absolute, relative to the current dir if it exists there, else to the recipe's dir."""
+    return path_in(recipe.base_dir, value, where=str(recipe.path or "recipe"))
+
+
+def path_in(base_dir: Path, value: str, *, where: str = "recipe") -> Path:
+    """The one rule for paths in a recipe: absolute, relative to the current dir if it exists there, else to
+    `base_dir` (the recipe's dir). A name longer than the filesystem allows is an error here, not an OSError later."""
     p = Path(value).expanduser()
     if any(len(os.fsencode(part)) > NAME_MAX for part in p.parts):  # else every later stat() is an OSError
         shown = value if len(value) <= 60 else value[:57] + "..."
         raise QwentuneError(
-            f"path '{shown}' has a name longer than {NAME_MAX} bytes",
-            where=str(recipe.path or "recipe"),
-            hint="check the path",
+            f"path '{shown}' has a name longer than {NAME_MAX} bytes", where=where, hint="check the path"
         )
     if p.is_absolute() or os.path.exists(p):  # os.path: False (not an error) for names too long for the filesystem
         return p
-    return recipe.base_dir / p
+    return Path(base_dir) / p
