@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,19 +14,9 @@ from .logs import _cuda, is_main_process, log, process_state
 from .metrics import plot_losses
 from .model import Precision
 from .recipe import Recipe
+from .results import TrainResult
 from .resume import resume_checkpoint
 from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir, prepare_run_dir
-
-
-@dataclass
-class TrainResult:
-    """What a run leaves behind: paths and numbers (returned to notebooks, printed by the CLI)."""
-
-    run_dir: Path
-    adapter_dir: Path | None = None
-    merged_dir: Path | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    data_reports: list[dict] = field(default_factory=list)
 
 
 def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
