@@ -70,7 +70,11 @@ def _datasets_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 
 def _is_rows(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+    """A list of rows: it holds a dict and nothing that names a source (a row of the wrong type is a bad row)."""
+    if not isinstance(value, list) or not any(isinstance(r, dict) for r in value):
+        return False
+    dataset_types, _ = _datasets_types()
+    return not any(isinstance(r, (str, InMemoryData, *dataset_types)) for r in value)
 
 
 def in_memory_values(value: Any, where: str) -> list | None:
