@@ -51,7 +51,9 @@ def prepare(
     """Render and mask the recipe's data (or `train_data` / `eval_data` given in memory): PreparedData(train, eval,
     reports, template)."""
     from .inputs import prepare_inputs
+    from .quiet import quiet_library_noise
 
+    quiet_library_noise()
     if limit is not None and limit < 1:
         raise QwentuneError(f"{limit} is not a valid limit (must be ≥ 1, or None for every row)", where="limit")
     return prepare_inputs(_recipe(recipe, overrides, train_data, eval_data), limit=limit).data
@@ -102,8 +104,10 @@ def preview(
     labels with those whose rows look untrained flagged (read from the embedding tensors only, no model load)."""
     from .highlight import preview as render_preview
     from .inputs import prepare_inputs
+    from .quiet import quiet_library_noise
     from .tokens import flagged_in_model_files
 
+    quiet_library_noise()
     recipe = _recipe(recipe, overrides, train_data, eval_data)
     source, tokenizer, images, _ = prepare_inputs(recipe, data=False)
     flagged = flagged_in_model_files(source.path, tokenizer)

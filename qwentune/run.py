@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from .export import QuantSpec, merge_adapter, write_train_sidecar
 from .inputs import prepare_inputs
 from .logs import _cuda, is_main_process, log, process_state
-from .metrics import plot_losses
+from .metrics import plot_losses, show_in_notebook
 from .model import Precision
 from .recipe import Recipe
 from .results import TrainResult
@@ -150,7 +150,7 @@ def finish_run(
     if is_main_process():
         result.adapter_dir = save_adapter(trainer.model, run_dir, adapter_sidecar(recipe, source, template, precision))
         tokenizer.save_pretrained(result.adapter_dir)
-        plot_losses(run_dir)
+        show_in_notebook(plot_losses(run_dir))  # inline in a notebook cell; a file either way
         if recipe.output.merge:
             merged = merge_adapter(
                 result.adapter_dir,
