@@ -12,6 +12,8 @@ print(result.generate("Hello").text)     # result.load() -> (model, tokenizer)
 from .api import merge, prepare, preprocess, preview, setup, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
+from .results import TrainResult
+from .trainrun import Run
 
 __all__ = [
     "load_recipe",
@@ -22,6 +24,8 @@ __all__ = [
     "setup",
     "train",
     "merge",
+    "Run",
+    "TrainResult",
     "QwentuneError",
     "BadRow",
 ]
