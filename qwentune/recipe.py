@@ -12,7 +12,6 @@ import os
 import re
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import QwentuneError, did_you_mean
-from .inmemory import InMemoryData, in_memory_values, public_value
+from .inmemory import InMemoryData, public_value, stash, stash_in_memory
 from .recipe_checks import MAX_LENGTH_CAP, OUTPUT_DIR_FIELDS, check_recipe  # noqa: F401 - re-exported
 from .recipe_yaml import StrictLoader, key_in_message, line_of_key, read_yaml
 from .trainer_fields import check_trainer_section
@@ -407,7 +406,7 @@ def load_recipe(
     path: Path | None = None
     memory: dict[str, InMemoryData] = {}  # placeholder text in the tree → the in-memory source it stands for
     if isinstance(source, dict):
-        tree, where = _deepcopy(_stash_in_memory(source, memory)), "recipe"
+        tree, where = _deepcopy(stash_in_memory(source, memory)), "recipe"
     else:
         path = Path(source)
         where = str(path)
@@ -417,12 +416,12 @@ def load_recipe(
         if not isinstance(tree, dict):
             raise QwentuneError("a recipe must be a mapping of sections", where=where, hint="see recipes/")
     if isinstance(overrides, dict):
-        items = [(k.split("."), _stash(v, memory, k), f"{k}={v}") for k, v in overrides.items()]
+        items = [(k.split("."), stash(v, memory, k), f"{k}={v}") for k, v in overrides.items()]
     else:
         items = [(*parse_override(o), o) for o in overrides or []]
     for which, value in (("train", train_data), ("eval", eval_data)):
         if value is not None:
-            items.append((["data", which], _stash(value, memory, f"{which}_data"), f"{which}_data"))
+            items.append((["data", which], stash(value, memory, f"{which}_data"), f"{which}_data"))
     origin: dict[str, str] = {}  # dotted key → the override that set it
     trainer_overrides: dict[str, str] = {}  # trainer field → the override that set it (errors name it)
     for parts, value, raw in items:
@@ -452,30 +451,6 @@ def _locate(error: QwentuneError, where: str, path: Path | None, origin: dict[st
             return QwentuneError(error.message, where=f"override '{raw}'", hint=error.hint)
     line = line_of_key(path, key) if path is not None else None
     return QwentuneError(error.message, where=f"{path}:{line}", hint=error.hint) if line else error
-
-
-def _stash(value: Any, memory: dict[str, InMemoryData], where: str) -> Any:
-    """`value` with each in-memory source replaced by a placeholder string kept in `memory` (the tree is copied
-    through YAML, which cannot hold a Dataset); anything else unchanged."""
-    found = in_memory_values(value, where)
-    if found is None:
-        return value
-    out = []
-    for item in found:
-        if isinstance(item, InMemoryData):
-            key = f"{item.label}#{uuid.uuid4().hex}"
-            memory[key] = item
-            item = key
-        out.append(item)
-    return out
-
-
-def _stash_in_memory(source: dict, memory: dict[str, InMemoryData]) -> dict:
-    data = source.get("data")
-    if not isinstance(data, dict) or not any(k in data for k in ("train", "eval")):
-        return source
-    data = {k: (_stash(v, memory, f"data.{k}") if k in ("train", "eval") else v) for k, v in data.items()}
-    return {**source, "data": data}
 
 
 def _deepcopy(tree: dict) -> dict:
