@@ -4,14 +4,19 @@ import qwentune
 recipe = qwentune.load_recipe("recipes/qwen2.5-0.5b-instruct/sft_lora.yaml", ["training.max_steps=10"])
 print(qwentune.preview(recipe, rows=1))
 result = qwentune.train(recipe)          # result.adapter_dir, result.merged_dir, result.metrics
+# or: run = qwentune.setup(recipe); run.trainer.add_callback(...); result = run.train()
+# in-memory data: qwentune.train(recipe, train_data=dataset_or_list_of_dicts)
+print(result.generate("Hello").text)     # result.load() -> (model, tokenizer)
 scores = qwentune.evaluate(["offline:qwen2.5-coder-0.5b-instruct", result.merged_dir], "data/tool_calls_eval.jsonl")
 print(scores.table())                    # models as columns, with deltas
 """
 
 from . import evaluate as _evaluate_module  # noqa: F401  loaded first, so the function below keeps the name
-from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, train
+from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, setup, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
+from .results import TrainResult
+from .trainrun import Run
 
 __all__ = [
     "load_recipe",
@@ -19,10 +24,13 @@ __all__ = [
     "prepare",
     "preprocess",
     "preview",
+    "setup",
     "train",
     "merge",
     "export_gguf",
     "evaluate",
+    "Run",
+    "TrainResult",
     "QwentuneError",
     "BadRow",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import QwentuneError, did_you_mean
+from .inmemory import InMemoryData, public_value, stash, stash_in_memory
 from .recipe_checks import MAX_LENGTH_CAP, OUTPUT_DIR_FIELDS, check_recipe  # noqa: F401 - re-exported
 from .recipe_yaml import StrictLoader, key_in_message, line_of_key, read_yaml
 from .trainer_fields import check_trainer_section
@@ -47,7 +48,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # files (jsonl/json/parquet/csv), datasets dirs, or hub ids
+    # files (jsonl/json/parquet/csv), datasets dirs, or hub ids; from Python also in-memory data (inmemory.py)
+    train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     eval_fraction: float = 0.0  # carve an eval split out of train when `eval` is empty
     format: str = field(
@@ -390,13 +392,22 @@ def _apply_override(tree: dict, parts: list[str], value: Any, raw: str) -> None:
 # ---------------------------------------------------------------- public entry points
 
 
-def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:
+def load_recipe(
+    source: str | Path | dict,
+    overrides: list[str] | dict | None = None,
+    *,
+    train_data: Any = None,
+    eval_data: Any = None,
+) -> Recipe:
     """A checked Recipe from a YAML path or a dict, with overrides (`["a.b=1"]` or `{"a.b": 1}`) applied first.
 
+    From Python (a dict recipe, dict overrides, `train_data` / `eval_data`), data.train / data.eval may also be
+    in memory: a datasets.Dataset, a DatasetDict split, or a list of row dicts (never from a YAML file).
     An error names the override a bad value came from, else the recipe file's line."""
     path: Path | None = None
+    memory: dict[str, InMemoryData] = {}  # placeholder text in the tree → the in-memory source it stands for
     if isinstance(source, dict):
-        tree, where = _deepcopy(source), "recipe"
+        tree, where = _deepcopy(stash_in_memory(source, memory)), "recipe"
     else:
         path = Path(source)
         where = str(path)
@@ -406,9 +417,12 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = 
         if not isinstance(tree, dict):
             raise QwentuneError("a recipe must be a mapping of sections", where=where, hint="see recipes/")
     if isinstance(overrides, dict):
-        items = [(k.split("."), v, f"{k}={v}") for k, v in overrides.items()]
+        items = [(k.split("."), stash(v, memory, k), f"{k}={v}") for k, v in overrides.items()]
     else:
         items = [(*parse_override(o), o) for o in overrides or []]
+    for which, value in (("train", train_data), ("eval", eval_data)):
+        if value is not None:
+            items.append((["data", which], stash(value, memory, f"{which}_data"), f"{which}_data"))
     origin: dict[str, str] = {}  # dotted key → the override that set it
     trainer_overrides: dict[str, str] = {}  # trainer field → the override that set it (errors name it)
     for parts, value, raw in items:
@@ -419,6 +433,8 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = 
     try:
         recipe = _build(Recipe, tree, "", where)
         recipe.path = path
+        for which in ("train", "eval"):  # the placeholders back to the objects they stand for
+            setattr(recipe.data, which, [memory.get(v, v) for v in getattr(recipe.data, which)])
         check_recipe(recipe, where)
         recipe.trainer = check_trainer_section(recipe.trainer, recipe.method, where=where, overrides=trainer_overrides)
     except QwentuneError as e:
@@ -443,7 +459,10 @@ def _deepcopy(tree: dict) -> dict:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+    tree = recipe.to_dict()
+    for which in ("train", "eval"):  # in-memory data: a placeholder with its row count and fingerprint
+        tree["data"][which] = public_value(tree["data"][which])
+    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
 
 
 def resolve_path(recipe: Recipe, value: str) -> Path:
