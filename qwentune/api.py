@@ -43,6 +43,7 @@ def preprocess(
     recipe: Recipe | str | Path | dict, output: str | Path, overrides=None, *, limit: int | None = None
 ) -> int:
     """Write the rows training will see as jsonl (atomically); returns the number of rows written."""
+    from .runinfo import public_mode
     from .vision import IMAGE_COLUMNS
 
     recipe = _recipe(recipe, overrides)
@@ -62,6 +63,7 @@ def preprocess(
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in data.train.select_columns(columns):
                 f.write(json.dumps(row) + "\n")
+        public_mode(Path(tmp))  # mkstemp makes 0600: the output gets the mode an ordinary create would
         os.replace(tmp, output)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -87,10 +89,15 @@ def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3
 def train(recipe: Recipe | str | Path | dict, overrides=None) -> TrainResult:
     """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model."""
     from .logs import is_main_process
-    from .runinfo import owned_run_dir, run_dir_for
+    from .runinfo import owned_run_dir, run_dir_for, run_state
 
     recipe = _recipe(recipe, overrides)
-    with owned_run_dir(run_dir_for(recipe), is_main=is_main_process()):  # one process per run dir
+    run_dir = run_dir_for(recipe)
+    with owned_run_dir(run_dir, is_main=is_main_process()):  # one process per run dir
+        if recipe.training.resume and run_state(run_dir) == "trained":  # killed after training, e.g. in the merge
+            from .run import finish_trained_run
+
+            return finish_trained_run(recipe)
         if recipe.method == "dpo":
             from .dpo import train_dpo
 

@@ -17,12 +17,14 @@ from .run import (
     TrainResult,
     effective_batch,
     finish_run,
+    parity_rows_of,
     prompt_of,
+    sample_row_of,
     start_run,
     trainer_arguments,
 )
 from .tokens import prepare_new_token_rows
-from .vision import text_only, vision_collator
+from .vision import vision_collator
 
 
 def train_sft(recipe: Recipe) -> TrainResult:
@@ -36,9 +38,6 @@ def train_sft(recipe: Recipe) -> TrainResult:
             where="sft.packing",
             hint="set sft.packing: false (sft.group_by_length: true keeps padding low)",
         )
-
-    def text_ids(row: dict) -> list[int]:  # the merge's parity rows are text: no pixels there
-        return row["input_ids"] if data.images is None else text_only(row["input_ids"], data.images)
 
     precision = resolve_precision(recipe.model, recipe.training)
     quant = QuantSpec.for_peft(recipe.peft)  # None for LoRA
@@ -100,7 +99,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
         if data.eval is not None:
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
-    sample_row = (data.eval if data.eval is not None else data.train)[0]
+    sample_row = sample_row_of(data)
     return finish_run(
         recipe,
         trainer,
@@ -110,7 +109,7 @@ def train_sft(recipe: Recipe) -> TrainResult:
         template=data.template,
         metrics=metrics,
         reports=reports,
-        parity_rows=[text_ids(row) for row in data.train.select(range(min(3, len(data.train))))],
+        parity_rows=parity_rows_of(data),  # the first train rows, as text
         precision=precision,
         sample_prompt=prompt_of(sample_row),
         sample_images=sample_row.get("image_files"),
