@@ -63,6 +63,7 @@ def preprocess(
     recipe: Recipe | str | Path | dict, output: str | Path, overrides=None, *, limit: int | None = None
 ) -> int:
     """Write the rows training will see as jsonl (atomically); returns the number of rows written."""
+    from .runinfo import public_mode
     from .vision import IMAGE_COLUMNS
 
     recipe = _recipe(recipe, overrides)
@@ -82,6 +83,7 @@ def preprocess(
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in data.train.select_columns(columns):
                 f.write(json.dumps(row) + "\n")
+        public_mode(Path(tmp))  # mkstemp makes 0600: the output gets the mode an ordinary create would
         os.replace(tmp, output)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -142,8 +144,19 @@ def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
 
 
 def train(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None) -> TrainResult:
-    """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model. `setup(...).train()`."""
-    return setup(recipe, overrides, train_data=train_data, eval_data=eval_data).train()
+    """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model. `setup(...).train()`, except
+    that `--resume` on a run killed after training (adapter/ saved, no metrics.json) finishes it without training."""
+    from .logs import is_main_process
+    from .runinfo import owned_run_dir, run_dir_for, run_state
+
+    recipe = _recipe(recipe, overrides, train_data, eval_data)
+    run_dir = run_dir_for(recipe)
+    if recipe.training.resume and run_state(run_dir) == "trained":  # e.g. killed during the merge
+        from .run import finish_trained_run
+
+        with owned_run_dir(run_dir, is_main=is_main_process()):
+            return finish_trained_run(recipe)
+    return setup(recipe).train()
 
 
 def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, **kwargs):

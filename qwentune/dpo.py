@@ -28,7 +28,9 @@ from .resume import train_until_stopped
 from .run import (
     effective_batch,
     finish_run,
+    parity_rows_of,
     prompt_of,
+    sample_row_of,
     start_run,
     trainer_arguments,
 )
@@ -36,7 +38,7 @@ from .sources import resolve_model
 from .tokens import check_tokens, prepare_new_token_rows
 from .trainer_fields import build_config
 from .trainrun import Run
-from .vision import text_only, vision_collator
+from .vision import vision_collator
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
 TRL_COLUMNS = {
@@ -231,13 +233,10 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         if continuing and "ref" in trainer.model.peft_config:
             trainer.model.delete_adapter("ref")  # save and merge the trained adapter only, not the reference copy
             trainer.model.set_adapter("default")
-        parity_rows = [r["prompt_ids"] + r["chosen_ids"] for r in train.select(range(min(3, len(train))))]
-        if data.images is not None:  # the merge's parity rows are text: no pixels there
-            parity_rows = [text_only(ids, data.images) for ids in parity_rows]
-        sample_row = (data.eval if data.eval is not None else data.train)[0]
+        sample_row = sample_row_of(data)
         return finish_run(
             recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
-            reports=reports, parity_rows=parity_rows, precision=precision,
+            reports=reports, parity_rows=parity_rows_of(data), precision=precision,
             sample_prompt=prompt_of(sample_row), sample_images=sample_row.get("image_files"),
         )  # fmt: skip
 

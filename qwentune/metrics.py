@@ -9,6 +9,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .errors import QwentuneError
+from .logs import log
+
 
 class MetricsFile(TrainerCallback):
     """Every log line (train and eval) appended to run_dir/metrics.jsonl by the main process."""
@@ -25,10 +28,32 @@ class MetricsFile(TrainerCallback):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A torn last line (the process died mid-append) is dropped with a note; a bad line
+    before it is an error naming file:line (that file was not written by a dying MetricsFile alone)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif number - 1 == last:
+            log(f"{path}:{number}: dropped a torn last line (the run was killed while writing it): {line[:60]!r}")
+        else:
+            raise QwentuneError(
+                "not a JSON object: metrics.jsonl is corrupt before its last line",
+                where=f"{path}:{number}",
+                hint="fix or delete that line (every line is one log row: step, loss, ...), then run again",
+            )
+    return rows
 
 
 def plot_losses(run_dir: Path) -> Path | None:

@@ -16,10 +16,11 @@ from .errors import QwentuneError
 from .logs import is_main_process, log
 from .metrics import read_metrics
 from .recipe import Recipe, dump_recipe
-from .runinfo import atomic_write_text, run_dir_for
+from .runinfo import atomic_write_json, atomic_write_text, run_dir_for, run_state
 
 RESUME_IGNORED = ("training.resume", "output.overwrite")  # may differ between the first run and its resumption
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")  # last: state
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+COMPLETE_MARKER = "qwentune-complete.json"  # written last, by CheckpointMarker: the checkpoint is whole
 
 
 class TrainingInterrupted(QwentuneError):
@@ -51,30 +52,55 @@ def recipe_changes(recorded_yaml: str, recipe: Recipe) -> list[str]:
     ]
 
 
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Written in full: the marker CheckpointMarker writes after Trainer saved everything names this step. A
+    checkpoint without it (killed mid-save, or saved by a qwentune before the marker existed) is not used."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(marker, dict)
+        and marker.get("step") == _step(checkpoint)
+        and all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
+    )
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/checkpoint-N` (Trainer writes trainer_state.json last)."""
-    complete = [
-        d
-        for d in (run_dir / "checkpoints").glob("checkpoint-*")
-        if d.name.rsplit("-", 1)[-1].isdigit() and all((d / name).is_file() for name in CHECKPOINT_FILES)
-    ]
-    return max(complete, key=lambda d: int(d.name.rsplit("-", 1)[-1]), default=None)
+    """The newest complete `checkpoints/checkpoint-N`; newer incomplete ones are skipped with a note."""
+    found = sorted(
+        (d for d in (run_dir / "checkpoints").glob("checkpoint-*") if d.name.rsplit("-", 1)[-1].isdigit()),
+        key=_step,
+        reverse=True,
+    )
+    for checkpoint in found:
+        if is_complete(checkpoint):
+            return checkpoint
+        log(f"{checkpoint}: skipped, it was not saved completely (no {COMPLETE_MARKER}: killed while saving?)")
+    return None
 
 
-def resume_checkpoint(recipe: Recipe) -> Path | None:
-    """With `training.resume`: the checkpoint to continue from (None: the run dir has none yet, start at step 0).
-    Call it before `prepare_run_dir` records the new recipe: a run dir started with another recipe is refused."""
-    run_dir = run_dir_for(recipe)
-    if not recipe.training.resume:
-        if latest_checkpoint(run_dir) and not (run_dir / "adapter").exists():
-            log(f"{run_dir} holds checkpoints of an unfinished run; starting over (continue it with --resume)")
-        return None
-    if (run_dir / "adapter").exists():
-        raise QwentuneError(
-            "run dir already holds a finished run: nothing to resume",
-            where=str(run_dir),
-            hint="drop --resume, and pick another output.dir or set output.overwrite=true",
-        )
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once Trainer has written all of it (on_save runs after model, optimizer,
+    scheduler and trainer_state.json are on disk): `checkpoint-N/qwentune-complete.json`, atomically, main process."""
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's files (rng state) are written before the marker says so
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step})
+
+
+def check_same_recipe(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse to continue a run dir that was started with another recipe (resume keys aside), naming what changed."""
     recorded = run_dir / "recipe.yaml"
     if recorded.is_file():
         changes = recipe_changes(recorded.read_text(encoding="utf-8"), recipe)
@@ -84,8 +110,34 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
                 where=str(recorded),
                 hint="resume with the same recipe and overrides, or start a new run in another output.dir",
             )
+
+
+def resume_checkpoint(recipe: Recipe) -> Path | None:
+    """With `training.resume`: the checkpoint to continue from (None: the run dir has none yet, start at step 0).
+    Call it before `prepare_run_dir` records the new recipe: a run dir started with another recipe is refused.
+    (A run whose training ended but whose merge did not is finished by `run.finish_trained_run` instead.)"""
+    run_dir = run_dir_for(recipe)
+    if not recipe.training.resume:
+        if not run_state(run_dir) and latest_checkpoint(run_dir):
+            log(f"{run_dir} holds checkpoints of an unfinished run; starting over (continue it with --resume)")
+        return None
+    if run_state(run_dir):
+        raise QwentuneError(
+            "run dir already holds a finished run: nothing to resume",
+            where=str(run_dir),
+            hint="drop --resume, and pick another output.dir or set output.overwrite=true",
+        )
+    check_same_recipe(recipe, run_dir)
     checkpoint = latest_checkpoint(run_dir)
-    log(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {run_dir}: starting at step 0")
+    if checkpoint:
+        log(f"resuming from {checkpoint}")
+    elif list((run_dir / "checkpoints").glob("checkpoint-*")):
+        log(
+            f"no complete checkpoint in {run_dir} (checkpoints saved by a qwentune older than {COMPLETE_MARKER}, "
+            "or killed while saving, cannot be resumed): starting at step 0"
+        )
+    else:
+        log(f"no checkpoint in {run_dir}: starting at step 0")
     return checkpoint
 
 
@@ -148,8 +200,9 @@ def train_until_stopped(trainer, recipe: Recipe, run_dir: Path, checkpoint: Path
     TrainingInterrupted, which says how to resume)."""
     stop = GracefulStop()
     trainer.add_callback(stop)
+    trainer.add_callback(CheckpointMarker())
     if checkpoint is not None and is_main_process():
-        _trim_metrics(run_dir, int(checkpoint.name.rsplit("-", 1)[-1]))
+        _trim_metrics(run_dir, _step(checkpoint))
     with stop.installed():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.stopped_at is None:

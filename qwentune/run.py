@@ -13,12 +13,21 @@ from .evaluate import collect, evaluate_after_training
 from .export import QuantSpec, merge_adapter, write_train_sidecar
 from .inputs import prepare_inputs
 from .logs import _cuda, is_main_process, log, process_state
-from .metrics import plot_losses, show_in_notebook
+from .metrics import plot_losses, read_metrics, show_in_notebook
 from .model import Precision
 from .recipe import Recipe, resolve_path
 from .results import TrainResult
 from .resume import resume_checkpoint
-from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir, prepare_run_dir
+from .runinfo import (
+    atomic_write_json,
+    atomic_write_text,
+    make_staging_dir,
+    prepare_run_dir,
+    remove_stale_staging,
+    run_dir_for,
+    staging_prefix,
+)
+from .vision import text_only
 
 
 def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -68,7 +77,8 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
 def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
     """adapter/ in PEFT format plus qwentune_train.json (`sidecar`: write_train_sidecar's arguments). Atomic."""
     target = run_dir / "adapter"
-    tmp = make_staging_dir(run_dir, ".adapter.tmp-")
+    remove_stale_staging(run_dir, "adapter")
+    tmp = make_staging_dir(run_dir, staging_prefix("adapter"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         write_train_sidecar(tmp, **sidecar)
@@ -151,58 +161,15 @@ def finish_run(
     sample_prompt: list[int] | None = None,
     sample_images: list[str] | None = None,
 ) -> TrainResult:
-    """Save the adapter, metrics and plot, then merge (main process only); every process returns together."""
+    """Save the adapter, then what follows training (main process only); every process returns together."""
     result = TrainResult(run_dir=run_dir, metrics=metrics, data_reports=reports)
     if is_main_process():
         result.adapter_dir = save_adapter(trainer.model, run_dir, adapter_sidecar(recipe, source, template, precision))
         tokenizer.save_pretrained(result.adapter_dir)
-        show_in_notebook(plot_losses(run_dir))  # inline in a notebook cell; a file either way
-        if recipe.output.merge:
-            merged = merge_adapter(
-                result.adapter_dir,
-                run_dir / "merged",
-                base=source.path,
-                qlora_merge=recipe.output.qlora_merge,
-                parity_input_ids=parity_rows,
-                chat_template=template.text,
-                model_card={
-                    "base": recipe.model.source,
-                    "data": recipe.data.train,
-                    "method": recipe.method,
-                    "peft": recipe.peft.method,
-                    "metrics": _plain(metrics),
-                },
-            )
-            result.merged_dir = merged.output_dir
-            metrics["merge"] = {
-                "mode": merged.mode,
-                "max_abs_diff": merged.max_abs_diff,
-                "tolerance": merged.tolerance,
-                "untied": merged.untied,
-            }
-            log(f"merged ({merged.mode}) into {merged.output_dir}; parity max |Δlogit| = {merged.max_abs_diff:.2e}")
-            if recipe.output.sample_tokens > 0 and sample_prompt:
-                metrics["sample"] = sample_generation(
-                    merged.output_dir, sample_prompt, recipe.output.sample_tokens, images=sample_images
-                )
-                atomic_write_text(
-                    run_dir / "sample.txt", metrics["sample"]["prompt"] + metrics["sample"]["completion"]
-                )
-                log(
-                    "sample generation from the merged model (plain transformers, greedy):\n"
-                    + metrics["sample"]["completion"]
-                )
-        if recipe.eval.enabled:
-            metrics["eval"] = evaluate_run(recipe, run_dir, base=str(source.path), template=template)
-        atomic_write_json(run_dir / "metrics.json", _plain(metrics))
-        if result.merged_dir is not None:  # after metrics.json and eval.md: the card shows both; base by name
-            from .card import card_for_run
-
-            atomic_write_text(result.merged_dir / "README.md", card_for_run(run_dir))
-        if recipe.output.push_to_hub and result.merged_dir is not None:
-            from .push import push_after_training
-
-            push_after_training(run_dir, recipe.output.push_to_hub)
+        result.merged_dir = after_training(
+            recipe, run_dir, source=source, template=template, metrics=metrics, parity_rows=parity_rows,
+            sample_prompt=sample_prompt, sample_images=sample_images,
+        )  # fmt: skip
     trainer.accelerator.wait_for_everyone()
     return result
 
@@ -221,6 +188,111 @@ def evaluate_run(recipe: Recipe, run_dir: Path, *, base: str, template) -> dict:
     log(f"eval (every row: {run_dir / 'eval' / 'eval.json'}):\n{out['table']}")
     log(out["summary"])
     return {"data": out["data"], "limit": section.limit, "metrics": out["metrics"], "summary": out["summary"]}
+
+
+def after_training(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    source,
+    template,
+    metrics: dict,
+    parity_rows: list[list[int]],
+    sample_prompt: list[int] | None = None,
+    sample_images: list[str] | None = None,
+) -> Path | None:
+    """Once adapter/ is saved: loss plot, merge with parity, sample generation, eval (`eval.enabled`), metrics.json
+    (the run is finished once it exists), model card, push. Returns the merged dir (None without `output.merge`)."""
+    adapter_dir = run_dir / "adapter"
+    merged_dir = None
+    show_in_notebook(plot_losses(run_dir))  # inline in a notebook cell; a file either way
+    if recipe.output.merge:
+        merged = merge_adapter(
+            adapter_dir,
+            run_dir / "merged",
+            base=source.path,
+            qlora_merge=recipe.output.qlora_merge,
+            parity_input_ids=parity_rows,
+            chat_template=template.text,
+            model_card={
+                "base": recipe.model.source,
+                "data": recipe.data.train,
+                "method": recipe.method,
+                "peft": recipe.peft.method,
+                "metrics": _plain(metrics),
+            },
+        )
+        merged_dir = merged.output_dir
+        metrics["merge"] = {
+            "mode": merged.mode,
+            "max_abs_diff": merged.max_abs_diff,
+            "tolerance": merged.tolerance,
+            "untied": merged.untied,
+        }
+        log(f"merged ({merged.mode}) into {merged.output_dir}; parity max |Δlogit| = {merged.max_abs_diff:.2e}")
+        if recipe.output.sample_tokens > 0 and sample_prompt:
+            metrics["sample"] = sample_generation(
+                merged.output_dir, sample_prompt, recipe.output.sample_tokens, images=sample_images
+            )
+            atomic_write_text(run_dir / "sample.txt", metrics["sample"]["prompt"] + metrics["sample"]["completion"])
+            log(
+                "sample generation from the merged model (plain transformers, greedy):\n"
+                + metrics["sample"]["completion"]
+            )
+    if recipe.eval.enabled:
+        metrics["eval"] = evaluate_run(recipe, run_dir, base=str(source.path), template=template)
+    atomic_write_json(run_dir / "metrics.json", _plain(metrics))
+    if merged_dir is not None:  # after metrics.json and eval.md: the card shows both; base by name
+        from .card import card_for_run
+
+        atomic_write_text(merged_dir / "README.md", card_for_run(run_dir))
+    if recipe.output.push_to_hub and merged_dir is not None:
+        from .push import push_after_training
+
+        push_after_training(run_dir, recipe.output.push_to_hub)
+    return merged_dir
+
+
+def parity_rows_of(data, count: int = 3) -> list[list[int]]:
+    """The merge's parity rows: the first train rows as text ids (SFT: the row; DPO: prompt + chosen; no pixels)."""
+    rows = data.train.select(range(min(count, len(data.train))))
+    ids = [r["prompt_input_ids"] + r["chosen_input_ids"] if "prompt_input_ids" in r else r["input_ids"] for r in rows]
+    return ids if data.images is None else [text_only(row, data.images) for row in ids]
+
+
+def sample_row_of(data) -> dict:
+    """The row whose prompt the merged model answers after training: the first eval row, else the first train row."""
+    return (data.eval if data.eval is not None else data.train)[0]
+
+
+def finish_trained_run(recipe: Recipe) -> TrainResult:
+    """`--resume` on a run whose training ended (adapter/ saved) but whose merge did not: the steps after training,
+    without retraining: same data, same parity rows and sample prompt as the trained run would have used."""
+    from .resume import check_same_recipe
+
+    run_dir = run_dir_for(recipe)
+    check_same_recipe(recipe, run_dir)
+    result = TrainResult(run_dir=run_dir, adapter_dir=run_dir / "adapter")
+    if not is_main_process():
+        return result
+    log(f"{run_dir}: training had ended (adapter/ saved); finishing the run without retraining: plot, merge, metrics")
+    source, _, _, data = prepare_inputs(recipe)
+    result.data_reports = [r.to_dict() for r in data.reports]
+    metrics = result.metrics = {"finished_by_resume": True, **_trained_metrics(run_dir)}
+    sample = sample_row_of(data)
+    result.merged_dir = after_training(
+        recipe, run_dir, source=source, template=data.template, metrics=metrics, parity_rows=parity_rows_of(data),
+        sample_prompt=prompt_of(sample), sample_images=sample.get("image_files"),
+    )  # fmt: skip
+    return result
+
+
+def _trained_metrics(run_dir: Path) -> dict:
+    """What the trainer reported at the end of training (its last log row: train_runtime, train_loss, ...)."""
+    for row in reversed(read_metrics(run_dir)):
+        if "train_runtime" in row:
+            return {**{k: v for k, v in row.items() if k not in ("step", "epoch")}, "global_step": row.get("step")}
+    return {}
 
 
 def prompt_of(row: dict) -> list[int]:

@@ -83,6 +83,65 @@ def make_staging_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+LEGACY_STALE_S = 3600  # a staging dir named without its owner's pid (older qwentune) is stale after an hour idle
+
+
+def staging_prefix(name: str, kind: str = "tmp") -> str:
+    """`.NAME.tmp-<pid>-`: a staging dir names its owner, so a later run can tell a dead one's leftovers."""
+    return f".{name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _idle_seconds(path: Path) -> float:
+    try:
+        newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
+    except OSError:
+        return 0.0
+    return time.time() - newest
+
+
+def remove_stale_staging(parent: Path, name: str) -> list[Path]:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings that a killed process left: those whose owner pid is gone, and
+    pid-less (older) ones idle for over an hour. A `.NAME.old-*` is kept while NAME is missing: it is then the only
+    copy of the previous NAME (the kill fell between the two renames of a publish). Each removal is logged."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-(?:(\d+)-)?")
+    removed = []
+    for entry in sorted(Path(parent).glob(f".{name}.*")) if Path(parent).is_dir() else []:
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group(2)) if match.group(2) else None
+        if pid == os.getpid() or (pid is not None and _alive(pid)):
+            continue
+        if pid is None and _idle_seconds(entry) < LEGACY_STALE_S:
+            continue
+        if match.group(1) == "old" and not (Path(parent) / name).exists():
+            log(f"{entry} holds the previous {name} (a publish was interrupted): left in place, rename it back")
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        owner = f"process {pid}, no longer running" if pid is not None else "an older qwentune, idle over an hour"
+        log(f"removed the stale staging dir {entry} (left by {owner})")
+        removed.append(entry)
+    return removed
+
+
+def run_state(run_dir: Path) -> str | None:
+    """ "finished" once metrics.json is written (finish_run writes it last), "trained" when adapter/ was saved but the
+    steps after it (plot, merge, sample, metrics.json) did not complete, None before that."""
+    if (run_dir / "metrics.json").is_file():
+        return "finished"
+    return "trained" if (run_dir / "adapter").is_dir() else None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,11 +177,20 @@ def prepare_run_dir(recipe: Recipe, *, is_main: bool = True, resuming: bool = Fa
     unless `output.overwrite`; a new run (not resuming) starts from an empty dir. Call it holding `RunDirLock`."""
     run_dir = run_dir_for(recipe)
     if is_main:
-        if (run_dir / "adapter").exists() and not recipe.output.overwrite:
+        state = run_state(run_dir)
+        if state == "finished" and not recipe.output.overwrite:
             raise QwentuneError(
                 "run dir already holds a finished run",
                 where=str(run_dir),
                 hint="pick another output.dir, or set output.overwrite=true",
+            )
+        if state == "trained" and not recipe.output.overwrite:
+            raise QwentuneError(
+                "run dir holds a trained adapter/ but the run did not finish (no metrics.json: killed during the "
+                "merge?)",
+                where=str(run_dir),
+                hint=f"finish it without retraining: add --resume (training.resume=true), or merge only: qwentune "
+                f"merge {run_dir / 'adapter'} --output {run_dir / 'merged'}; output.overwrite=true trains anew",
             )
         try:
             if not resuming:

@@ -20,14 +20,16 @@ from .resume import train_until_stopped
 from .run import (
     effective_batch,
     finish_run,
+    parity_rows_of,
     prompt_of,
+    sample_row_of,
     start_run,
     trainer_arguments,
 )
 from .tokens import prepare_new_token_rows
 from .trainer_fields import build_config
 from .trainrun import Run
-from .vision import text_only, vision_collator
+from .vision import vision_collator
 
 
 def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
@@ -43,9 +45,6 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
             where="sft.packing",
             hint="set sft.packing: false (sft.group_by_length: true keeps padding low)",
         )
-
-    def text_ids(row: dict) -> list[int]:  # the merge's parity rows are text: no pixels there
-        return row["input_ids"] if data.images is None else text_only(row["input_ids"], data.images)
 
     precision = resolve_precision(recipe.model, recipe.training)
     quant = QuantSpec.for_peft(recipe.peft)  # None for LoRA
@@ -113,7 +112,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
             if data.eval is not None:
                 metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
-        sample_row = (data.eval if data.eval is not None else data.train)[0]
+        sample_row = sample_row_of(data)
         return finish_run(
             recipe,
             trainer,
@@ -123,7 +122,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
             template=data.template,
             metrics=metrics,
             reports=reports,
-            parity_rows=[text_ids(row) for row in data.train.select(range(min(3, len(data.train))))],
+            parity_rows=parity_rows_of(data),  # the first train rows, as text
             precision=precision,
             sample_prompt=prompt_of(sample_row),
             sample_images=sample_row.get("image_files"),

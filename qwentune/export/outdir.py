@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import QwentuneError
+from ..runinfo import make_staging_dir, remove_stale_staging, staging_prefix
 from ..shapes import is_vl
 from .checkpoint import read_json, text_config
 from .job import MergeJob, MergeResult
@@ -42,8 +43,10 @@ def prepare_target(output_dir: str | Path, *, forbidden: list[Path]) -> Path:
 
 @contextlib.contextmanager
 def staging(target: Path) -> Iterator[Path]:
-    """A temp dir beside `target`; on success it replaces `target` (old one moved aside, then deleted)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    """A temp dir beside `target` (`.NAME.tmp-<pid>-…`, mode per umask); on success it replaces `target` (old one
+    moved aside, then deleted). Staging dirs that a killed merge left beside it are removed first, with a note."""
+    remove_stale_staging(target.parent, target.name)
+    tmp = make_staging_dir(target.parent, staging_prefix(target.name))
     try:
         yield tmp
     except BaseException:
@@ -56,7 +59,7 @@ def _publish(tmp: Path, target: Path) -> None:
     old = None
     try:
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=staging_prefix(target.name, "old"), dir=target.parent))
             os.rmdir(old)
             os.rename(target, old)
         os.rename(tmp, target)
