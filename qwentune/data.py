@@ -9,7 +9,6 @@ expanded to its token count, and its file kept in `image_files` for the collator
 
 from __future__ import annotations
 
-import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 import datasets
 
 from .canonical import normalize_tools
-from .datafiles import Source, check_columns, data_path, read_source, resolve_sources
+from .datafiles import Source, check_columns, data_path, read_source, resolve_sources, take_rows
 from .datamap import Options, map_rows
 from .datareport import EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
 from .errors import BadRow, QwentuneError
-from .fit import LENGTH_REASONS
+from .fit import LENGTH_REASONS, length_bound
 from .formats import detect_source_format
 from .recipe import DataSection
 from .template import ChatTemplate, load_template
@@ -46,17 +45,19 @@ class PreparedData:
 class _Loaded:
     source: Source
     fmt: str
-    rows: list[tuple[int, str]]  # (row index, JSON text)
+    rows: list[tuple[int, str | BadRow]]  # (row index, JSON text, or the BadRow of a line that cannot be a row)
+    blank_lines: int = 0  # whitespace-only lines of a jsonl/csv file: no rows, counted in the report
 
 
 def _load_split(data: DataSection, method: str, base_dir: Path, which: str, limit: int | None) -> list[_Loaded]:
     loaded = []
     for source in resolve_sources(data, base_dir, which):
         check_columns(source, data.format)
-        rows = list(itertools.islice(read_source(source), limit))
+        read = list(take_rows(read_source(source), limit))
+        rows = [(index, text) for index, text in read if text is not None]
         if not rows:
             raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
-        texts = (text for _, text in rows)
+        texts = (text for _, text in rows if isinstance(text, str))
         fmt = detect_source_format(texts, data.format, label=source.label, where=source.key)
         if method == "dpo" and fmt not in ("preference", "unknown"):
             raise QwentuneError(
@@ -70,7 +71,7 @@ def _load_split(data: DataSection, method: str, base_dir: Path, which: str, limi
                 where=source.key,
                 hint="use method: dpo, or a conversation file for SFT",
             )
-        loaded.append(_Loaded(source, fmt, rows))
+        loaded.append(_Loaded(source, fmt, rows, len(read) - len(rows)))
     return loaded
 
 
@@ -160,13 +161,16 @@ def _prepare_split(
     images: ImageSettings | None = None,
 ) -> tuple[datasets.Dataset, list[DataReport]]:
     raw: dict[str, list] = {"_raw": [], "_src": [], "_row": []}
+    order: list[tuple[int, int, BadRow | None]] = []  # (source, row index, the BadRow of a line read as bad)
     k = 0
     for s, item in enumerate(loaded):
         for index, text in item.rows:
             if keep is None or keep[k]:
-                raw["_raw"].append(text)
-                raw["_src"].append(s)
-                raw["_row"].append(index)
+                order.append((s, index, text if isinstance(text, BadRow) else None))
+                if isinstance(text, str):
+                    raw["_raw"].append(text)
+                    raw["_src"].append(s)
+                    raw["_row"].append(index)
             k += 1
     opts = Options(
         method=method,
@@ -178,6 +182,7 @@ def _prepare_split(
         train_on=d.train_on,
         bases=tuple(x.source.base_dir for x in loaded),
         images=images,
+        max_bytes=length_bound(tokenizer, d.max_length),
     )
     reports = [
         DataReport(
@@ -185,22 +190,31 @@ def _prepare_split(
         )
         for x in loaded
     ]
-    mapped = map_rows(raw, opts, tokenizer, template, d.num_proc, split)
-    table = mapped.data
-    reasons = table.column("_bad_reason").to_pylist()
-    details = table.column("_bad_detail").to_pylist()
-    truncated = table.column("_truncated").to_pylist()
+    if split == "train":  # blank lines belong to the file, counted once
+        for report, x in zip(reports, loaded):
+            report.blank_lines = x.blank_lines
+    mapped = map_rows(raw, opts, tokenizer, template, d.num_proc, split) if raw["_raw"] else None
+    table = mapped.data if mapped is not None else None
+    reasons = table.column("_bad_reason").to_pylist() if table is not None else []
+    details = table.column("_bad_detail").to_pylist() if table is not None else []
+    truncated = table.column("_truncated").to_pylist() if table is not None else []
     refuse_tool_rows(reasons, raw, reports, template, tools, split)
     refuse_image_rows(reasons, raw, reports, split)
     kept: list[int] = []
-    for i, (reason, detail, src, row, cut) in enumerate(zip(reasons, details, raw["_src"], raw["_row"], truncated)):
+    m = 0  # the mapped row of the next row read as text
+    for src, row, read_bad in order:
         report = reports[src]
         report.total += 1
-        if not reason:
-            report.kept += 1
-            report.truncated += bool(cut)
-            kept.append(i)
-            continue
+        if read_bad is not None:
+            reason, detail = read_bad.reason, read_bad.detail
+        else:
+            reason, detail, cut = reasons[m], details[m], truncated[m]
+            m += 1
+            if not reason:
+                report.kept += 1
+                report.truncated += bool(cut)
+                kept.append(m - 1)
+                continue
         if reason in LENGTH_REASONS and d.overlong == "error":
             raise QwentuneError(
                 f"row is too long ({reason}: {detail})",
@@ -218,7 +232,8 @@ def _prepare_split(
         if len(examples) < EXAMPLES_PER_REASON:
             examples.append((row, detail))
     if not kept:
-        refuse_empty(reports, len(reasons), split, d.max_length)
+        refuse_empty(reports, len(order), split, d.max_length)
+    assert mapped is not None  # some row was kept
     if len(kept) < len(reasons):
         mapped = mapped.select(kept)
     drop = ["_truncated", "_bad_reason", "_bad_detail"] + ([] if keep_origin else ["_src", "_row"])

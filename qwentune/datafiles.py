@@ -3,18 +3,17 @@ datasets, data in memory) and their rows as JSON text with their line (jsonl) or
 
 from __future__ import annotations
 
-import csv
-import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
 
-from .errors import QwentuneError, json_error_text
+from .datalines import decode_line, read_csv
+from .errors import BadRow, QwentuneError, json_error_text
 from .formats import FORMATS, detect_format
 from .inmemory import InMemoryData
 from .recipe import DataSection, path_in
@@ -57,7 +56,7 @@ class Source:
 
     @property
     def index_kind(self) -> str:
-        return "line" if self.kind == "jsonl" else "row"
+        return "line" if self.kind in ("jsonl", "csv") else "row"
 
 
 class Unparsed(NamedTuple):
@@ -134,17 +133,18 @@ def dump_row(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, default=_json_default)
 
 
-def read_source(source: Source) -> Iterator[tuple[int, str]]:
-    """(row index, the row as JSON text) for every row; jsonl lines are passed on unparsed (blank lines skipped)."""
+def read_source(source: Source) -> Iterator[tuple[int, str | BadRow | None]]:
+    """(row index, the row as JSON text) for every row of a source, so that every line of a file is accounted for:
+    a line that cannot be a row (not UTF-8, a malformed CSV record) comes as its BadRow, a blank line as None.
+    jsonl lines are passed on unparsed. Indexes: the 1-based physical line of a .jsonl or .csv file (a CSV record's
+    first line), the 0-based row of any other source."""
     path = Path(source.path)
     if source.kind == "jsonl":
         yield from _read_jsonl_lines(path)
     elif source.kind == "json":
         yield from _read_json(source)
     elif source.kind == "csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f)):
-                yield i, dump_row(row)
+        yield from read_csv(path, source.key)
     elif source.kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -185,25 +185,50 @@ def check_columns(source: Source, forced: str) -> None:
     )
 
 
-def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8-sig") as f:
+def take_rows(
+    rows: Iterable[tuple[int, str | BadRow | None]], limit: int | None
+) -> Iterator[tuple[int, str | BadRow | None]]:
+    """`rows` through the `limit`-th row (blank lines, None, do not count as rows)."""
+    n = 0
+    for item in rows:
+        if limit is not None and n >= limit:
+            return
+        n += item[1] is not None
+        yield item
+
+
+def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, str | BadRow | None]]:
+    """Lines split at \\n and decoded one by one: an invalid UTF-8 line is one bad row, never the whole file."""
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
+            yield lineno, decode_line(line, first=lineno == 1)
 
 
-def _read_json(source: Source) -> Iterator[tuple[int, str]]:
+def _read_json(source: Source) -> Iterator[tuple[int, str | BadRow | None]]:
     path = Path(source.path)
-    text = path.read_text(encoding="utf-8-sig")
+    data_bytes = path.read_bytes()
+    try:
+        text = data_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data_bytes.count(b"\n", 0, e.start) + 1
+        raise QwentuneError(
+            f"not UTF-8 text: byte {data_bytes[e.start]:#04x} at byte offset {e.start}",
+            where=f"{source.key}: {path}:{line}",
+            hint="a .json data file is one JSON document in UTF-8; save it as UTF-8 (or use .jsonl, where a bad line "
+            "is one counted bad row)",
+        ) from None
+    del data_bytes
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("{") and text.strip().count("\n"):  # JSON Lines in a .json file
-            yield from enumerate(line for line in text.splitlines() if line.strip())
+            rows = (line if line.strip() else None for line in text.splitlines())
+            yield from ((i, row) for i, row in enumerate(rows))
             return
         raise QwentuneError(
             f"not valid JSON: {e.msg}", where=f"{path}:{e.lineno}", hint="a .json file holds a list of rows"
         ) from None
+    del text
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if detect_format(data):
@@ -249,7 +274,12 @@ def load_rows(data: DataSection, base_dir: Path, which: str = "train") -> Iterat
     """(source, row index, raw row) for data.train or data.eval; the row index is the 1-based line of a .jsonl file
     and the 0-based row of other sources. A jsonl line that is not JSON comes as `Unparsed(text, error)`."""
     for source in resolve_sources(data, base_dir, which):
-        for index, text in itertools.islice(read_source(source), data.limit):
+        for index, text in take_rows(read_source(source), data.limit):
+            if text is None:
+                continue
+            if isinstance(text, BadRow):
+                yield source.label, index, Unparsed("", text.detail)
+                continue
             try:
                 yield source.label, index, json.loads(text)
             except json.JSONDecodeError as e:
@@ -266,4 +296,5 @@ __all__ = [
     "load_rows",
     "read_source",
     "resolve_sources",
+    "take_rows",
 ]

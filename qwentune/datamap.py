@@ -46,6 +46,7 @@ class Options:
     train_on: str
     bases: tuple[str | None, ...] = ()  # per source index: the folder relative image paths start from
     images: ImageSettings | None = None  # a vision model's image token counts; None: rows with images are refused
+    max_bytes: int | None = None  # a rendering over this many bytes is over max_length for sure (`fit.length_bound`)
 
 
 def _bad_cols(reason: str = "", detail: str = "") -> dict:
@@ -78,9 +79,9 @@ def _process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: Chat
         canonical.append((i, row))
     rows = [r for _, r in canonical]
     if opts.method == "dpo":
-        rendered = render_preference_batch(rows, tokenizer, template)
+        rendered = render_preference_batch(rows, tokenizer, template, max_bytes=opts.max_bytes)
     else:
-        rendered = render_batch(rows, tokenizer, template, train_on=opts.train_on)
+        rendered = render_batch(rows, tokenizer, template, train_on=opts.train_on, max_bytes=opts.max_bytes)
     for (i, _), res in zip(canonical, rendered):
         if not isinstance(res, BadRow):
             try:

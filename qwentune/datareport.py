@@ -14,7 +14,13 @@ EXAMPLES_PER_REASON = 3
 
 @dataclass
 class DataReport:
-    """What happened to one source file's rows in one split; counted by reason, never silent."""
+    """What happened to one source file's rows in one split; counted by reason, never silent.
+
+    Every physical line of a jsonl/csv file (every record of any other source) is accounted for:
+    total = kept + sum(skipped), and the file's lines = total + blank_lines (+ the CSV header line; a CSV record
+    whose quoted field legitimately spans lines is one row). A line that cannot be a row (not UTF-8: bad_encoding; a
+    broken CSV record: csv_malformed) is a skipped row at its line. Blank lines are no rows and counted on the train
+    report only."""
 
     source: str
     detected_format: str
@@ -24,7 +30,8 @@ class DataReport:
     examples: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # reason -> first (row index, detail)
     truncated: int = 0
     split: str = "train"
-    index_kind: str = "line"  # "line": 1-based line of a .jsonl file; "row": 0-based row of any other source
+    index_kind: str = "line"  # "line": 1-based physical line of a .jsonl/.csv file; "row": 0-based row otherwise
+    blank_lines: int = 0  # whitespace-only lines (no rows)
     fingerprint: str | None = None  # in-memory data (source is its placeholder): Dataset._fingerprint / sha256
 
     def where(self, index: int) -> str:
@@ -34,6 +41,8 @@ class DataReport:
         head = f"{self.source} [{self.split}] format {self.detected_format}: {self.kept} of {self.total} rows kept"
         if self.truncated:
             head += f", {self.truncated} truncated to max_length"
+        if self.blank_lines:
+            head += f" ({self.blank_lines} blank line{'s' if self.blank_lines > 1 else ''} not counted as rows)"
         lines = [head]
         for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
             shown = ", ".join(
@@ -95,6 +104,10 @@ def refuse_empty(reports: list[DataReport], total: int, split: str, max_length: 
         hint = f"raise data.max_length ({max_length}) or set data.overlong: truncate"
     elif top == "invalid_json":
         hint = "the file is not JSON Lines (one JSON object per line)?"
+    elif top == "bad_encoding":
+        hint = "save the file as UTF-8"
+    elif top == "csv_malformed":
+        hint = "check the CSV's quotes and that every row has the header's number of fields"
     else:
         hint = "check data.format and the rows' roles; `qwentune preview` on a fixed copy shows how rows render"
     raise QwentuneError(

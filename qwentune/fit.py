@@ -7,8 +7,10 @@ images (`fit_image_row`: never cut into an image) and preference pairs (`fit_pai
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from .errors import BadRow, QwentuneError, did_you_mean
 from .render import Rendered, RenderedPair
@@ -16,6 +18,43 @@ from .vision import ImageSettings
 
 OVERLONG = ("drop", "truncate", "error")
 LENGTH_REASONS = ("over_length", "prompt_over_length", "completion_truncated_to_nothing")
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def max_token_bytes(tokenizer: Any) -> int | None:
+    """The most bytes of text one token can cover, times 3 when an NFC/NFKC normalizer may shrink the text first
+    (a Hangul syllable composes from three 3-byte jamo), or None when no such bound holds (a tokenizer that is not
+    byte-level BPE may map any run of unknown text to one token). A rendered text of more than max_length × this many
+    UTF-8 bytes has more than max_length tokens: Qwen's byte-level BPE tokens cover at most 128 bytes."""
+    try:
+        return _TOKEN_BYTES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    bound = None
+    if backend is not None and type(backend.model).__name__ == "BPE" and type(backend.decoder).__name__ == "ByteLevel":
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        # a byte-level vocab entry spells one byte per character; added tokens are plain text
+        bound = max(len(t.encode()) if t in added else len(t) for t in backend.get_vocab())
+        normalizer = type(backend.normalizer).__name__ if backend.normalizer is not None else None
+        if normalizer in ("NFC", "NFKC"):
+            bound *= 3
+        elif normalizer not in (None, "NFD", "NFKD"):  # NFD only grows the text; anything else: no proven bound
+            bound = None
+    try:
+        _TOKEN_BYTES[tokenizer] = bound
+    except TypeError:
+        pass
+    return bound
+
+
+def length_bound(tokenizer: Any, max_length: int) -> int | None:
+    """A size in UTF-8 bytes above which a rendered row is over max_length tokens for sure (decided without
+    tokenizing it), or None when the tokenizer gives no such bound."""
+    per_token = max_token_bytes(tokenizer)
+    return None if per_token is None else max_length * per_token
 
 
 def fit_row(rendered: Rendered, max_length: int, overlong: str) -> Rendered:
@@ -87,4 +126,4 @@ def fit_pair(pair: RenderedPair, max_length: int, overlong: str) -> tuple[list[i
     return prompt, chosen, rejected, truncated
 
 
-__all__ = ["LENGTH_REASONS", "OVERLONG", "fit_image_row", "fit_pair", "fit_row"]
+__all__ = ["LENGTH_REASONS", "OVERLONG", "fit_image_row", "fit_pair", "fit_row", "length_bound", "max_token_bytes"]

@@ -181,12 +181,32 @@ class _Tokenizing:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def check_size(text: str, max_bytes: int | None, reason: str = "over_length", what: str = "the row") -> None:
+    """BadRow `reason` when `text` is over `max_bytes` UTF-8 bytes (`fit.length_bound`: surely over max_length
+    tokens), decided without tokenizing it. Such a row is not truncated either: cutting it exactly would mean
+    tokenizing all of it."""
+    if max_bytes is None or len(text) * 4 <= max_bytes:  # at most 4 bytes a character
+        return
+    size, unit = (len(text), "characters") if len(text) > max_bytes else (len(text.encode()), "bytes")
+    if size > max_bytes:
+        raise BadRow(
+            reason,
+            f"{what} renders to {size:,} {unit}, over the {max_bytes:,} bytes that max_length tokens can cover at "
+            "most: not tokenized, and never truncated (cut it shorter before training)",
+        )
+
+
 def render_batch(
-    rows: Sequence[Mapping], tokenizer: Any, template: ChatTemplate, *, train_on: str = "all"
+    rows: Sequence[Mapping],
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    train_on: str = "all",
+    max_bytes: int | None = None,
 ) -> list[Rendered | BadRow]:
     """Render rows ({"messages": [...], "tools": [...] | None}) with exact masks, in order. The template renders each
     row; the texts are tokenized in a few batched calls (overlapping the rendering). A row that cannot be trained on
-    exactly comes back as its BadRow."""
+    exactly comes back as its BadRow; one whose rendering is over `max_bytes` as over_length, untokenized."""
     check_train_on(train_on)
     render = TemplateRenderer(template, tokenizer)
     end = end_token(template, tokenizer)
@@ -198,6 +218,7 @@ def render_batch(
                     raise BadRow("bad_message", f"a row must be an object with 'messages', got {type(row).__name__}")
                 prep = check_turns(row.get("messages"), row.get("tools"), template, train_on)
                 full, spans = _render_spans(prep, render, end)
+                check_size(full, max_bytes)
             except BadRow as bad:
                 results.append(bad)
                 continue
@@ -273,17 +294,18 @@ def _as_messages(value: Any) -> Any:
 
 
 def render_preference_batch(
-    pairs: Sequence[Mapping], tokenizer: Any, template: ChatTemplate
+    pairs: Sequence[Mapping], tokenizer: Any, template: ChatTemplate, *, max_bytes: int | None = None
 ) -> list[RenderedPair | BadRow]:
     """Render rows {"prompt": [...], "chosen": [assistant message], "rejected": [assistant message], "tools": ...};
-    see `render_preference`. A pair that cannot be rendered exactly comes back as its BadRow."""
+    see `render_preference`. A pair that cannot be rendered exactly comes back as its BadRow; one whose prompt or
+    completion renders over `max_bytes` as prompt_over_length / over_length, untokenized."""
     render = TemplateRenderer(template, tokenizer)
     end = end_token(template, tokenizer)
     results: list[Any] = []  # a BadRow, or (prompt text index, [(text index, char span) for chosen, rejected])
     with _Tokenizing(tokenizer) as tokenizing:
         for pair in pairs:
             try:
-                results.append(_render_pair(pair, template, render, end, tokenizing))
+                results.append(_render_pair(pair, template, render, end, tokenizing, max_bytes))
             except BadRow as bad:
                 results.append(bad)
         encodings = tokenizing.encodings()
@@ -337,7 +359,12 @@ def render_preference_batch(
 
 
 def _render_pair(
-    pair: Any, template: ChatTemplate, render: TemplateRenderer, end: str, tokenizing: _Tokenizing
+    pair: Any,
+    template: ChatTemplate,
+    render: TemplateRenderer,
+    end: str,
+    tokenizing: _Tokenizing,
+    max_bytes: int | None = None,
 ) -> tuple:
     if not isinstance(pair, Mapping):
         raise BadRow("bad_message", f"a preference row must be an object, got {type(pair).__name__}")
@@ -357,6 +384,9 @@ def _render_pair(
     (chosen_full, (prompt_end, _)), (rejected_full, (rejected_start, _)) = sides
     if rejected_full[:rejected_start] != chosen_full[:prompt_end]:
         raise BadRow("mask_verification_failed", "the prompt renders differently before chosen and before rejected")
+    check_size(chosen_full[:prompt_end], max_bytes, "prompt_over_length", "the prompt")
+    for full, _ in sides:
+        check_size(full, max_bytes, "over_length", "the prompt and a completion")
     prompt_index = tokenizing.add(chosen_full[:prompt_end])
     return prompt_index, [(tokenizing.add(full), span) for full, span in sides]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
@@ -49,18 +48,19 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
     import json
 
     from .canonical import needs_tools
-    from .datafiles import read_source, resolve_sources
+    from .datafiles import read_source, resolve_sources, take_rows
     from .formats import convert, detect_source_format
     from .vision import has_images, row_images
 
     lines = []
     for which in ("train", "eval"):
         for source in resolve_sources(recipe.data, recipe.base_dir, which):
-            texts = [text for _, text in itertools.islice(read_source(source), SAMPLE_ROWS)]
+            sample = [text for _, text in take_rows(read_source(source), SAMPLE_ROWS) if text is not None]
+            texts = [text for text in sample if isinstance(text, str)]  # not bad lines (bad_encoding, csv_malformed)
             rows = []
-            for text in texts:
+            for text in sample:
                 try:
-                    rows.append(json.loads(text))
+                    rows.append(json.loads(text) if isinstance(text, str) else None)
                 except json.JSONDecodeError:
                     rows.append(None)
             if not rows:

@@ -156,7 +156,8 @@ def resolve_reference(value: Any, base_dir: str | None) -> str:
 
 
 def open_image(ref: str):
-    """The image as RGB (Pillow), or BadRow image_missing / image_unreadable."""
+    """The image as RGB (Pillow), or BadRow image_missing / image_unreadable / image_too_large (a header claiming
+    more than Pillow's MAX_IMAGE_PIXELS, twice its warning limit: a decompression bomb is never decoded)."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
@@ -173,8 +174,23 @@ def open_image(ref: str):
             return image.convert("RGB")
     except BadRow:
         raise
+    except Image.DecompressionBombError as exc:  # a header claiming more pixels than Pillow's limit: never decoded
+        raise BadRow("image_too_large", f"{_short(ref)}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadRow("image_unreadable", f"{_short(ref)}: {type(exc).__name__}: {exc}") from None
+
+
+def opened_image(ref: str):
+    """`open_image` after the rows were checked (the collator, chat): an image that no longer opens is a one-line
+    error, not a traceback."""
+    try:
+        return open_image(ref)
+    except BadRow as bad:
+        raise QwentuneError(
+            f"cannot use the image ({bad.reason}): {bad.detail}",
+            where=_short(ref),
+            hint="the image changed since the rows were checked; fix or replace it and run again",
+        ) from None
 
 
 def _short(ref: str) -> str:
@@ -280,7 +296,7 @@ class VisionCollator:
         if not refs:
             return batch
         expected = [b - a for row in ids.tolist() for a, b in image_runs(row, self.settings.image_pad_id)]
-        opened = {ref: open_image(ref) for ref in dict.fromkeys(refs)}  # DPO: each image once for both rows
+        opened = {ref: opened_image(ref) for ref in dict.fromkeys(refs)}  # DPO: each image once for both rows
         pixels = self.processor(images=[opened[ref] for ref in refs], return_tensors="pt")
         grid = torch.as_tensor(pixels["image_grid_thw"])
         got = (grid.prod(-1) // self.settings.merge_size**2).tolist()
@@ -326,7 +342,7 @@ def pixel_inputs(model_dir: Path, input_ids: Any, images: Sequence[str]) -> dict
     runs = image_runs(input_ids[0].tolist(), pad_id)
     out: dict[str, Any] = {"mm_token_type_ids": (input_ids == pad_id).long()}
     if runs:
-        pixels = processor(images=[open_image(ref) for ref in images[: len(runs)]], return_tensors="pt")
+        pixels = processor(images=[opened_image(ref) for ref in images[: len(runs)]], return_tensors="pt")
         out["pixel_values"] = pixels["pixel_values"]
         out["image_grid_thw"] = torch.as_tensor(pixels["image_grid_thw"])
     return out

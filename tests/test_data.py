@@ -393,7 +393,7 @@ def test_every_source_kind_gives_the_same_ids(tmp_path, tok):
         prepared = prepare_data(recipe(path), tok, quiet=True)
         assert prepared.train["input_ids"] == expected, kind
         assert only_report(prepared).kept == 3
-        assert only_report(prepared).index_kind == ("line" if kind == "jsonl" else "row")
+        assert only_report(prepared).index_kind == ("line" if kind in ("jsonl", "csv") else "row")
 
 
 def test_load_rows_yields_source_index_and_row(tmp_path):
