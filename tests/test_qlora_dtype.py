@@ -15,10 +15,11 @@ from qwentune.export import QuantSpec
 from qwentune.model import add_adapter, lora_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TC, ETC, IMS, IM_END = 151657, 151658, 151644, 151645
-IDS = torch.tensor([[IMS, 77091, 198, TC, 4913, ETC, IM_END, 11, 42, 7], [IMS, 872, TC, 13, 42, ETC, 1, 2, IM_END, 5]])
+VOCAB = 4096  # a small vocabulary keeps 2 × 9 CPU steps quick; the rows below stand in for <tool_call>-like ids
+TC, ETC, IMS, IM_END = 4001, 4002, 4003, 4004
+IDS = torch.tensor([[IMS, 771, 198, TC, 491, ETC, IM_END, 11, 42, 7], [IMS, 872, TC, 13, 42, ETC, 1, 2, IM_END, 5]])
 LABELS = torch.tensor(
-    [[-100, -100, -100, TC, 4913, ETC, IM_END, 11, 42, 7], [-100, -100, TC, 13, 42, ETC, 1, 2, -100, 5]]
+    [[-100, -100, -100, TC, 491, ETC, IM_END, 11, 42, 7], [-100, -100, TC, 13, 42, ETC, 1, 2, -100, 5]]
 )
 
 
@@ -93,6 +94,7 @@ def test_frozen_weights_stay_in_compute_dtype_and_match_the_upcast_path(tmp_path
             curve.append(float(step_loss))
         curves.append(curve)
     (lean_curve, upcast_curve) = curves
-    assert lean_curve[-1] < lean_curve[0] - 1.0, lean_curve
+    assert lean_curve[-1] < lean_curve[0] - 0.5, lean_curve
     drop, ref_drop = lean_curve[0] - lean_curve[-1], upcast_curve[0] - upcast_curve[-1]
+    print("curves", lean_curve, upcast_curve)
     assert abs(drop / ref_drop - 1) < 0.05, (lean_curve, upcast_curve)
