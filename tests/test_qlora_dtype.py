@@ -96,5 +96,4 @@ def test_frozen_weights_stay_in_compute_dtype_and_match_the_upcast_path(tmp_path
     (lean_curve, upcast_curve) = curves
     assert lean_curve[-1] < lean_curve[0] - 0.5, lean_curve
     drop, ref_drop = lean_curve[0] - lean_curve[-1], upcast_curve[0] - upcast_curve[-1]
-    print("curves", lean_curve, upcast_curve)
     assert abs(drop / ref_drop - 1) < 0.05, (lean_curve, upcast_curve)
