@@ -5,166 +5,23 @@ worst case, data.max_length × per_device_batch_size, all of them trained."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .errors import QwentuneError, read_json_file
 from .export import QuantSpec
+from .model_shape import Shape, model_shape, vision_lora_params, vision_params
 from .recipe import Recipe
-from .shapes import is_vl
 from .speed import CPU_VOCAB_CHUNK
 
+__all__ = ["Estimate", "Line", "Shape", "estimate", "model_shape"]
+
 GiB = 1024**3
-CARDS_GB = (8, 12, 16, 24, 40, 48, 80)  # GPU memory sizes (GiB) the verdict picks from
+CARDS_GB = (4, 6, 8, 12, 16, 24, 40, 48, 80)  # GPU memory sizes (GiB) the verdict picks from
 CUDA_CONTEXT = 0.5 * GiB  # CUDA context + kernels, outside torch's allocator
 ALLOCATOR_HEADROOM = 1.10  # fragmentation in torch's caching allocator
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's chunked log-prob kernel: [tokens, vocab] projection tile
 CPU_TILE_TEMPS = 3  # fp32 tile-sized temporaries of patches.lean_cpu_fold's fold (a copy, exp, p in backward)
 NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size; double-quant block size over the absmax
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class Shape:
-    """The numbers of a Qwen2 / Qwen2.5 / Qwen2-VL text model that memory depends on."""
-
-    origin: str  # where they came from
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
-    head_dim: int = 0
-    vision: dict | None = None
-
-    def __post_init__(self):
-        self.head_dim = self.head_dim or self.hidden // self.heads
-
-    def linear_dims(self) -> dict[str, tuple[int, int]]:
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-
-def _from_facts(facts: dict, origin: str, tied: bool | None = None) -> Shape:
-    return Shape(
-        origin=origin,
-        hidden=facts["hidden"],
-        intermediate=facts["intermediate"],
-        layers=facts["layers"],
-        heads=facts["heads"],
-        kv_heads=facts["kv_heads"],
-        vocab=facts["vocab"],
-        tied=facts["tied"] if tied is None else tied,
-        vision=facts.get("vision"),
-    )
-
-
-def _from_config(cfg: dict, origin: str) -> Shape:
-    text = cfg.get("text_config") or cfg
-    get = lambda key, default=None: text.get(key, cfg.get(key, default))  # noqa: E731
-    vision = cfg.get("vision_config") if is_vl(cfg) else None
-    heads = get("num_attention_heads")
-    return Shape(
-        origin=origin,
-        hidden=get("hidden_size"),
-        intermediate=get("intermediate_size"),
-        layers=get("num_hidden_layers"),
-        heads=heads,
-        kv_heads=get("num_key_value_heads", heads),
-        vocab=get("vocab_size"),
-        tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-        head_dim=get("head_dim") or 0,
-        vision=vision,
-    )
-
-
-def _from_gguf(path: Path) -> Shape:
-    from gguf import GGUFReader  # memory-maps the file; only the header is read
-
-    reader = GGUFReader(str(path))
-
-    def value(key: str):
-        f = reader.fields[key]
-        return f.parts[f.data[0]][0].item()
-
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    names = {t.name: t for t in reader.tensors}
-    return Shape(
-        origin=f"GGUF header of {path.name}",
-        hidden=value(f"{arch}.embedding_length"),
-        intermediate=value(f"{arch}.feed_forward_length"),
-        layers=value(f"{arch}.block_count"),
-        heads=value(f"{arch}.attention.head_count"),
-        kv_heads=value(f"{arch}.attention.head_count_kv"),
-        vocab=int(max(names["token_embd.weight"].shape)),
-        tied="output.weight" not in names,
-    )
-
-
-def model_shape(source: str) -> Shape:
-    """The shape of `source` without loading weights: seed models from qwentune.shapes, local dirs and cached Hub
-    models from config.json, GGUF files from their header."""
-    from .shapes import SHAPES, shape
-    from .sources import OFFLINE_MODEL, classify_source
-
-    if source.strip() == OFFLINE_MODEL:
-        # Qwen2.5-Coder-0.5B-Instruct has the Qwen2.5-0.5B shape; its GGUF stores output.weight: untied.
-        return _from_facts(shape("qwen2.5-0.5b-instruct"), "Qwen2.5-0.5B shape, untied (offline GGUF)", tied=False)
-    kind, payload = classify_source(source)
-    if kind == "local":
-        config = read_json_file(Path(payload) / "config.json", hint="the model dir is damaged: download it again")
-        return _from_config(config, f"{payload}/config.json")
-    if kind == "gguf":
-        return _from_gguf(Path(payload))
-    for name, facts in SHAPES.items():
-        if facts["hf_id"].lower() == str(payload).lower():
-            return _from_facts(shape(name), f"qwentune.shapes['{name}']")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(str(payload), "config.json")
-    except Exception:  # noqa: BLE001 — any failure means "not cached"
-        cached = None
-    if isinstance(cached, str):
-        return _from_config(json.loads(Path(cached).read_text()), f"cached config.json of {payload}")
-    raise QwentuneError(
-        f"no config for '{payload}': not a seed model in qwentune.shapes and not in the Hugging Face cache",
-        where="model.source",
-        hint="download it once, or point model.source at a local model directory",
-    )
-
-
-def vision_params(v: dict, text_hidden: int) -> tuple[int, int]:
-    """(linear weight params, other params) of the Qwen2-VL vision tower."""
-    e, d, ratio = v["embed_dim"], v["depth"], v.get("mlp_ratio", 4)
-    merged = e * v.get("spatial_merge_size", 2) ** 2
-    linear = d * (e * 3 * e + e * e + 2 * e * ratio * e) + merged * merged + merged * text_hidden
-    patch = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2 * e
-    other = d * (3 * e + e + ratio * e + e + 4 * e) + 2 * e + merged + text_hidden + patch
-    return linear, other
-
-
-def vision_lora_params(v: dict, text_hidden: int, r: int, train_vision: str) -> int:
-    """LoRA parameters `peft.train_vision` adds: the merger MLP (merger), and each block's qkv/proj/fc1/fc2 (all)."""
-    if train_vision not in ("merger", "all"):
-        return 0
-    e, d, ratio = v["embed_dim"], v["depth"], v.get("mlp_ratio", 4)
-    merged = e * v.get("spatial_merge_size", 2) ** 2
-    params = r * (merged + merged) + r * (merged + text_hidden)
-    if train_vision == "all":
-        params += d * r * ((e + 3 * e) + (e + e) + (e + ratio * e) + (ratio * e + e))
-    return params
 
 
 # ------------------------------------------------------------------------------------------------- the estimate
@@ -264,6 +121,13 @@ OPTIMIZER_BYTES = (  # (substring of training.optim, bytes per trainable param, 
 )
 
 
+def _head_tokens(recipe: Recipe, seq_len: int | None, trained_tokens: int | None) -> int:
+    """Positions per micro-batch the LM head scores (TRL projects only the trained ones)."""
+    rows = recipe.training.per_device_batch_size * (2 if recipe.method == "dpo" else 1)
+    n = rows * (seq_len or recipe.data.max_length)
+    return min(trained_tokens, n) if trained_tokens is not None else n
+
+
 def estimate(
     recipe: Recipe,
     *,
@@ -303,11 +167,11 @@ def estimate(
     linear, other = text_linear + v_linear, heads_other + norms_biases + v_other
     total_params = linear + other
     w4 = sum(nf4_bytes(i * o, q.double_quant, q.blocksize) for i, o in dims.values()) * s.layers
-    # PEFT's k-bit preparation upcasts every bf16/fp16 non-4-bit param to fp32; the Qwen2-VL vision tower is neither
-    # quantized nor upcast (model.keep_vision_in_compute_dtype), it stays in the compute dtype.
+    # Everything not 4-bit (embedding, norms, untied head, the Qwen2-VL vision tower) stays in the compute dtype
+    # (model._prepare_for_adapter does not upcast it).
     compute_bytes = 4 if q.compute_dtype == "float32" else 2
     vision_bytes = compute_bytes * (v_linear + v_other)
-    w4_total = w4 + 4 * (heads_other + norms_biases) + vision_bytes
+    w4_total = w4 + compute_bytes * (heads_other + norms_biases) + vision_bytes
     embed_desc = f"{_m(heads_other)} embedding{'' if s.tied else ' + lm_head'} + {_m(norms_biases)} other"
     dq = " + double-quant absmax" if q.double_quant else " + fp32 absmax/64"
     vision_desc = f" + vision tower {_m(v_linear + v_other)} × {compute_bytes} B (unquantized)" if s.vision else ""
@@ -315,8 +179,8 @@ def estimate(
         Line(
             "weights 4-bit (QLoRA)",
             w4_total,
-            f"{_m(text_linear)} linear params × {w4 / text_linear:.3f} B (nf4{dq}) + ({embed_desc}) × 4 B "
-            f"(kept unquantized, fp32 after k-bit preparation){vision_desc}",
+            f"{_m(text_linear)} linear params × {w4 / text_linear:.3f} B (nf4{dq}) + ({embed_desc}) × "
+            f"{compute_bytes} B (unquantized, frozen in the compute dtype){vision_desc}",
             counted=qlora,
         ),
         Line("weights bf16 (LoRA)", 2 * total_params, f"{_m(total_params)} params × 2 B", counted=False),
@@ -335,7 +199,7 @@ def estimate(
     full_copies = len(saved_matrices) * s.vocab * s.hidden
     trainable = lora + full_copies
     opt_bytes, opt_desc = next(((b, d) for key, b, d in OPTIMIZER_BYTES if key in t.optim), (8.0, "assumed AdamW"))
-    head_w = 4 if qlora else weight_bytes  # the output layer's dtype during training
+    head_w = compute_bytes if qlora else weight_bytes  # the output layer's dtype during training
     head_grad = s.vocab * s.hidden * (4 + (head_w if head_w != 4 else 0))  # the fused head's fp32 weight grad (+ cast)
 
     lines = [*weights]
@@ -357,17 +221,19 @@ def estimate(
                 + (" + the head's fp32 weight grad in its backward" if extra else ""),
             )
         )
+    n_head = _head_tokens(recipe, seq_len, trained_tokens)
     if rows:
         matrices = 1 if s.tied else 2
-        small = rows * s.hidden * matrices * (4 + 4 + 4 + opt_bytes)
+        small = rows * s.hidden * matrices * (4 + head_w + 4 + opt_bytes)
+        gathered = n_head * s.hidden * head_w  # patches.lean_token_rows: each trained position's base head row
         lines.append(
             Line(
                 "trainable token rows",
-                small + s.vocab * s.hidden * head_w + head_grad,
+                small + gathered,
                 f"{rows} rows{' (assumed for train_new_tokens: auto)' if trainable_token_rows is None else ''} × "
-                f"{s.hidden} × {matrices} matrices × (delta + original + grad + optimizer); PEFT rebuilds the output "
-                f"weight with them: a {s.vocab:,}×{s.hidden}×{head_w} B copy kept for backward, and the fused head "
-                f"then computes a full fp32 weight grad ({gib(head_grad)})",
+                f"{s.hidden} × {matrices} matrices × (fp32 rows + original + grad + optimizer) + the base head row of "
+                f"each of {n_head:,} trained positions × {head_w} B (the rows' log-normaliser shift); no "
+                f"vocabulary-sized copy or gradient (PEFT's own path: {gib(s.vocab * s.hidden * head_w + head_grad)})",
             )
         )
     lines.append(Line("gradients (fp32)", 4 * trainable, f"{_m(trainable)} trainable × 4 B"))
@@ -380,15 +246,14 @@ def estimate(
     rows_per_step = t.per_device_batch_size * (2 if recipe.method == "dpo" else 1)
     L = seq_len or recipe.data.max_length
     N = rows_per_step * L
-    n_head = min(trained_tokens, N) if trained_tokens is not None else N
     h, i, kv = s.hidden, s.intermediate, kv_out
     padded = rows_per_step > 1 and not recipe.sft.packing  # padding → an attention mask → SDPA gets k/v repeated
     kvx = q_out if padded else kv
     a = autocast or 4
     dropout_mask = 0 if p.dropout == 0 else (1 if device == "cuda" else 4)  # fused bool mask | CPU float noise
     in_dims = {m: dims[m][0] for m in targets}
-    resid = 4 if (qlora or weight_bytes == 4) else 2  # residual stream dtype (QLoRA: fp32 embeddings)
-    mlp_out = 4 if qlora else a  # gate/up outputs (bitsandbytes returns its input's dtype: fp32 here)
+    resid = compute_bytes if qlora else weight_bytes  # residual stream dtype (the embedding's)
+    mlp_out = compute_bytes if qlora else a  # gate/up outputs (bitsandbytes returns its input's dtype)
     base = 8 * h + 8 + a * (2 * q_out + 2 * kvx) + 4 * s.heads + 3 * i * mlp_out
     if autocast:
         adapters = sum(d * (a + dropout_mask) for d in in_dims.values())  # the autocast copy of each input (+ mask)

@@ -180,18 +180,6 @@ def lora_targets(p: PeftSection, model) -> str | list[str]:
     return language if vision is None else f"(?:{language})|(?:{vision})"
 
 
-def keep_vision_in_compute_dtype(model, dtype: torch.dtype) -> None:
-    """prepare_model_for_kbit_training upcasts every parameter that is not 4-bit to fp32 (meant for norms and the
-    head); Qwen2-VL's unquantized vision tower (~0.7B parameters on the 2B) would double in memory. Put its weights
-    back in the compute dtype they were loaded in (its LoRA weights, added later by PEFT, stay fp32)."""
-    tower = _vision_tower(model) if is_vl(model) else None
-    if tower is None or dtype == torch.float32:
-        return
-    for param in tower.parameters():
-        if param.dtype == torch.float32:
-            param.data = param.data.to(dtype)
-
-
 def lora_config(p: PeftSection, model, trainable_token_ids: list[int] | None = None):
     from peft import LoraConfig
 
@@ -221,20 +209,15 @@ def lora_config(p: PeftSection, model, trainable_token_ids: list[int] | None = N
 
 
 def _prepare_for_adapter(model, quant, gradient_checkpointing: bool):
-    """k-bit preparation (QLoRA: `quant` is not None) and non-reentrant gradient checkpointing, before PEFT wraps
-    the model."""
-    from peft import prepare_model_for_kbit_training
-
-    gc_kwargs = {"use_reentrant": False}
+    """Freeze the base (QLoRA, `quant` given: 4-bit) and turn on non-reentrant gradient checkpointing, before PEFT
+    wraps the model. By hand rather than PEFT's `prepare_model_for_kbit_training`, which also upcasts every frozen
+    non-4-bit weight to fp32 (the 3B's embedding alone: 0.6 → 1.2 GiB) and has no switch to skip it: the frozen
+    embedding, norms and head stay in the compute dtype they were loaded in; the LoRA and token-row parameters PEFT
+    adds are fp32 (`get_peft_model`'s `autocast_adapter_dtype`), and so is their optimizer state."""
     if quant is not None:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-        keep_vision_in_compute_dtype(model, quant.compute_torch_dtype)
-        return model
+        model.requires_grad_(False)
     if gradient_checkpointing:
+        gc_kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.20 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
         else:

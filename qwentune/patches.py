@@ -37,6 +37,9 @@ BACKWARD_TILE = (
     "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD", "BLOCK_SIZE",
 )  # fmt: skip
 CHUNKED_FORWARD = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", ...)
+LAYER_FIELDS = (
+    "token_indices", "trainable_tokens_delta", "base_layer", "disable_adapters", "merged", "active_adapters",
+)  # fmt: skip
 PREPARE_DATASET = ("self", "dataset", "processing_class", "args", "dataset_name")
 PRECOMPUTE_REF_LOGPS = ("self", "dataset", "name", "batch_size")
 # The loss types TRL 1.16's DPOConfig documents; used when the installed TRL's help text yields none.
@@ -263,6 +266,101 @@ def peft_output_bias(peft_model):
         head.__dict__.pop("bias", None)
 
 
+@contextlib.contextmanager
+def lean_token_rows(peft_model):
+    """PEFT's trainable token rows without the full-vocabulary copy (token_rows.py has the math and why). Per
+    `TrainableTokensLayer` instance of `peft_model`, `forward_adapters` runs the base layer and sets the trained rows'
+    positions (embedding) or columns (head); the output wrapper answers `weight`/`bias` with its base layer's (TRL's
+    fused head reads them), and TRL's `_ChunkedLogProbFunction` moves the log-probs scored on that base weight by the
+    trained rows (`log_probs` and its gradient exact; the metrics-only `entropy`/`is_top1`/`mean_logits` stay those
+    of the base rows). Disabled, merged or absent adapters take PEFT's own path. Written for PEFT 0.21
+    (`TrainableTokensLayer.forward_adapters(x, active_adapters)`, `.token_indices`, `.trainable_tokens_delta`,
+    `.base_layer`) and TRL 1.16 (`_ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature,
+    chunk_size, softcap, logit_scale, outputs)`, read by `add_fused_lm_head`); all restored on exit."""
+    import torch
+
+    from .token_rows import embed_with_rows, logits_with_rows, logprobs_with_rows
+
+    try:
+        from peft.tuners.trainable_tokens import TrainableTokensLayer
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError as error:
+        raise _changed("peft", PEFT, str(error)) from None
+    layers = [m for m in peft_model.modules() if isinstance(m, TrainableTokensLayer)]
+    if not layers or any("forward_adapters" in layer.__dict__ for layer in layers):  # none, or already installed
+        yield
+        return
+    import trl.trainer.utils as trl_utils
+
+    problems = [
+        _problem(TrainableTokensLayer, "forward_adapters", ("self", "x", "active_adapters", ...)),
+        _problem(trl_utils, "_ChunkedLogProbFunction", read_by=(trl_utils, "add_fused_lm_head")),
+        *(f"TrainableTokensLayer.{n} is missing" for n in LAYER_FIELDS if not hasattr(layers[0], n)),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise _changed("peft/trl", f"{PEFT}/{TRL}", "; ".join(problems))
+
+    def active_rows(layer):
+        """(indices, values) of the layer's active, unmerged trainable rows; None where PEFT's path is right."""
+        active = [a for a in layer.active_adapters if a in layer.trainable_tokens_delta]
+        if layer.disable_adapters or layer.merged or not active or len(active) != len(layer.active_adapters):
+            return None
+        values = [layer.trainable_tokens_delta[a] for a in active]
+        indices = [i for a in active for i in layer.token_indices[a]]
+        return torch.tensor(indices, device=values[0].device), torch.cat(values) if len(values) > 1 else values[0]
+
+    def lean(layer):
+        peft_forward = layer.forward_adapters
+
+        def forward_adapters(x, active_adapters, *args, **kwargs):
+            rows = active_rows(layer) if list(active_adapters) == list(layer.active_adapters) else None
+            base = layer.base_layer
+            if rows is None or args or kwargs or not isinstance(base, (torch.nn.Embedding, torch.nn.Linear)):
+                return peft_forward(x, active_adapters, *args, **kwargs)
+            if isinstance(base, torch.nn.Embedding):
+                scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+                return embed_with_rows(base(x), x, *rows, scale=scale)
+            return logits_with_rows(base(x), x, *rows, bias=base.bias)
+
+        return forward_adapters
+
+    head = peft_model.get_output_embeddings()
+    head_layer = head.token_adapter if isinstance(head, TrainableTokensWrapper) else None
+    head_base = head_layer.base_layer if head_layer is not None else None
+    fused = trl_utils._ChunkedLogProbFunction
+
+    @_mark
+    class WithTokenRows:
+        """TRL's chunked log-prob function; on the head's base weight, moved by its trained rows."""
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, *rest):
+            results = fused.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, *rest)
+            rows = active_rows(head_layer) if head_base is not None and weight is head_base.weight else None
+            if rows is None:
+                return results
+            if softcap is not None:
+                raise QwentuneError("trainable token rows under a softcapped LM head are not supported", where="model")
+            moved = logprobs_with_rows(results[0], hidden, weight, bias, targets, *rows, logit_scale / temperature)
+            return (moved, *results[1:])
+
+    for layer in layers:
+        layer.__dict__["forward_adapters"] = lean(layer)
+    if head_base is not None:  # object.__setattr__: nn.Module's would register them as the wrapper's own
+        object.__setattr__(head, "weight", head_base.weight)
+        object.__setattr__(head, "bias", getattr(head_base, "bias", None))
+    try:
+        with _replaced(trl_utils, "_ChunkedLogProbFunction", WithTokenRows):
+            yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward_adapters", None)
+        if head_base is not None:
+            head.__dict__.pop("weight", None)
+            head.__dict__.pop("bias", None)
+
+
 # --- TRL's DPOTrainer on our exact ids -------------------------------------------------------------------------------
 
 
@@ -361,7 +459,7 @@ def trl_dpo_loss_types() -> tuple[str, ...]:
 @contextlib.contextmanager
 def trl_for_sft(peft_model):
     """Everything SFTTrainer needs patched: construct, evaluate and train the trainer inside this block."""
-    with peft_output_bias(peft_model), compact_head_on_cpu(), lean_cpu_fold():
+    with compact_head_on_cpu(), lean_cpu_fold(), lean_token_rows(peft_model):
         yield
 
 
@@ -370,5 +468,5 @@ def trl_for_dpo(peft_model):
     """Everything DPOTrainer needs patched; yields the DPOTrainer class to construct (`pretokenized_dpo_trainer`).
     Construct, evaluate and train the trainer inside this block."""
     trainer_class = pretokenized_dpo_trainer()
-    with peft_output_bias(peft_model), compact_head_on_cpu(), lean_cpu_fold():
+    with compact_head_on_cpu(), lean_cpu_fold(), lean_token_rows(peft_model):
         yield trainer_class

@@ -19,7 +19,8 @@ Two entry points:
 * `flagged_in_model_files` — `qwentune preview`: the same check on the embedding/lm_head tensors read straight from
   the model dir's safetensors files (nothing else is loaded).
 
-PEFT's trainable-token wrapper needs one workaround under TRL's fused head: `patches.peft_output_bias`.
+PEFT's trainable-token wrapper runs, while a trainer trains, without its full-vocabulary copy of the matrix and
+without a full-vocabulary weight gradient in TRL's fused head: `patches.lean_token_rows` (math in token_rows.py).
 """
 
 from __future__ import annotations
