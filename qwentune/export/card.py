@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from ..card import CardInputs, build_card
-from .job import MODE_LORA, MODE_QLORA_DEQUANTIZED, MODE_QLORA_ORIGINAL
-from .quant import QuantSpec
+from .job import MODE_LORA, MODE_QLORA_DEQUANTIZED, MODE_QLORA_ORIGINAL, MergeJob, MergeResult
 
 MODE_TEXT = {
     MODE_LORA: "LoRA delta added in fp32 to the base weights",
@@ -22,21 +21,12 @@ MODE_TEXT = {
 }
 
 
-def write_card(
-    out_dir: Path,
-    *,
-    title: str,
-    base_name: str,
-    mode: str,
-    spec: QuantSpec | None,
-    card: dict,
-    dtype: torch.dtype,
-    untied: bool,
-    diff: float,
-    tol: float,
-) -> None:
-    """README.md in `out_dir`. `card` holds what the caller knows (the sidecar's and `model_card=`): `base` as the
-    user wrote it (else `base_name`), `method`, `peft`, `metrics`; `diff` is nan when the parity check was skipped."""
+def write_card(out_dir: Path, job: MergeJob, result: MergeResult, dtype: torch.dtype) -> None:
+    """README.md in `out_dir`. `job.card` holds what the caller knows (the sidecar's and `model_card=`): `base` as the
+    user wrote it (else the base's path, shown by name), `method`, `peft`, `metrics`; the parity numbers come from
+    `result` (max_abs_diff is nan when the check was skipped)."""
+    title, base_name, mode, spec, card = result.output_dir.name, job.base_name, job.mode, job.spec, job.card
+    untied, diff, tol = result.untied, result.max_abs_diff, result.tolerance
     card = dict(card)
     metrics = card.pop("metrics", None)
     base = str(card.pop("base", None) or base_name)

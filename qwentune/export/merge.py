@@ -161,18 +161,7 @@ def merge_peft_model(job: MergeJob, pm: Any, adapter_name: str, target: Path, *,
         verify_output(tmp)
         diff, tol = parity_on_dir(job, tmp, ref, rows, save_dtype)
         result = MergeResult(target, job.mode, diff, tol, untied)
-        write_card(
-            tmp,
-            title=target.name,
-            base_name=job.base_name,
-            mode=job.mode,
-            spec=job.spec,
-            card=job.card,
-            dtype=save_dtype,
-            untied=untied,
-            diff=diff,
-            tol=tol,
-        )
+        write_card(tmp, job, result, save_dtype)
         write_report(job, tmp, result, save_dtype)
     return result
 

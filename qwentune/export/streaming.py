@@ -183,18 +183,7 @@ def streaming_merge(job: MergeJob, target: Path) -> MergeResult:
         else:
             diff, tol = parity_on_dir(job, tmp, [], [], save_dtype)
         result = MergeResult(target, job.mode, diff, tol, untied)
-        write_card(
-            tmp,
-            title=target.name,
-            base_name=job.base_name,
-            mode=job.mode,
-            spec=job.spec,
-            card=job.card,
-            dtype=save_dtype,
-            untied=untied,
-            diff=diff,
-            tol=tol,
-        )
+        write_card(tmp, job, result, save_dtype)
         write_report(job, tmp, result, save_dtype)
     return result
 
