@@ -18,7 +18,9 @@ from .metrics import read_metrics
 from .recipe import Recipe, dump_recipe
 from .runinfo import atomic_write_json, atomic_write_text, run_dir_for, run_state
 
-RESUME_IGNORED = ("training.resume", "output.overwrite")  # may differ between the first run and its resumption
+# may differ between the first run and its resumption; output.dir: the recorded recipe is read from the run dir
+# itself, so a run dir that was moved (another absolute path) is still the same run
+RESUME_IGNORED = ("training.resume", "output.overwrite", "output.dir")
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 COMPLETE_MARKER = "qwentune-complete.json"  # written last, by CheckpointMarker: the checkpoint is whole
 
