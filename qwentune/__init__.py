@@ -4,11 +4,25 @@ import qwentune
 recipe = qwentune.load_recipe("recipes/qwen2.5-0.5b-instruct/sft_lora.yaml", ["training.max_steps=10"])
 print(qwentune.preview(recipe, rows=1))
 result = qwentune.train(recipe)          # result.adapter_dir, result.merged_dir, result.metrics
+# or: run = qwentune.setup(recipe); run.trainer.add_callback(...); result = run.train()
+# in-memory data: qwentune.train(recipe, train_data=dataset_or_list_of_dicts)
+print(result.generate("Hello").text)     # result.load() -> (model, tokenizer)
 """
 
-from .api import merge, prepare, preprocess, preview, train
+from .api import merge, prepare, preprocess, preview, setup, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
 
-__all__ = ["load_recipe", "Recipe", "prepare", "preprocess", "preview", "train", "merge", "QwentuneError", "BadRow"]
+__all__ = [
+    "load_recipe",
+    "Recipe",
+    "prepare",
+    "preprocess",
+    "preview",
+    "setup",
+    "train",
+    "merge",
+    "QwentuneError",
+    "BadRow",
+]
 __version__ = "0.1.0"

@@ -12,15 +12,25 @@ from .errors import QwentuneError
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
-    from .run import TrainResult
+    from .results import TrainResult
+    from .trainrun import Run
 
 
-def _recipe(recipe: Recipe | str | Path | dict, overrides=None) -> Recipe:
-    return (
-        recipe
-        if isinstance(recipe, Recipe) and not overrides
-        else load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides)
+def _recipe(recipe: Recipe | str | Path | dict, overrides=None, train_data=None, eval_data=None) -> Recipe:
+    """The recipe with its overrides; `train_data` / `eval_data` (a datasets.Dataset, a DatasetDict split or a list
+    of row dicts) replace data.train / data.eval."""
+    if isinstance(recipe, Recipe) and not overrides and train_data is None and eval_data is None:
+        return recipe
+    path = recipe.path if isinstance(recipe, Recipe) else None
+    loaded = load_recipe(
+        recipe.to_dict() if isinstance(recipe, Recipe) else recipe,
+        overrides,
+        train_data=train_data,
+        eval_data=eval_data,
     )
+    if path is not None:  # relative data paths keep resolving against the recipe file's dir
+        loaded.path = path
+    return loaded
 
 
 def load_model_tokenizer(recipe: Recipe):
@@ -30,13 +40,23 @@ def load_model_tokenizer(recipe: Recipe):
     return prepare_inputs(recipe, data=False).tokenizer
 
 
-def prepare(recipe: Recipe | str | Path | dict, overrides=None, *, limit: int | None = None):
-    """Render and mask the recipe's data: PreparedData(train, eval, reports, template)."""
+def prepare(
+    recipe: Recipe | str | Path | dict,
+    overrides=None,
+    *,
+    limit: int | None = None,
+    train_data=None,
+    eval_data=None,
+):
+    """Render and mask the recipe's data (or `train_data` / `eval_data` given in memory): PreparedData(train, eval,
+    reports, template)."""
     from .inputs import prepare_inputs
+    from .quiet import quiet_library_noise
 
+    quiet_library_noise()
     if limit is not None and limit < 1:
         raise QwentuneError(f"{limit} is not a valid limit (must be ≥ 1, or None for every row)", where="limit")
-    return prepare_inputs(_recipe(recipe, overrides), limit=limit).data
+    return prepare_inputs(_recipe(recipe, overrides, train_data, eval_data), limit=limit).data
 
 
 def preprocess(
@@ -71,33 +91,59 @@ def preprocess(
     return len(data.train)
 
 
-def preview(recipe: Recipe | str | Path | dict, overrides=None, *, rows: int = 3, color: bool = False) -> str:
+def preview(
+    recipe: Recipe | str | Path | dict,
+    overrides=None,
+    *,
+    rows: int = 3,
+    color: bool = False,
+    train_data=None,
+    eval_data=None,
+) -> str:
     """Tokens of the first rows with the trained ones highlighted, the data report, and the special tokens in trained
     labels with those whose rows look untrained flagged (read from the embedding tensors only, no model load)."""
     from .highlight import preview as render_preview
     from .inputs import prepare_inputs
+    from .quiet import quiet_library_noise
     from .tokens import flagged_in_model_files
 
-    recipe = _recipe(recipe, overrides)
+    quiet_library_noise()
+    recipe = _recipe(recipe, overrides, train_data, eval_data)
     source, tokenizer, images, _ = prepare_inputs(recipe, data=False)
     flagged = flagged_in_model_files(source.path, tokenizer)
     return render_preview(recipe, tokenizer, rows=rows, color=color, flagged=flagged, images=images)
 
 
-def train(recipe: Recipe | str | Path | dict, overrides=None) -> TrainResult:
-    """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model."""
+def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None) -> Run:
+    """Everything before training, as objects: `run.trainer` (the configured TRL SFTTrainer / DPOTrainer),
+    `run.model`, `run.tokenizer`, `run.data`, `run.run_dir`, `run.recipe`. `run.train()` trains, saves, merges and
+    reports (a TrainResult). The run dir is held until `train()` ends or `run.close()` (or `with ... as run:`)."""
+    import contextlib
+
     from .logs import is_main_process
+    from .quiet import quiet_library_noise
     from .runinfo import owned_run_dir, run_dir_for
 
-    recipe = _recipe(recipe, overrides)
-    with owned_run_dir(run_dir_for(recipe), is_main=is_main_process()):  # one process per run dir
+    quiet_library_noise()
+    recipe = _recipe(recipe, overrides, train_data, eval_data)
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(owned_run_dir(run_dir_for(recipe), is_main=is_main_process()))  # one process per dir
         if recipe.method == "dpo":
-            from .dpo import train_dpo
+            from .dpo import setup_dpo
 
-            return train_dpo(recipe)
-        from .sft import train_sft
+            return setup_dpo(recipe, held)
+        from .sft import setup_sft
 
-        return train_sft(recipe)
+        return setup_sft(recipe, held)
+    except BaseException:
+        held.close()
+        raise
+
+
+def train(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None) -> TrainResult:
+    """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model. `setup(...).train()`."""
+    return setup(recipe, overrides, train_data=train_data, eval_data=eval_data).train()
 
 
 def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, **kwargs):
@@ -107,4 +153,4 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
     return merge_adapter(Path(adapter_dir), Path(output), base=base, **kwargs)
 
 
-__all__ = ["load_recipe", "prepare", "preprocess", "preview", "train", "merge"]
+__all__ = ["load_recipe", "prepare", "preprocess", "preview", "setup", "train", "merge"]

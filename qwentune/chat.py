@@ -33,6 +33,11 @@ class Reply:
     calls: list[dict] = field(default_factory=list)  # {"name": str, "arguments": dict}
     bad_calls: list[str] = field(default_factory=list)  # blocks that are not a JSON {"name", "arguments"} object
 
+    @property
+    def tool_calls(self) -> list[dict]:
+        """The parsed calls ({"name", "arguments"}), as the notebook API names them."""
+        return self.calls
+
 
 def parse_reply(text: str) -> Reply:
     """Split a generated reply into its text and its `<tool_call>` blocks (an unclosed last block counts: the

@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 
 from .canonical import normalize_tools
-from .datafiles import Source, data_path, read_source, resolve_sources
+from .datafiles import Source, check_columns, data_path, read_source, resolve_sources
 from .datamap import Options, map_rows
 from .datareport import EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
 from .errors import BadRow, QwentuneError
@@ -52,6 +52,7 @@ class _Loaded:
 def _load_split(data: DataSection, method: str, base_dir: Path, which: str, limit: int | None) -> list[_Loaded]:
     loaded = []
     for source in resolve_sources(data, base_dir, which):
+        check_columns(source, data.format)
         rows = list(itertools.islice(read_source(source), limit))
         if not rows:
             raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
@@ -178,7 +179,12 @@ def _prepare_split(
         bases=tuple(x.source.base_dir for x in loaded),
         images=images,
     )
-    reports = [DataReport(x.source.label, x.fmt, split=split, index_kind=x.source.index_kind) for x in loaded]
+    reports = [
+        DataReport(
+            x.source.label, x.fmt, split=split, index_kind=x.source.index_kind, fingerprint=x.source.fingerprint
+        )
+        for x in loaded
+    ]
     mapped = map_rows(raw, opts, tokenizer, template, d.num_proc, split)
     table = mapped.data
     reasons = table.column("_bad_reason").to_pylist()

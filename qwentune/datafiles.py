@@ -1,5 +1,5 @@
 """Where data comes from: the sources behind data.train / data.eval (files, folders of files, save_to_disk dirs, hub
-datasets) and their rows as JSON text with their line (jsonl) or row numbers."""
+datasets, data in memory) and their rows as JSON text with their line (jsonl) or row numbers."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import itertools
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
 
 from .errors import QwentuneError, json_error_text
-from .formats import detect_format
+from .formats import FORMATS, detect_format
+from .inmemory import InMemoryData
 from .recipe import DataSection
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -25,9 +26,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass(frozen=True)
 class Source:
     key: str  # the recipe key it came from: data.train[0]
-    kind: str  # jsonl | json | parquet | csv | disk | hub
-    path: str  # a resolved file/dir path, or a hub id
+    kind: str  # jsonl | json | parquet | csv | disk | hub | memory
+    path: str  # a resolved file/dir path, a hub id, or (memory) the placeholder naming the rows
     split: str | None = None  # for save_to_disk DatasetDicts and hub datasets
+    rows: InMemoryData | None = field(default=None, compare=False, repr=False)  # kind memory: the rows
+
+    @property
+    def fingerprint(self) -> str | None:
+        """In-memory rows: datasets' fingerprint of a Dataset, the sha256 of a list's canonical JSON."""
+        return self.rows.fingerprint if self.rows is not None else None
 
     @property
     def label(self) -> str:
@@ -36,13 +43,15 @@ class Source:
     @property
     def arrow(self) -> bool:
         """Rows read through Arrow (struct columns): a null there may be a key that was never given."""
-        return self.kind in ("parquet", "disk", "hub")
+        return self.kind in ("parquet", "disk", "hub") or (self.rows is not None and self.rows.is_dataset)
 
     @property
     def base_dir(self) -> str | None:
         """Where relative image paths in the rows start: the data file's folder (a save_to_disk dir itself)."""
         if self.kind == "hub":
             return None
+        if self.kind == "memory":
+            return str(Path.cwd())  # relative image paths in rows built in Python: from the working dir
         path = Path(self.path)
         return str(path if path.is_dir() else path.parent)
 
@@ -64,6 +73,9 @@ def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> 
     out: list[Source] = []
     for i, value in enumerate(getattr(data, which)):
         key = f"data.{which}[{i}]"
+        if isinstance(value, InMemoryData):
+            out.append(Source(key, "memory", value.label, rows=value))
+            continue
         name, _, split = value.partition("#")
         path = data_path(base_dir, name)
         default_split = data.split if which == "train" else None
@@ -154,8 +166,25 @@ def read_source(source: Source) -> Iterator[tuple[int, str]]:
         ds = _load_arrow_dataset(source)
         for i, row in enumerate(ds):
             yield i, dump_row(row)
+    elif source.kind == "memory":
+        for i, row in enumerate(source.rows):
+            yield i, dump_row(row)
     else:
         raise ValueError(source.kind)
+
+
+def check_columns(source: Source, forced: str) -> None:
+    """An in-memory Dataset whose columns fit no format: say which columns it has and which formats fit (one line),
+    before its rows are read."""
+    columns = source.rows.columns if source.rows is not None else None
+    if columns is None or forced != "auto" or detect_format(dict.fromkeys(columns, "")):
+        return
+    raise QwentuneError(
+        f"cannot tell the format of {source.label}: it has columns {columns}",
+        where=source.key,
+        hint="expected columns `messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or "
+        "`chosen`+`rejected` (rename_column), or force one with data.format (" + ", ".join(FORMATS) + ")",
+    )
 
 
 def _read_jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -233,6 +262,7 @@ __all__ = [
     "DATA_SUFFIXES",
     "Source",
     "Unparsed",
+    "check_columns",
     "data_path",
     "dump_row",
     "load_rows",

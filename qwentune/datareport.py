@@ -25,6 +25,7 @@ class DataReport:
     truncated: int = 0
     split: str = "train"
     index_kind: str = "line"  # "line": 1-based line of a .jsonl file; "row": 0-based row of any other source
+    fingerprint: str | None = None  # in-memory data (source is its placeholder): Dataset._fingerprint / sha256
 
     def where(self, index: int) -> str:
         return f"{self.source}:{index}" if self.index_kind == "line" else f"{self.source} row {index}"

@@ -6,10 +6,12 @@ The reference model, in one of three forms:
 - continuing an adapter (`model.adapter`, e.g. after SFT): a frozen copy of that adapter, made by TRL as "ref";
 - `dpo.reference`: a separate model source, loaded frozen (in 4-bit under QLoRA).
 With `dpo.precompute_ref_log_probs` the reference log-probs of every pair are computed once before training.
+`setup_dpo` stops at the configured DPOTrainer and returns it in a Run; `Run.train()` trains, saves and merges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from transformers import set_seed
@@ -21,9 +23,9 @@ from .logs import is_main_process, log
 from .metrics import MetricsFile
 from .model import add_adapter, load_adapter_for_training, load_base_model, resolve_precision
 from .recipe import Recipe, resolve_path
+from .results import TrainResult
 from .resume import train_until_stopped
 from .run import (
-    TrainResult,
     effective_batch,
     finish_run,
     prompt_of,
@@ -32,6 +34,7 @@ from .run import (
 )
 from .sources import resolve_model
 from .tokens import check_tokens, prepare_new_token_rows
+from .trainrun import Run
 from .vision import text_only, vision_collator
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
@@ -99,7 +102,9 @@ def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
             )
 
 
-def train_dpo(recipe: Recipe) -> TrainResult:
+def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
+    """Everything up to the configured DPOTrainer; `held` (the run dir lock) also holds the TRL patches until
+    `Run.train()` or `Run.close()`."""
     from trl import DPOConfig
 
     check_dpo_recipe(recipe, str(recipe.path or "recipe"))
@@ -185,48 +190,57 @@ def train_dpo(recipe: Recipe) -> TrainResult:
                 "label_smoothing": d.label_smoothing, "reference": reference,
                 "precompute_ref_log_probs": d.precompute_ref_log_probs},
     }  # fmt: skip
-    with patches.trl_for_dpo(model) as DPOTrainer:  # TRL/PEFT internals patched for this trainer only, restored after
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=collator,
-            train_dataset=train,
-            eval_dataset=evals,
-            processing_class=tokenizer,
-            callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
-            continuing=continuing,
-        )
-        if d.precompute_ref_log_probs and ref_model is not None:
-            trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
-        if evals is not None:
-            metrics["eval_before"] = _eval_summary(trainer.evaluate())
-        train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
-        metrics.update(train_output.metrics, global_step=train_output.global_step)
-        if evals is not None:
-            after = _final_eval(trainer, train_output.global_step) or trainer.evaluate()
-            metrics["eval_after"] = _eval_summary(after)
-    if evals is not None:
-        log(
-            "eval reward accuracy {:.3f} → {:.3f}, mean margin {:.4f} → {:.4f}".format(
-                metrics["eval_before"].get("rewards/accuracies", float("nan")),
-                metrics["eval_after"].get("rewards/accuracies", float("nan")),
-                metrics["eval_before"].get("rewards/margins", float("nan")),
-                metrics["eval_after"].get("rewards/margins", float("nan")),
-            )
-        )
+    patched = held.enter_context(contextlib.ExitStack())
+    DPOTrainer = patched.enter_context(patches.trl_for_dpo(model))  # noqa: N806 - TRL/PEFT patched for this trainer
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+        continuing=continuing,
+    )
+    if d.precompute_ref_log_probs and ref_model is not None:
+        trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 
-    if continuing and "ref" in trainer.model.peft_config:
-        trainer.model.delete_adapter("ref")  # save and merge the trained adapter only, not the reference copy
-        trainer.model.set_adapter("default")
-    parity_rows = [r["prompt_ids"] + r["chosen_ids"] for r in train.select(range(min(3, len(train))))]
-    if data.images is not None:  # the merge's parity rows are text: no pixels there
-        parity_rows = [text_only(ids, data.images) for ids in parity_rows]
-    sample_row = (data.eval if data.eval is not None else data.train)[0]
-    return finish_run(
-        recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
-        reports=reports, parity_rows=parity_rows, precision=precision,
-        sample_prompt=prompt_of(sample_row), sample_images=sample_row.get("image_files"),
+    def train_run() -> TrainResult:
+        with patched:  # construct, evaluate and train inside the patches; restored before saving and merging
+            if evals is not None:
+                metrics["eval_before"] = _eval_summary(trainer.evaluate())
+            train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
+            metrics.update(train_output.metrics, global_step=train_output.global_step)
+            if evals is not None:
+                after = _final_eval(trainer, train_output.global_step) or trainer.evaluate()
+                metrics["eval_after"] = _eval_summary(after)
+        if evals is not None:
+            log(
+                "eval reward accuracy {:.3f} → {:.3f}, mean margin {:.4f} → {:.4f}".format(
+                    metrics["eval_before"].get("rewards/accuracies", float("nan")),
+                    metrics["eval_after"].get("rewards/accuracies", float("nan")),
+                    metrics["eval_before"].get("rewards/margins", float("nan")),
+                    metrics["eval_after"].get("rewards/margins", float("nan")),
+                )
+            )
+
+        if continuing and "ref" in trainer.model.peft_config:
+            trainer.model.delete_adapter("ref")  # save and merge the trained adapter only, not the reference copy
+            trainer.model.set_adapter("default")
+        parity_rows = [r["prompt_ids"] + r["chosen_ids"] for r in train.select(range(min(3, len(train))))]
+        if data.images is not None:  # the merge's parity rows are text: no pixels there
+            parity_rows = [text_only(ids, data.images) for ids in parity_rows]
+        sample_row = (data.eval if data.eval is not None else data.train)[0]
+        return finish_run(
+            recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
+            reports=reports, parity_rows=parity_rows, precision=precision,
+            sample_prompt=prompt_of(sample_row), sample_images=sample_row.get("image_files"),
+        )  # fmt: skip
+
+    return Run(
+        recipe=recipe, run_dir=run_dir, trainer=trainer, model=model, tokenizer=tokenizer, data=data, held=held,
+        train=train_run,
     )  # fmt: skip
 
 

@@ -32,18 +32,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: training loss per step, eval loss where measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """loss.png: training loss per step, eval loss where measured. Drawn on a bare Figure, not pyplot: the
+    notebook's (or script's) matplotlib backend is left as it was."""
+    from matplotlib.figure import Figure
 
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and _finite(r["loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and _finite(r["eval_loss"])]
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -56,12 +55,26 @@ def plot_losses(run_dir: Path) -> Path | None:
     fig.tight_layout()
     path = run_dir / "loss.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
+
+
+def show_in_notebook(path: Path | None) -> None:
+    """Under IPython (a notebook cell), show the image inline; elsewhere (a script, the CLI) do nothing."""
+    if path is None:
+        return
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    from IPython.display import Image, display
+
+    display(Image(filename=str(path)))
 
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-__all__ = ["MetricsFile", "plot_losses", "read_metrics"]
+__all__ = ["MetricsFile", "plot_losses", "read_metrics", "show_in_notebook"]

@@ -12,6 +12,7 @@ import os
 import re
 import types
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import QwentuneError, did_you_mean
+from .inmemory import InMemoryData, in_memory_values, public_value
 from .recipe_checks import MAX_LENGTH_CAP, OUTPUT_DIR_FIELDS, check_recipe  # noqa: F401 - re-exported
 from .recipe_yaml import StrictLoader, key_in_message, line_of_key, read_yaml
 
@@ -46,7 +48,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # files (jsonl/json/parquet/csv), datasets dirs, or hub ids
+    # files (jsonl/json/parquet/csv), datasets dirs, or hub ids; from Python also in-memory data (inmemory.py)
+    train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     eval_fraction: float = 0.0  # carve an eval split out of train when `eval` is empty
     format: str = field(
@@ -361,13 +364,22 @@ def _apply_override(tree: dict, parts: list[str], value: Any, raw: str) -> None:
 # ---------------------------------------------------------------- public entry points
 
 
-def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:
+def load_recipe(
+    source: str | Path | dict,
+    overrides: list[str] | dict | None = None,
+    *,
+    train_data: Any = None,
+    eval_data: Any = None,
+) -> Recipe:
     """A checked Recipe from a YAML path or a dict, with overrides (`["a.b=1"]` or `{"a.b": 1}`) applied first.
 
+    From Python (a dict recipe, dict overrides, `train_data` / `eval_data`), data.train / data.eval may also be
+    in memory: a datasets.Dataset, a DatasetDict split, or a list of row dicts (never from a YAML file).
     An error names the override a bad value came from, else the recipe file's line."""
     path: Path | None = None
+    memory: dict[str, InMemoryData] = {}  # placeholder text in the tree → the in-memory source it stands for
     if isinstance(source, dict):
-        tree, where = _deepcopy(source), "recipe"
+        tree, where = _deepcopy(_stash_in_memory(source, memory)), "recipe"
     else:
         path = Path(source)
         where = str(path)
@@ -377,9 +389,12 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = 
         if not isinstance(tree, dict):
             raise QwentuneError("a recipe must be a mapping of sections", where=where, hint="see recipes/")
     if isinstance(overrides, dict):
-        items = [(k.split("."), v, f"{k}={v}") for k, v in overrides.items()]
+        items = [(k.split("."), _stash(v, memory, k), f"{k}={v}") for k, v in overrides.items()]
     else:
         items = [(*parse_override(o), o) for o in overrides or []]
+    for which, value in (("train", train_data), ("eval", eval_data)):
+        if value is not None:
+            items.append((["data", which], _stash(value, memory, f"{which}_data"), f"{which}_data"))
     origin: dict[str, str] = {}  # dotted key → the override that set it
     for parts, value, raw in items:
         _apply_override(tree, parts, value, raw)
@@ -387,6 +402,8 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | dict | None = 
     try:
         recipe = _build(Recipe, tree, "", where)
         recipe.path = path
+        for which in ("train", "eval"):  # the placeholders back to the objects they stand for
+            setattr(recipe.data, which, [memory.get(v, v) for v in getattr(recipe.data, which)])
         check_recipe(recipe, where)
     except QwentuneError as e:
         raise _locate(e, where, path, origin) from None
@@ -405,12 +422,39 @@ def _locate(error: QwentuneError, where: str, path: Path | None, origin: dict[st
     return QwentuneError(error.message, where=f"{path}:{line}", hint=error.hint) if line else error
 
 
+def _stash(value: Any, memory: dict[str, InMemoryData], where: str) -> Any:
+    """`value` with each in-memory source replaced by a placeholder string kept in `memory` (the tree is copied
+    through YAML, which cannot hold a Dataset); anything else unchanged."""
+    found = in_memory_values(value, where)
+    if found is None:
+        return value
+    out = []
+    for item in found:
+        if isinstance(item, InMemoryData):
+            key = f"{item.label}#{uuid.uuid4().hex}"
+            memory[key] = item
+            item = key
+        out.append(item)
+    return out
+
+
+def _stash_in_memory(source: dict, memory: dict[str, InMemoryData]) -> dict:
+    data = source.get("data")
+    if not isinstance(data, dict) or not any(k in data for k in ("train", "eval")):
+        return source
+    data = {k: (_stash(v, memory, f"data.{k}") if k in ("train", "eval") else v) for k, v in data.items()}
+    return {**source, "data": data}
+
+
 def _deepcopy(tree: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(tree))
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+    tree = recipe.to_dict()
+    for which in ("train", "eval"):  # in-memory data: a placeholder with its row count and fingerprint
+        tree["data"][which] = public_value(tree["data"][which])
+    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
 
 
 def resolve_path(recipe: Recipe, value: str) -> Path:

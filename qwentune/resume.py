@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from .errors import QwentuneError
 from .logs import is_main_process, log
 from .metrics import read_metrics
-from .recipe import Recipe
+from .recipe import Recipe, dump_recipe
 from .runinfo import atomic_write_text, run_dir_for
 
 RESUME_IGNORED = ("training.resume", "output.overwrite")  # may differ between the first run and its resumption
@@ -43,7 +43,7 @@ def recipe_changes(recorded_yaml: str, recipe: Recipe) -> list[str]:
     """`key: old → new` for every recipe key that differs from the recorded recipe.yaml (resume keys ignored)."""
     import yaml
 
-    old, new = _flatten(yaml.safe_load(recorded_yaml) or {}), _flatten(recipe.to_dict())
+    old, new = _flatten(yaml.safe_load(recorded_yaml) or {}), _flatten(yaml.safe_load(dump_recipe(recipe)))
     return [
         f"  {key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}"
         for key in sorted(set(old) | set(new))

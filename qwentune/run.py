@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .export import QuantSpec, merge_adapter, write_train_sidecar
 from .inputs import prepare_inputs
 from .logs import _cuda, is_main_process, log, process_state
-from .metrics import plot_losses
+from .metrics import plot_losses, show_in_notebook
 from .model import Precision
 from .recipe import Recipe
+from .results import TrainResult
 from .resume import resume_checkpoint
 from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir, prepare_run_dir
-
-
-@dataclass
-class TrainResult:
-    """What a run leaves behind: paths and numbers (returned to notebooks, printed by the CLI)."""
-
-    run_dir: Path
-    adapter_dir: Path | None = None
-    merged_dir: Path | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    data_reports: list[dict] = field(default_factory=list)
 
 
 def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -161,7 +150,7 @@ def finish_run(
     if is_main_process():
         result.adapter_dir = save_adapter(trainer.model, run_dir, adapter_sidecar(recipe, source, template, precision))
         tokenizer.save_pretrained(result.adapter_dir)
-        plot_losses(run_dir)
+        show_in_notebook(plot_losses(run_dir))  # inline in a notebook cell; a file either way
         if recipe.output.merge:
             merged = merge_adapter(
                 result.adapter_dir,

@@ -1,7 +1,10 @@
 """SFT with LoRA or QLoRA, one readable script: recipe → model source → data (exact masks) → model + adapter →
-TRL SFTTrainer on the already-tokenized rows → adapter → merged checkpoint."""
+TRL SFTTrainer on the already-tokenized rows (`setup_sft` stops here and returns it in a Run) → train → adapter →
+merged checkpoint (`Run.train()`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 from transformers import set_seed
 
@@ -12,9 +15,9 @@ from .logs import is_main_process, log
 from .metrics import MetricsFile
 from .model import add_adapter, load_base_model, resolve_precision
 from .recipe import Recipe
+from .results import TrainResult
 from .resume import train_until_stopped
 from .run import (
-    TrainResult,
     effective_batch,
     finish_run,
     prompt_of,
@@ -22,10 +25,13 @@ from .run import (
     trainer_arguments,
 )
 from .tokens import prepare_new_token_rows
+from .trainrun import Run
 from .vision import text_only, vision_collator
 
 
-def train_sft(recipe: Recipe) -> TrainResult:
+def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
+    """Everything up to the configured SFTTrainer; `held` (the run dir lock) also holds the TRL patches until
+    `Run.train()` or `Run.close()`."""
     from trl import SFTConfig, SFTTrainer
 
     # run dir, model source, tokenizer, data rendered with exact masks (as `preprocess`)
@@ -83,35 +89,44 @@ def train_sft(recipe: Recipe) -> TrainResult:
     if data.images is not None:  # Qwen2-VL: the collator adds pixel_values / image_grid_thw / mm_token_type_ids
         collator = vision_collator(source.path, recipe, tokenizer, data.images)
     metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
-    with patches.trl_for_sft(model):  # TRL/PEFT internals patched for this trainer only, restored after
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            data_collator=collator,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
-        )
-        if data.eval is not None:
-            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-        train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
-        metrics.update(train_output.metrics, global_step=train_output.global_step)
-        if data.eval is not None:
-            metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
-
-    sample_row = (data.eval if data.eval is not None else data.train)[0]
-    return finish_run(
-        recipe,
-        trainer,
-        run_dir,
-        source=source,
-        tokenizer=tokenizer,
-        template=data.template,
-        metrics=metrics,
-        reports=reports,
-        parity_rows=[text_ids(row) for row in data.train.select(range(min(3, len(data.train))))],
-        precision=precision,
-        sample_prompt=prompt_of(sample_row),
-        sample_images=sample_row.get("image_files"),
+    patched = held.enter_context(contextlib.ExitStack())
+    patched.enter_context(patches.trl_for_sft(model))  # TRL/PEFT internals patched for this trainer only
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
     )
+
+    def train() -> TrainResult:
+        with patched:  # construct, evaluate and train inside the patches; restored before saving and merging
+            if data.eval is not None:
+                metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
+            metrics.update(train_output.metrics, global_step=train_output.global_step)
+            if data.eval is not None:
+                metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+
+        sample_row = (data.eval if data.eval is not None else data.train)[0]
+        return finish_run(
+            recipe,
+            trainer,
+            run_dir,
+            source=source,
+            tokenizer=tokenizer,
+            template=data.template,
+            metrics=metrics,
+            reports=reports,
+            parity_rows=[text_ids(row) for row in data.train.select(range(min(3, len(data.train))))],
+            precision=precision,
+            sample_prompt=prompt_of(sample_row),
+            sample_images=sample_row.get("image_files"),
+        )
+
+    return Run(
+        recipe=recipe, run_dir=run_dir, trainer=trainer, model=model, tokenizer=tokenizer, data=data, held=held,
+        train=train,
+    )  # fmt: skip

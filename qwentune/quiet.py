@@ -1,0 +1,40 @@
+"""The one place library noise is hidden: warnings and log lines from the libraries qwentune drives that say nothing a
+user can act on (they are about how qwentune calls the library, already handled). Installed once by the API entry
+points (`qwentune.setup` / `train`); each filter is narrow (one message) and says why it is safe to hide."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message contains one of `fragments`."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+_KERNELS_COMMUNITY = _DropMessages("from kernels-community")
+
+
+def quiet_library_noise() -> None:
+    """Install the filters below. Idempotent: `warnings` drops an identical filter before adding it again, and a
+    logger holds the same filter object once."""
+    # bitsandbytes 0.50 on CPU looks for an optional optimized 4-bit kernel on the hub (kernels-community) and logs
+    # that it could not load it; the built-in CPU path it then uses is the one qwentune's QLoRA tests run on.
+    # Logged once when bitsandbytes imports its CPU backend: the filter is on that logger, set before the import.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNELS_COMMUNITY)
+    # transformers 5 renamed gradient checkpointing to activation checkpointing. TRL's configs still set the old
+    # field (qwentune sets it False and enables checkpointing itself, before PEFT wraps the model), and TRL/PEFT read
+    # the old `model.is_gradient_checkpointing`; both aliases work until transformers 6 — nothing for a user to change.
+    warnings.filterwarnings("ignore", r"`gradient_checkpointing` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
+__all__ = ["quiet_library_noise"]
