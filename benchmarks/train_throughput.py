@@ -5,6 +5,7 @@
     python benchmarks/train_throughput.py --shape 0.5b --method dpo --seq 512 --steps 4
     python benchmarks/train_throughput.py --shape 0.5b --peft qlora --seq 512 --steps 4
     python benchmarks/train_throughput.py --shape 3b --seq 2048 --steps 20                 # GPU; skipped on CPU
+    python benchmarks/train_throughput.py --arms qwentune --trainer use_liger_kernel=true  # a `trainer:` field
 
 Models are random-weight copies of the real structure (qwentune.shapes; nothing is downloaded), saved in bf16 as the
 published checkpoints are, with the real tokenizer and the official Qwen2.5 instruct template.
@@ -119,6 +120,7 @@ class Probe:
         self.padded = 0  # tokens in the batch tensors
         self.steps: list[tuple[float, int, int, float]] = []  # (time, real, padded, CPU s) at each step's end
         self.losses: list[float] = []
+        self.longest = 0  # the longest batch row (padded length) a training forward saw
 
     def install(self) -> None:
         import torch
@@ -144,6 +146,7 @@ class Probe:
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
             probe.padded += ids.numel()
+            probe.longest = max(probe.longest, ids.shape[-1])
             probe.real += int(mask.sum()) if mask is not None else ids.numel()
 
         def init(trainer, *args, **kwargs):
@@ -176,13 +179,23 @@ def qwentune_recipe(a, source: Path, rows: Path, out: Path) -> dict:
         recipe["sft"] = {"packing": True}
     if a.no_gc:
         recipe["training"]["gradient_checkpointing"] = False
+    if a.trainer:  # `trainer:` pass-through fields, typed like command-line overrides
+        recipe["trainer"] = dict(qwentune_override(f"trainer.{t}") for t in a.trainer)
     return recipe
 
 
-def run_qwentune(a, source: Path, rows: Path, out: Path) -> None:
+def qwentune_override(text: str) -> tuple[str, object]:
+    from qwentune.recipe import parse_override
+
+    parts, value = parse_override(text)
+    return parts[-1], value
+
+
+def run_qwentune(a, source: Path, rows: Path, out: Path) -> dict:
     import qwentune
 
-    qwentune.train(qwentune_recipe(a, source, rows, out))
+    result = qwentune.train(qwentune_recipe(a, source, rows, out))
+    return {"trainable_token_rows": len(result.metrics.get("trainable_tokens", {}).get("made_trainable") or [])}
 
 
 def _plain_json(row: dict) -> dict:
@@ -293,7 +306,7 @@ def child(a) -> dict:
     probe.install()
     out = Path(a.out)
     run = run_qwentune if a.child == "qwentune" else run_trl
-    run(a, Path(a.model_dir), Path(a.rows), out)
+    extra = run(a, Path(a.model_dir), Path(a.rows), out) or {}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     timed = probe.steps[1:] if len(probe.steps) > 1 else probe.steps
     (t0, r0, p0, c0), (t1, r1, p1, c1) = probe.steps[0], timed[-1]
@@ -312,6 +325,8 @@ def child(a) -> dict:
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
         "losses": probe.losses,
+        "longest_row": probe.longest,
+        **extra,
     }
 
 
@@ -348,6 +363,8 @@ def main() -> int:
     parser.add_argument("--packing", action="store_true", help="qwentune arm: sft.packing (padding-free BFD)")
     parser.add_argument("--no-gc", action="store_true", help="qwentune arm: training.gradient_checkpointing false")
     parser.add_argument("--arms", default="qwentune,trl")
+    parser.add_argument("--trainer", action="append", default=[], metavar="FIELD=VALUE", help="qwentune arm: trainer:")
+    parser.add_argument("--json-out", help="also write the results, FLOPs/token and the qwentune recipe here")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "qwentune-bench-models"))
     parser.add_argument("--allow-cpu-3b", action="store_true", help="run the 3B shape even without a GPU")
     # internal: one arm in this process
@@ -411,7 +428,7 @@ def main() -> int:
                 "--batch",
                 str(a.batch),
             ]
-            argv += ["--packing"] * a.packing + ["--no-gc"] * a.no_gc
+            argv += ["--packing"] * a.packing + ["--no-gc"] * a.no_gc + [f"--trainer={t}" for t in a.trainer]
             start = time.perf_counter()
             proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode:
@@ -420,7 +437,11 @@ def main() -> int:
                 return 1
             results[arm] = json.loads(result_path.read_text())
             print(f"  {arm}: done in {time.perf_counter() - start:.0f} s", flush=True)
-        report(results, flops_per_token(source, a.seq, a.method))
+        fpt = flops_per_token(source, a.seq, a.method)
+        report(results, fpt)
+        if a.json_out:
+            recipe = qwentune_recipe(a, source, rows, work)
+            Path(a.json_out).write_text(json.dumps({"results": results, "flops_per_token": fpt, "recipe": recipe}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -7,11 +7,16 @@ result = qwentune.train(recipe)          # result.adapter_dir, result.merged_dir
 # or: run = qwentune.setup(recipe); run.trainer.add_callback(...); result = run.train()
 # in-memory data: qwentune.train(recipe, train_data=dataset_or_list_of_dicts)
 print(result.generate("Hello").text)     # result.load() -> (model, tokenizer)
+scores = qwentune.evaluate(["offline:qwen2.5-coder-0.5b-instruct", result.merged_dir], "data/tool_calls_eval.jsonl")
+print(scores.table())                    # models as columns, with deltas
 """
 
-from .api import merge, prepare, preprocess, preview, setup, train
+from . import evaluate as _evaluate_module  # noqa: F401  loaded first, so the function below keeps the name
+from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, setup, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
+from .results import TrainResult
+from .trainrun import Run
 
 __all__ = [
     "load_recipe",
@@ -22,6 +27,10 @@ __all__ = [
     "setup",
     "train",
     "merge",
+    "export_gguf",
+    "evaluate",
+    "Run",
+    "TrainResult",
     "QwentuneError",
     "BadRow",
 ]

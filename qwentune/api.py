@@ -153,4 +153,22 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
     return merge_adapter(Path(adapter_dir), Path(output), base=base, **kwargs)
 
 
-__all__ = ["load_recipe", "prepare", "preprocess", "preview", "setup", "train", "merge"]
+def export_gguf(
+    model: str | Path, output: str | Path, *, type: str = "f16", ollama: bool = False, force: bool = False
+):
+    """Write a GGUF (f16, bf16 or q8_0) for llama.cpp / Ollama from a merged dir, run dir or model source, verified
+    against the source (logits, greedy tokens, tokenizer ids); `ollama` also writes a Modelfile. Returns GgufReport."""
+    from .gguf_export import export_gguf as _export_gguf
+
+    return _export_gguf(model, output, type=type, ollama=ollama, force=force)
+
+
+def evaluate(models, data, **kwargs):
+    """Score one or more models side by side on eval files (tool calls, BFCL, loss, preferences): EvalResult with
+    .table(), .markdown(), .metrics, .rows; see `qwentune.evaluate.evaluate` for the keyword arguments."""
+    from .evaluate import evaluate as run_eval
+
+    return run_eval(models, data, **kwargs)
+
+
+__all__ = ["load_recipe", "prepare", "preprocess", "preview", "setup", "train", "merge", "evaluate", "export_gguf"]

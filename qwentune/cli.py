@@ -139,6 +139,63 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .gguf_export import export_gguf
+
+    report = export_gguf(args.model, args.gguf, type=args.type, ollama=args.ollama, force=args.force)
+    p = report.parity
+    print(
+        f"wrote {report.path} ({report.type}, {report.size_bytes / 2**20:.1f} MiB); parity max |Δlogit| = "
+        f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.2g}), greedy agreement {report.greedy['agreement']:.0%}"
+    )
+    if report.modelfile is not None:
+        print(f"Modelfile: {report.modelfile} (ollama create NAME -f {report.modelfile})")
+    return 0
+
+
+def _recipe_eval(target: str):
+    """(models, labels, data, template, eval section, run dir) for `qwentune eval RECIPE_OR_RUN_DIR`."""
+    from .recipe import load_recipe, resolve_path
+    from .runinfo import run_dir_for
+
+    path = Path(target)
+    recipe = load_recipe(path / "recipe.yaml" if path.is_dir() else path)
+    run_dir = path if path.is_dir() else run_dir_for(recipe)
+    if not (run_dir / "merged").is_dir():
+        raise QwentuneError("no merged/ model in the run dir", where=str(run_dir), hint="train the recipe first")
+    data = [str(resolve_path(recipe, d)) for d in (recipe.eval.data or recipe.data.eval)]
+    if not data:
+        raise QwentuneError("the recipe has no eval data", where=str(path), hint="set eval.data or data.eval")
+    models, labels = [str(run_dir / "merged")], ["tuned"]
+    if recipe.eval.base:
+        models, labels = [recipe.model.source, *models], ["base", *labels]
+    return models, labels, data, recipe.data.template, recipe.eval, run_dir
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    labels, template, output = None, "model", args.output
+    models, data = args.models, args.data
+    limit, batch_size, max_new_tokens = args.limit, args.batch_size, args.max_new_tokens
+    one = Path(models[0])
+    if not data and len(models) == 1 and (one.suffix in (".yaml", ".yml") or (one / "recipe.yaml").is_file()):
+        models, labels, data, template, section, run_dir = _recipe_eval(models[0])
+        limit = limit if limit is not None else section.limit
+        batch_size = batch_size or section.batch_size
+        max_new_tokens = max_new_tokens or section.max_new_tokens
+        output = output or str(run_dir / "eval")
+    if not data:
+        raise QwentuneError("no eval data", where="command line", hint="qwentune eval MODEL [MODEL ...] --data FILE")
+    result = evaluate(models, data, limit=limit, batch_size=batch_size or 8, max_new_tokens=max_new_tokens or 256,
+                      output=output, bfcl_answers=args.bfcl_answers, template=template, labels=labels)  # fmt: skip
+    print(result.table())
+    print(result.summary())
+    if output:
+        print(f"wrote {Path(output) / 'eval.json'} and {Path(output) / 'eval.md'}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qwentune",
@@ -228,6 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-only", action="store_true", help="upload the run's adapter/ instead of merged/")
     p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; upload nothing")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("export", help="write a GGUF for llama.cpp / Ollama, verified against the model it came from")
+    p.add_argument("model", help="merged model dir, run dir (its merged/), hub id, .gguf or offline:NAME")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--type", default="f16", metavar="TYPE", help="f16 (default), bf16 or q8_0")
+    p.add_argument("--ollama", action="store_true", help="also write a Modelfile beside the GGUF")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF / Modelfile")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "eval",
+        help="score models side by side: tool calls (incl. BFCL files), no-call, loss, preferences",
+        description="qwentune eval MODEL [MODEL ...] --data FILE ..., or qwentune eval RECIPE_OR_RUN_DIR (base and "
+        "tuned on the recipe's eval split). MODEL: hub id, dir, .gguf, offline:..., a run dir (its merged/), or an "
+        "adapter dir (base + adapter, not merged).",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--data", action="append", default=[], help="eval file (jsonl/json, any training format, or BFCL)")
+    p.add_argument("--bfcl-answers", default=None, help="BFCL possible-answer file for a BFCL question file")
+    p.add_argument("--limit", type=int, default=None, help="only the first N scoreable rows of each file")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts generated together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens per reply (default 256)")
+    p.add_argument("--output", "-o", default=None, help="write eval.json and eval.md into this dir")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -34,6 +34,7 @@ from .run import (
 )
 from .sources import resolve_model
 from .tokens import check_tokens, prepare_new_token_rows
+from .trainer_fields import build_config
 from .trainrun import Run
 from .vision import text_only, vision_collator
 
@@ -170,7 +171,9 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         f", beta {d.beta}, label_smoothing {d.label_smoothing}; reference: {reference}"
         + (", log-probs precomputed" if d.precompute_ref_log_probs else "")
     )
-    args = DPOConfig(
+    args = build_config(  # TRL refusing a trainer: combination is a QwentuneError
+        DPOConfig,
+        recipe.trainer,
         **trainer_arguments(recipe, precision, run_dir, has_eval=evals is not None),
         beta=d.beta,
         loss_type=list(d.loss_type),
@@ -181,7 +184,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     )
     collator = None
     if data.images is not None:  # Qwen2-VL: pixel inputs for the prompt's images, once per chosen/rejected row
-        collator = vision_collator(source.path, recipe, tokenizer, data.images, preference=True)
+        collator = vision_collator(source.path, recipe.model, tokenizer, data.images, preference=True)
     metrics: dict = {
         "effective_batch": batch,
         "processes": processes,

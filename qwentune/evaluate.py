@@ -1,26 +1,298 @@
-"""Measure what a tuned model does: tool-call accuracy of greedy generations (plain transformers, merged dir), and
-DPO preference (log-prob of chosen vs rejected) on held-out pairs."""
+"""`qwentune eval`: measure what a tune did, one or more models side by side on the same rows.
+
+Each row is scored by its kind, found with the same format detection and official-template rendering as training
+(the prompt is exactly what the model was trained to continue):
+  tool_call   the first assistant turn makes calls: greedy reply scored by `toolscore` (exact match + breakdown)
+  no_call     a row with tools whose first assistant turn makes no call: did the model refrain
+  bfcl        a BFCL question file (+ --bfcl-answers): BFCL's AST rules per category (`bfcl`)
+  sft         a row without tools: loss / perplexity on exactly the trained tokens (the training masks), and a few
+              greedy samples
+  preference  log p(chosen) > log p(rejected) summed over the completion tokens, and the mean margin
+Qwen2-VL rows (images) are not scored yet: they are counted as skipped (reason `images_not_supported`).
+"""
 
 from __future__ import annotations
 
 import json
-import re
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from .bfcl import BfclCase, check_case, is_bfcl_row, read_bfcl
+from .errors import BadRow, QwentuneError
+from .evaltable import EvalResult
 from .formats import convert, detect_format
+from .toolscore import parse_tool_calls, reference_calls, score_tool_calls
 
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+SFT_SAMPLES = 3  # greedy samples shown per SFT file
+
+
+@dataclass
+class Item:
+    file: str
+    row: int  # 1-based line in the file
+    kind: str  # tool_call | no_call | bfcl | sft | preference
+    prompt: list[dict] = field(default_factory=list)
+    tools: list[dict] | None = None
+    expected: Any = None  # reference calls, the reference reply, or the BFCL case
+    raw: dict | None = None  # the canonical row (sft: messages + tools; preference: prompt/chosen/rejected/tools)
+    sample: bool = False  # an sft row that also gets a greedy sample
+
+
+@dataclass
+class Skipped:
+    file: str
+    row: int
+    reason: str
+
+
+def _read_rows(path: Path) -> list[tuple[int, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QwentuneError(f"cannot read the eval file: {exc.strerror or exc}", where=str(path)) from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise QwentuneError(f"not valid JSON: {exc.msg}", where=f"{path} line {exc.lineno}") from None
+        return list(enumerate(data if isinstance(data, list) else [data], 1))
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise QwentuneError(f"not valid JSON: {exc.msg}", where=f"{path} row {n}") from None
+    return rows
+
+
+def _has_images(messages: list[dict]) -> bool:
+    return any(isinstance(m.get("content"), list) for m in messages)
+
+
+def _item(file: str, n: int, raw: Any) -> Item:
+    """The scoreable item of one data row; raises BadRow with the reason it is not."""
+    fmt = detect_format(raw)
+    if fmt is None:
+        raise BadRow("unknown_format", "no messages/conversations/instruction/prompt+completion/chosen+rejected keys")
+    row = convert(raw, fmt)
+    if fmt == "preference":
+        if _has_images(row["prompt"]):
+            raise BadRow("images_not_supported")
+        return Item(file, n, "preference", row["prompt"], row.get("tools"), raw=row)
+    messages = row["messages"]
+    if _has_images(messages):
+        raise BadRow("images_not_supported")
+    turn = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if turn is None or turn == 0:
+        raise BadRow("no_expected_turn", "no assistant turn after a prompt")
+    prompt, reply = messages[:turn], messages[turn]
+    if row.get("tools"):
+        calls = reference_calls(reply)
+        return Item(file, n, "tool_call" if calls else "no_call", prompt, row["tools"], calls)
+    return Item(file, n, "sft", prompt, None, reply.get("content"), raw=row)
+
+
+def collect(data: list[str | Path], *, bfcl_answers: str | Path | None = None, limit: int | None = None):
+    """(items, skipped) from the eval files: at most `limit` scoreable rows per file. Raises QwentuneError when no
+    file holds anything scoreable."""
+    items: list[Item] = []
+    skipped: list[Skipped] = []
+    for path in map(Path, data):
+        rows = _read_rows(path)
+        if rows and is_bfcl_row(rows[0][1]):
+            cases = read_bfcl(path, bfcl_answers)[:limit]
+            items += [Item(str(path), k, "bfcl", c.messages, c.tools, c) for k, c in enumerate(cases, 1)]
+            continue
+        taken = sft = 0
+        for n, raw in rows:
+            if limit is not None and taken >= limit:
+                break
+            try:
+                item = _item(str(path), n, raw)
+            except BadRow as bad:
+                reason = "no_expected_turn" if bad.reason == "no_assistant_turn" else bad.reason
+                skipped.append(Skipped(str(path), n, reason))
+                continue
+            if item.kind == "sft":
+                item.sample, sft = sft < SFT_SAMPLES, sft + 1
+            items.append(item)
+            taken += 1
+    if not items:
+        first = skipped[0] if skipped else None
+        where = f"{first.file} row {first.row}" if first else ", ".join(map(str, data)) or "--data"
+        reason = f"nothing scoreable (first row: {first.reason})" if first else "nothing scoreable (no rows)"
+        raise QwentuneError(reason, where=where, hint="rows need a prompt and the expected assistant turn")
+    return items, skipped
+
+
+def _prompt_ids(item: Item, tokenizer: Any, template_text: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        item.prompt, tools=item.tools, chat_template=template_text, add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _score_generation(item: Item, text: str) -> dict:
+    if item.kind == "bfcl":
+        case: BfclCase = item.expected
+        why = check_case(case, parse_tool_calls(text) if "<tool_call>" in text else [])
+        return {"ok": not why, "why": why, "category": case.category}
+    if item.kind == "sft":
+        return {"ok": None, "why": ""}
+    return score_tool_calls(text, item.expected, item.tools).to_dict()
+
+
+def _score_model(loaded: Any, items: list[Item], *, template: str, batch_size: int, max_new_tokens: int,
+                 progress: bool = True, train_on: str = "all") -> list[dict]:  # fmt: skip
+    """One record per item: prompt, expected, got, verdict, why (+ loss numbers for sft/preference rows)."""
+    from .generate import greedy_generate, sequence_logprobs
+    from .render import render_batch, render_preference_batch
+    from .template import load_template
+
+    tokenizer = loaded.tokenizer
+    chat = load_template(template, tokenizer)
+    records: list[dict] = [
+        {"file": it.file, "row": it.row, "kind": it.kind, "prompt": it.prompt[-1].get("content") if it.prompt else ""}
+        for it in items
+    ]
+    gen = [i for i, it in enumerate(items) if it.kind in ("tool_call", "no_call", "bfcl") or it.sample]
+    outputs = greedy_generate(
+        loaded.model, tokenizer, [_prompt_ids(items[i], tokenizer, chat.text) for i in gen],
+        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"eval {loaded.label}", progress=progress,
+    )  # fmt: skip
+    for i, ids in zip(gen, outputs):
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        verdict = _score_generation(items[i], text)
+        expected = items[i].expected
+        if isinstance(expected, BfclCase):
+            expected = expected.ground_truth
+        records[i].update(expected=expected, got=text, verdict=verdict.pop("ok"), why=verdict.pop("why"), **verdict)
+    sft = [i for i, it in enumerate(items) if it.kind == "sft"]
+    rendered = render_batch([items[i].raw for i in sft], tokenizer, chat, train_on=train_on)
+    pairs = [i for i, it in enumerate(items) if it.kind == "preference"]
+    rendered_pairs = render_preference_batch([items[i].raw for i in pairs], tokenizer, chat)
+    seqs, owners = [], []
+    for i, r in zip(sft, rendered):
+        if isinstance(r, BadRow):
+            records[i].update(verdict=None, why=f"not rendered: {r.reason}")
+            continue
+        seqs.append((r.input_ids, r.labels))
+        owners.append((i, "sft"))
+    for i, p in zip(pairs, rendered_pairs):
+        if isinstance(p, BadRow):
+            records[i].update(verdict=None, why=f"not rendered: {p.reason}")
+            continue
+        for side in (p.chosen_input_ids, p.rejected_input_ids):
+            seqs.append((p.prompt_input_ids + side, [-100] * len(p.prompt_input_ids) + list(side)))
+            owners.append((i, "preference"))
+    logps = sequence_logprobs(loaded.model, seqs, batch_size=batch_size)
+    k = 0
+    while k < len(owners):
+        i, kind = owners[k]
+        if kind == "sft":
+            logp, n = logps[k]
+            records[i].update(nll=-logp, tokens=n)
+            records[i].setdefault("expected", items[i].expected)
+            k += 1
+            continue
+        (chosen, _), (rejected, _) = logps[k], logps[k + 1]
+        margin = chosen - rejected
+        records[i].update(margin=margin, verdict=margin > 0, why="" if margin > 0 else "rejected is more likely",
+                          expected="chosen", got="chosen" if margin > 0 else "rejected")  # fmt: skip
+        k += 2
+    return records
+
+
+def summarize(records: list[dict]) -> dict[str, dict]:
+    """Metric name → {"correct", "total"} (a rate) or {"value", "total"} (a number), from one model's records."""
+    out: dict[str, dict] = {}
+    kinds = Counter(r["kind"] for r in records)
+    calls = [r for r in records if r["kind"] == "tool_call"]
+    if calls:
+        for key in ("ok", "tagged", "valid_json", "right_function", "right_arguments"):
+            name = "tool calls: exact" if key == "ok" else f"tool calls: {key.replace('_', ' ')}"
+            out[name] = {"correct": sum(bool(r.get(key) if key != "ok" else r.get("verdict")) for r in calls),
+                         "total": len(calls)}  # fmt: skip
+    if kinds["no_call"]:
+        nocall = [r for r in records if r["kind"] == "no_call"]
+        out["no call: refrained"] = {"correct": sum(bool(r["verdict"]) for r in nocall), "total": len(nocall)}
+    bfcl = [r for r in records if r["kind"] == "bfcl"]
+    for cat in sorted({r["category"] for r in bfcl}):
+        rows = [r for r in bfcl if r["category"] == cat]
+        out[f"bfcl {cat}"] = {"correct": sum(bool(r["verdict"]) for r in rows), "total": len(rows)}
+    if bfcl:
+        out["bfcl overall"] = {"correct": sum(bool(r["verdict"]) for r in bfcl), "total": len(bfcl)}
+    sft = [r for r in records if r["kind"] == "sft" and r.get("tokens")]
+    if sft:
+        nll, tokens = sum(r["nll"] for r in sft), sum(r["tokens"] for r in sft)
+        out["sft: loss"] = {"value": nll / tokens, "total": len(sft)}
+        out["sft: perplexity"] = {"value": math.exp(min(nll / tokens, 50.0)), "total": len(sft)}
+    prefs = [r for r in records if r["kind"] == "preference" and "margin" in r]
+    if prefs:
+        out["preference: accuracy"] = {"correct": sum(r["margin"] > 0 for r in prefs), "total": len(prefs)}
+        out["preference: mean margin"] = {"value": sum(r["margin"] for r in prefs) / len(prefs), "total": len(prefs)}
+    return out
+
+
+def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, limit: int | None = None,
+             batch_size: int = 8, max_new_tokens: int = 256, output: str | Path | None = None,
+             bfcl_answers: str | Path | None = None, template: str = "model", progress: bool = True,
+             labels: list[str] | None = None) -> EvalResult:  # fmt: skip
+    """Score each model on the same rows of `data`; with `output`, write eval.json and eval.md there (atomically).
+    `template`: the chat template spec rows are rendered with ('model': each model's own)."""
+    from .evalmodels import check_models, load_model
+
+    models = [models] if isinstance(models, (str, Path)) else list(models)
+    data = [data] if isinstance(data, (str, Path)) else list(data)
+    if not models:
+        raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL --data FILE")
+    items, skipped = collect(data, bfcl_answers=bfcl_answers, limit=limit)
+    check_models([str(m) for m in models])
+    names = labels or [str(m) for m in models]
+    result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped])
+    for name, spec in zip(names, models):
+        loaded = load_model(str(spec))
+        records = _score_model(loaded, items, template=template, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+        result.rows[name] = records
+        result.metrics[name] = summarize(records)
+        del loaded
+    if output is not None:
+        result.write(Path(output))
+    return result
+
+
+def evaluate_after_training(run_dir: str | Path, eval_section: Any, base_source: str, data_files: list[str | Path],
+                            *, template: str = "model", progress: bool = True) -> dict:  # fmt: skip
+    """Score `run_dir/merged` (and the base `base_source` when `eval_section.base`) on `eval_section.data` or, when
+    that is empty, `data_files` (the recipe's resolved data.eval); writes run_dir/eval/eval.json and eval.md.
+    Returns {"metrics": {"base": {...}, "tuned": {...}}, "markdown": table for the model card, "summary": one line}."""
+    run_dir = Path(run_dir)
+    data = list(eval_section.data) or list(data_files)
+    if not data:
+        raise QwentuneError("no eval data", where="eval.data", hint="set eval.data or data.eval in the recipe")
+    models, labels = [str(run_dir / "merged")], ["tuned"]
+    if eval_section.base:
+        models, labels = [base_source, *models], ["base", *labels]
+    result = evaluate(models, data, limit=eval_section.limit, batch_size=eval_section.batch_size,
+                      max_new_tokens=eval_section.max_new_tokens, output=run_dir / "eval", template=template,
+                      progress=progress, labels=labels)  # fmt: skip
+    return {"metrics": result.metrics, "markdown": result.markdown(), "summary": result.summary()}
+
+
+# ------------------------------------------------------------------------------------ older entry points (kept)
 
 
 @dataclass
 class ToolCallScore:
     total: int = 0
-    correct: int = 0  # every expected call, right tool and arguments, in valid JSON inside <tool_call> tags
-    tagged: int = 0  # generations containing at least one <tool_call> block
-    valid_json: int = 0  # ... whose blocks all parse as JSON
+    correct: int = 0
+    tagged: int = 0
+    valid_json: int = 0
     samples: list[dict] = field(default_factory=list)
 
     @property
@@ -32,100 +304,38 @@ class ToolCallScore:
                 "accuracy": round(self.accuracy, 4), "samples": self.samples}  # fmt: skip
 
 
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """The `{"name", "arguments"}` objects in a generation's <tool_call> blocks; None if a block isn't valid JSON."""
-    calls = []
-    for block in _CALL.findall(text):
-        try:
-            call = json.loads(block)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(call, dict):
-            return None
-        calls.append(call)
-    return calls
-
-
-def _expected(messages: list[dict]) -> tuple[list[dict], list[dict]] | None:
-    """(prompt messages, expected calls) cut at the first assistant turn that calls tools."""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant" and message.get("tool_calls"):
-            calls = [
-                {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message["tool_calls"]
-            ]
-            return messages[:i], calls
-    return None
-
-
-def _same_calls(got: list[dict], want: list[dict]) -> bool:
-    def key(call: dict) -> str:
-        return json.dumps({"name": call.get("name"), "arguments": call.get("arguments")}, sort_keys=True)
-
-    return sorted(map(key, got)) == sorted(map(key, want))
-
-
 def tool_call_accuracy(model_dir: str | Path, data_file: str | Path, *, limit: int = 12, max_new_tokens: int = 160,
-                       dtype: torch.dtype = torch.bfloat16) -> ToolCallScore:  # fmt: skip
-    """Greedy generations of a model dir (loaded with plain transformers) on the held-out tool prompts of
-    `data_file`: the share whose <tool_call> blocks hold valid JSON naming the right tools and arguments."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    score = ToolCallScore()
-    for line in Path(data_file).read_text(encoding="utf-8").splitlines():
-        if score.total >= limit:
-            break
-        raw = json.loads(line)
-        row = convert(raw, detect_format(raw) or "messages")
-        cut = _expected(row["messages"])
-        if cut is None:
-            continue
-        prompt, want = cut
-        ids = tokenizer.apply_chat_template(
-            prompt, tools=row["tools"], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=False)
-        got = parse_tool_calls(text)
-        score.total += 1
-        score.tagged += "<tool_call>" in text
-        score.valid_json += got is not None and bool(got)
-        ok = got is not None and _same_calls(got, want)
-        score.correct += ok
-        if len(score.samples) < 4 or not ok and len(score.samples) < 8:
-            score.samples.append({"prompt": prompt[-1]["content"], "expected": want, "generated": text, "ok": ok})
-    return score
+                       **_: Any) -> ToolCallScore:  # fmt: skip
+    """Exact tool-call matches of greedy replies on the first `limit` tool-call rows of `data_file`."""
+    result = evaluate([str(model_dir)], [data_file], limit=limit, max_new_tokens=max_new_tokens, progress=False)
+    rows = [r for r in result.rows[str(model_dir)] if r["kind"] == "tool_call"]
+    return ToolCallScore(
+        total=len(rows),
+        correct=sum(bool(r["verdict"]) for r in rows),
+        tagged=sum(bool(r.get("tagged")) for r in rows),
+        valid_json=sum(bool(r.get("valid_json")) for r in rows),
+        samples=[{k: r.get(k) for k in ("prompt", "expected", "got", "verdict", "why")} for r in rows[:8]],
+    )
 
 
-@torch.no_grad()
-def preference_margin(model_dir: str | Path, data_file: str | Path, *, limit: int = 20,
-                      dtype: torch.dtype = torch.float32) -> dict:  # fmt: skip
-    """Mean log p(chosen) − log p(rejected) (summed over completion tokens) and the share of pairs where chosen wins,
-    for a model dir loaded with plain transformers, on pairs rendered exactly as DPO trains them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .render import render_preference
-    from .template import load_template
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    template = load_template("model", tokenizer)
-    margins = []
-    for line in Path(data_file).read_text(encoding="utf-8").splitlines()[:limit]:
-        row = convert(json.loads(line), "preference")
-        pair = render_preference(row["prompt"], row["chosen"], row["rejected"], row["tools"], tokenizer, template)
-        scores = []
-        for completion in (pair.chosen_input_ids, pair.rejected_input_ids):
-            ids = torch.tensor([pair.prompt_input_ids + completion])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            targets = ids[0, 1:]
-            start = len(pair.prompt_input_ids) - 1
-            scores.append(logp[start:].gather(1, targets[start:, None]).sum().item())
-        margins.append(scores[0] - scores[1])
+def preference_margin(model_dir: str | Path, data_file: str | Path, *, limit: int = 20, **_: Any) -> dict:
+    """Mean log p(chosen) − log p(rejected) and the share of pairs where chosen wins, on the first `limit` pairs."""
+    result = evaluate([str(model_dir)], [data_file], limit=limit, progress=False)
+    margins = [r["margin"] for r in result.rows[str(model_dir)] if "margin" in r]
     return {
         "pairs": len(margins),
         "mean_margin": sum(margins) / max(len(margins), 1),
         "chosen_preferred": sum(m > 0 for m in margins) / max(len(margins), 1),
     }
+
+
+__all__ = [
+    "EvalResult",
+    "collect",
+    "evaluate",
+    "evaluate_after_training",
+    "parse_tool_calls",
+    "preference_margin",
+    "summarize",
+    "tool_call_accuracy",
+]

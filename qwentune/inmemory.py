@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,6 +111,31 @@ def in_memory_values(value: Any, where: str) -> list | None:
     return out if found else None
 
 
+def stash(value: Any, memory: dict[str, InMemoryData], where: str) -> Any:
+    """`value` with each in-memory source replaced by a placeholder string kept in `memory` (load_recipe copies the
+    tree through YAML, which cannot hold a Dataset); anything else unchanged."""
+    found = in_memory_values(value, where)
+    if found is None:
+        return value
+    out = []
+    for item in found:
+        if isinstance(item, InMemoryData):
+            key = f"{item.label}#{uuid.uuid4().hex}"
+            memory[key] = item
+            item = key
+        out.append(item)
+    return out
+
+
+def stash_in_memory(source: dict, memory: dict[str, InMemoryData]) -> dict:
+    """A recipe dict with data.train / data.eval stashed (`stash`); the dict itself is not changed."""
+    data = source.get("data")
+    if not isinstance(data, dict) or not any(k in data for k in ("train", "eval")):
+        return source
+    data = {k: (stash(v, memory, f"data.{k}") if k in ("train", "eval") else v) for k, v in data.items()}
+    return {**source, "data": data}
+
+
 def public_value(value: Any) -> Any:
     """An in-memory source as its placeholder text (what recipe.yaml records); anything else unchanged."""
     if isinstance(value, list):
@@ -117,4 +143,4 @@ def public_value(value: Any) -> Any:
     return value.label if isinstance(value, InMemoryData) else value
 
 
-__all__ = ["InMemoryData", "in_memory_values", "public_value"]
+__all__ = ["InMemoryData", "in_memory_values", "public_value", "stash", "stash_in_memory"]

@@ -12,7 +12,6 @@ import os
 import re
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from typing import Any
 import yaml
 
 from .errors import QwentuneError, did_you_mean
-from .inmemory import InMemoryData, in_memory_values, public_value
+from .inmemory import InMemoryData, public_value, stash, stash_in_memory
 from .recipe_checks import MAX_LENGTH_CAP, OUTPUT_DIR_FIELDS, check_recipe  # noqa: F401 - re-exported
 from .recipe_yaml import StrictLoader, key_in_message, line_of_key, read_yaml
+from .trainer_fields import check_trainer_section
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -153,9 +153,21 @@ class OutputSection:
 
 @dataclass
 class LoggingSection:
-    report_to: list[str] = field(default_factory=list)  # wandb | tensorboard
+    report_to: list[str] = field(default_factory=list)  # wandb | tensorboard | mlflow | ... (REPORT_TO)
     project: str = "qwentune"
     run_name: str | None = None
+
+
+@dataclass
+class EvalSection:
+    """What `qwentune eval RECIPE_OR_RUN_DIR` (and, once wired, the end of training) scores."""
+
+    enabled: bool = field(default=False, metadata={"help": "score the tuned model at the end of training"})
+    data: list[str] = field(default_factory=list, metadata={"help": "eval files; empty: the recipe's data.eval"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N scoreable rows of each eval file"})
+    base: bool = field(default=True, metadata={"help": "score the base model too, side by side with the tuned one"})
+    max_new_tokens: int = field(default=256, metadata={"help": "greedy tokens per generated reply"})
+    batch_size: int = field(default=8, metadata={"help": "prompts generated together (left-padded)"})
 
 
 @dataclass
@@ -169,6 +181,10 @@ class Recipe:
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    # Fields of the installed TRL SFTConfig/DPOConfig (for `method`) that qwentune does not set, passed through as
+    # they are (neftune_noise_alpha, use_liger_kernel, torch_compile, ...); checked by trainer_fields.
+    trainer: dict[str, Any] = field(default_factory=dict)
     # Where the recipe came from (not a recipe key): relative data paths resolve against its directory.
     path: Path | None = field(default=None, metadata={"internal": True}, compare=False)
 
@@ -199,6 +215,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -225,6 +243,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(key, value, tp, where)
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:  # a free mapping (trainer:): its keys are checked where their meaning is known
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp, where)
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -346,6 +368,11 @@ def _apply_override(tree: dict, parts: list[str], value: Any, raw: str) -> None:
             hint = did_you_mean(part, known) or f"allowed keys here: {', '.join(known)}"
             raise QwentuneError(f"unknown key '{dotted}'", where=where, hint=hint)
         tp = typing.get_type_hints(cls)[part]
+        if typing.get_origin(tp) is dict and len(parts) == i + 2:  # trainer.<field>=value
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node[part][parts[-1]] = value
+            return
         if i == len(parts) - 1:
             if _is_section(tp):
                 raise QwentuneError(
@@ -379,7 +406,7 @@ def load_recipe(
     path: Path | None = None
     memory: dict[str, InMemoryData] = {}  # placeholder text in the tree → the in-memory source it stands for
     if isinstance(source, dict):
-        tree, where = _deepcopy(_stash_in_memory(source, memory)), "recipe"
+        tree, where = _deepcopy(stash_in_memory(source, memory)), "recipe"
     else:
         path = Path(source)
         where = str(path)
@@ -389,22 +416,26 @@ def load_recipe(
         if not isinstance(tree, dict):
             raise QwentuneError("a recipe must be a mapping of sections", where=where, hint="see recipes/")
     if isinstance(overrides, dict):
-        items = [(k.split("."), _stash(v, memory, k), f"{k}={v}") for k, v in overrides.items()]
+        items = [(k.split("."), stash(v, memory, k), f"{k}={v}") for k, v in overrides.items()]
     else:
         items = [(*parse_override(o), o) for o in overrides or []]
     for which, value in (("train", train_data), ("eval", eval_data)):
         if value is not None:
-            items.append((["data", which], _stash(value, memory, f"{which}_data"), f"{which}_data"))
+            items.append((["data", which], stash(value, memory, f"{which}_data"), f"{which}_data"))
     origin: dict[str, str] = {}  # dotted key → the override that set it
+    trainer_overrides: dict[str, str] = {}  # trainer field → the override that set it (errors name it)
     for parts, value, raw in items:
         _apply_override(tree, parts, value, raw)
         origin[".".join(parts)] = raw
+        if parts[0] == "trainer" and len(parts) == 2:
+            trainer_overrides[parts[1]] = raw
     try:
         recipe = _build(Recipe, tree, "", where)
         recipe.path = path
         for which in ("train", "eval"):  # the placeholders back to the objects they stand for
             setattr(recipe.data, which, [memory.get(v, v) for v in getattr(recipe.data, which)])
         check_recipe(recipe, where)
+        recipe.trainer = check_trainer_section(recipe.trainer, recipe.method, where=where, overrides=trainer_overrides)
     except QwentuneError as e:
         raise _locate(e, where, path, origin) from None
     return recipe
@@ -420,30 +451,6 @@ def _locate(error: QwentuneError, where: str, path: Path | None, origin: dict[st
             return QwentuneError(error.message, where=f"override '{raw}'", hint=error.hint)
     line = line_of_key(path, key) if path is not None else None
     return QwentuneError(error.message, where=f"{path}:{line}", hint=error.hint) if line else error
-
-
-def _stash(value: Any, memory: dict[str, InMemoryData], where: str) -> Any:
-    """`value` with each in-memory source replaced by a placeholder string kept in `memory` (the tree is copied
-    through YAML, which cannot hold a Dataset); anything else unchanged."""
-    found = in_memory_values(value, where)
-    if found is None:
-        return value
-    out = []
-    for item in found:
-        if isinstance(item, InMemoryData):
-            key = f"{item.label}#{uuid.uuid4().hex}"
-            memory[key] = item
-            item = key
-        out.append(item)
-    return out
-
-
-def _stash_in_memory(source: dict, memory: dict[str, InMemoryData]) -> dict:
-    data = source.get("data")
-    if not isinstance(data, dict) or not any(k in data for k in ("train", "eval")):
-        return source
-    data = {k: (_stash(v, memory, f"data.{k}") if k in ("train", "eval") else v) for k, v in data.items()}
-    return {**source, "data": data}
 
 
 def _deepcopy(tree: dict) -> dict:

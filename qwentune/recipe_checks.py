@@ -13,7 +13,9 @@ from .errors import QwentuneError, did_you_mean
 # model's max_position_embeddings when the model is on disk): 2^20 tokens, above every Qwen2/2.5 context window.
 MAX_LENGTH_CAP = 1 << 20
 OUTPUT_DIR_FIELDS = ("model", "method", "peft")  # the placeholders output.dir may use
-REPORT_TO = ("wandb", "tensorboard")
+# The integrations transformers reports to (transformers.integrations.INTEGRATION_TO_CALLBACK).
+REPORT_TO = ("wandb", "tensorboard", "mlflow", "trackio", "comet_ml", "neptune", "clearml", "azure_ml", "dagshub",
+             "dvclive", "flyte", "kubeflow", "codecarbon", "swanlab")  # fmt: skip
 
 # Lower bounds of every number key that has one (None values are skipped): key → (minimum, example for the hint).
 MINIMUMS: dict[str, tuple[float, str]] = {
@@ -95,7 +97,7 @@ def check_recipe(recipe: Any, where: str) -> None:
         fail("peft.quant.bits", "must be 4 for QLoRA merges to be exact", "use bits: 4 (nf4)")
     for target in recipe.logging.report_to:
         if target not in REPORT_TO:
-            hint = did_you_mean(target, REPORT_TO) or "wandb or tensorboard"
+            hint = did_you_mean(target, REPORT_TO) or ", ".join(REPORT_TO)
             fail("logging.report_to", f"has unknown target {target!r}", hint)
     d = recipe.dpo
     if d.beta <= 0:

@@ -20,7 +20,8 @@ from .runinfo import atomic_write_json, atomic_write_text, make_staging_dir, pre
 
 
 def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
-    """TrainingArguments keys shared by SFTConfig and DPOConfig, straight from the recipe."""
+    """TrainingArguments keys shared by SFTConfig and DPOConfig, straight from the recipe, plus the recipe's
+    `trainer:` pass-through fields (checked at load: none of them is a key set here or by sft.py/dpo.py)."""
     t = recipe.training
     eval_strategy = "no"
     if has_eval:
@@ -58,6 +59,7 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
         train_sampling_strategy="random" if t.shuffle else "sequential",
         remove_unused_columns=False,
         disable_tqdm=False,
+        **recipe.trainer,
     )
 
 

@@ -173,10 +173,12 @@ class RunDirLock:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self._lock = None
+        self._created = False  # made by this lock: removed again on release if the run wrote nothing into it
 
     def acquire(self) -> RunDirLock:
         from filelock import FileLock, Timeout
 
+        self._created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -217,6 +219,10 @@ class RunDirLock:
             (self.run_dir / OWNER_NAME).unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
+            if self._created and {p.name for p in self.run_dir.iterdir()} <= {LOCK_NAME}:
+                (self.run_dir / LOCK_NAME).unlink(missing_ok=True)  # refused before anything was written: no trace
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
 
 
 @contextlib.contextmanager

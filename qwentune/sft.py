@@ -25,6 +25,7 @@ from .run import (
     trainer_arguments,
 )
 from .tokens import prepare_new_token_rows
+from .trainer_fields import build_config
 from .trainrun import Run
 from .vision import text_only, vision_collator
 
@@ -74,7 +75,9 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     arguments = trainer_arguments(recipe, precision, run_dir, has_eval=data.eval is not None)
     if recipe.sft.group_by_length:
         arguments["train_sampling_strategy"] = "group_by_length"
-    args = SFTConfig(
+    args = build_config(  # TRL refusing a trainer: combination is a QwentuneError
+        SFTConfig,
+        recipe.trainer,
         **arguments,
         # Rows were fitted to data.max_length by the data pipeline; TRL must not cut them again. Packing needs the bin
         # size, and TRL skips its truncation when it packs (bins of whole rows, BFD).
@@ -87,7 +90,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     )
     collator = None
     if data.images is not None:  # Qwen2-VL: the collator adds pixel_values / image_grid_thw / mm_token_type_ids
-        collator = vision_collator(source.path, recipe, tokenizer, data.images)
+        collator = vision_collator(source.path, recipe.model, tokenizer, data.images)
     metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
     patched = held.enter_context(contextlib.ExitStack())
     patched.enter_context(patches.trl_for_sft(model))  # TRL/PEFT internals patched for this trainer only

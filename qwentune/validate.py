@@ -101,6 +101,9 @@ def _combination_lines(recipe: Recipe) -> list[str]:
 
         check_dpo_recipe(recipe, str(recipe.path or "recipe"))
         lines.append(f"dpo: loss {'+'.join(recipe.dpo.loss_type)}, beta {recipe.dpo.beta}")
+    if recipe.trainer:
+        config = "SFTConfig" if recipe.method == "sft" else "DPOConfig"
+        lines.append(f"trainer: {', '.join(f'{k}={v!r}' for k, v in recipe.trainer.items())} (passed to TRL {config})")
     if recipe.peft.method == "qlora" and recipe.peft.use_dora:
         lines.append("note: DoRA on a 4-bit base merges only through the in-memory path")
     return lines

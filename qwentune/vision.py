@@ -295,15 +295,16 @@ class VisionCollator:
 
 
 def vision_collator(
-    model_dir: Path, recipe: Any, tokenizer: Any, settings: ImageSettings, *, preference: bool = False
+    model_dir: Path, model: Any, tokenizer: Any, settings: ImageSettings, *, preference: bool = False
 ) -> VisionCollator:
-    """TRL's padding collator on the pre-rendered ids, plus the pixel inputs (the recipe's pixel limits applied)."""
+    """TRL's padding collator on the pre-rendered ids, plus the pixel inputs (`model`: the ModelSection, whose pixel
+    limits apply)."""
     if preference:
         from trl.trainer.dpo_trainer import DataCollatorForPreference as TextCollator
     else:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TextCollator
 
-    processor = load_image_processor(model_dir, recipe.model.min_pixels, recipe.model.max_pixels)
+    processor = load_image_processor(model_dir, model.min_pixels, model.max_pixels)
     if settings_of(processor, tokenizer) != settings:
         raise ValueError("the image processor's settings differ from the ones the rows were rendered with")
     return VisionCollator(TextCollator(pad_token_id=tokenizer.pad_token_id), processor, settings)

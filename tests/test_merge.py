@@ -160,7 +160,8 @@ def test_lora_fp32_merge_matches_base_plus_adapter(tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["mode"] == "lora" and report["max_abs_diff"] == pytest.approx(result.max_abs_diff)
     card = (out / "README.md").read_text()
-    assert "base_model:" in card and "lora" in card
+    assert "local model `base`" in card and "lora" in card  # the base by name, never a machine path
+    assert str(tmp_path) not in card
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
 
 

@@ -293,7 +293,7 @@ def test_collator_gives_the_pixel_inputs_and_the_model_runs_on_them(model_dir, i
     write_rows(tmp_path / "d.jsonl", [two_image_row(), text])
     data = qwentune.prepare(r)
     tok = shared_tokenizer("qwen2-vl-instruct")
-    collate = vision_collator(model_dir, r, tok, data.images)
+    collate = vision_collator(model_dir, r.model, tok, data.images)
     batch = collate([data.train[0], data.train[1]])
     processor = load_image_processor(model_dir)
     expected = processor(images=[Image.open(images / "red.png"), Image.open(images / "wide.png")], return_tensors="pt")
@@ -418,7 +418,7 @@ def test_dpo_pairs_with_images_render_exactly_and_collate_pixels_for_both_rows(m
     want = tok(text.replace("<|image_pad|>", "<|image_pad|>" * 4), add_special_tokens=False)["input_ids"]
     assert row["prompt_input_ids"] == want
     assert tok.decode(row["chosen_input_ids"]) == "Red.<|im_end|>"
-    collate = vision_collator(model_dir, r, tok, data.images, preference=True)
+    collate = vision_collator(model_dir, r.model, tok, data.images, preference=True)
     renamed = [
         {"prompt_ids": x["prompt_input_ids"], "chosen_ids": x["chosen_input_ids"],
          "rejected_ids": x["rejected_input_ids"], "image_files": x["image_files"]}

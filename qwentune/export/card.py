@@ -1,4 +1,5 @@
-"""The merged model's card (README.md)."""
+"""The merged model's card (README.md), from what the merge knows, through the one card builder (`qwentune.card`).
+A training run later rewrites it from the whole run dir (`card.card_for_run`), through the same builder."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from typing import Any
 
 import torch
 
+from ..card import CardInputs, build_card
 from .job import MODE_LORA, MODE_QLORA_DEQUANTIZED, MODE_QLORA_ORIGINAL
 from .quant import QuantSpec
 
-_MODE_TEXT = {
+MODE_TEXT = {
     MODE_LORA: "LoRA delta added in fp32 to the base weights",
     MODE_QLORA_DEQUANTIZED: "QLoRA: base quantized as in training (bitsandbytes 4-bit) and dequantized, LoRA delta "
     "added in fp32 — the merged model computes what was trained",
@@ -33,61 +35,30 @@ def write_card(
     diff: float,
     tol: float,
 ) -> None:
-    """README.md in `out_dir`: what was merged and how (`mode`, `spec`, `dtype`, `untied`), the parity result
-    (`diff` is nan when skipped), then the caller's `card` sections (data, recipe, metrics, anything else)."""
+    """README.md in `out_dir`. `card` holds what the caller knows (the sidecar's and `model_card=`): `base` as the
+    user wrote it (else `base_name`), `method`, `peft`, `metrics`; `diff` is nan when the parity check was skipped."""
     card = dict(card)
-    lines = [
-        "---",
-        f"base_model: {base_name}",
-        "library_name: transformers",
-        f"tags: [qwentune, {'qlora' if spec else 'lora'}, merged]",
-        "---",
-        "",
-        f"# {title}",
-        "",
-        f"Merged with qwentune: base `{base_name}` + LoRA adapter, saved as plain transformers safetensors.",
-        "",
-        f"- **Merge**: `{mode}` — {_MODE_TEXT[mode]}",
-    ]
-    if spec is not None:
-        q = spec
-        lines.append(
-            f"- **Training quantization**: {q.bits}-bit {q.quant_type}, double quant {str(q.double_quant).lower()}, "
-            f"compute {q.compute_dtype}"
-        )
-    lines.append(f"- **dtype**: {str(dtype).removeprefix('torch.')}")
-    lines.append(
-        "- **Embeddings**: "
-        + (
-            "untied deliberately (the adapter changed embed_tokens or lm_head); `tie_word_embeddings: false`"
-            if untied
-            else "as in the base"
-        )
-    )
-    if math.isnan(diff):
-        lines.append("- **Parity check**: skipped")
-    else:
-        lines.append(f"- **Parity check**: max |logit diff| vs base+adapter = {diff:.3g} (tolerance {tol:.3g})")
-    for key, title in (("data", "Data"), ("recipe", "Recipe")):
-        if card.get(key) is not None:
-            lines += ["", f"## {title}", "", _card_value(card.pop(key))]
     metrics = card.pop("metrics", None)
-    if metrics:
-        lines += ["", "## Metrics", ""]
-        if isinstance(metrics, dict):
-            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
-        else:
-            lines.append(_card_value(metrics))
-    card.pop("data", None)
-    card.pop("recipe", None)
-    if card:
-        lines += ["", "## Other", ""] + [f"- **{k}**: {_card_value(v)}" for k, v in card.items()]
-    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
-
-
-def _card_value(value: Any) -> str:
-    if isinstance(value, dict):
-        return "\n".join(f"- {k}: {v}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "\n".join(f"- {v}" for v in value)
-    return str(value)
+    base = str(card.pop("base", None) or base_name)
+    method = str(card.pop("method", "sft"))
+    peft = str(card.pop("peft", "qlora" if spec is not None else "lora"))
+    settings: dict[str, Any] = {"merge": f"{mode}: {MODE_TEXT[mode]}", "dtype": str(dtype).removeprefix("torch.")}
+    if spec is not None:
+        settings["training quantization"] = (
+            f"{spec.bits}-bit {spec.quant_type}, double quant {str(spec.double_quant).lower()}, "
+            f"compute {spec.compute_dtype}"
+        )
+    for key, value in card.items():  # anything else the caller said (data, recipe, ...), in words
+        if value is not None:
+            settings[key] = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else value
+    inputs = CardInputs(
+        title=title,
+        base=base,
+        method=method,
+        peft=peft,
+        hyperparameters=settings,
+        metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))},
+        trainable_tokens=(metrics or {}).get("trainable_tokens") if isinstance(metrics, dict) else None,
+        merge={"mode": mode, "max_abs_diff": None if math.isnan(diff) else diff, "tolerance": tol, "untied": untied},
+    )
+    (out_dir / "README.md").write_text(build_card(inputs), encoding="utf-8")

@@ -1,0 +1,112 @@
+"""Batched greedy generation and teacher-forced log-probs for evaluation.
+
+Prompts are sorted by length, left-padded into batches with an attention mask (transformers' generate derives the
+position ids from it, so a padded row sees the positions it would alone), and decoded greedily with a plain
+generation config (no sampling, no repetition penalty) until `<|im_end|>` / `<|endoftext|>`. In fp32 the tokens equal
+one-at-a-time greedy decoding (tests/test_generate.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a generation: <|im_end|>, <|endoftext|> and the tokenizer's eos, those it knows."""
+    ids = []
+    for token in (*STOP_TOKENS, tokenizer.eos_token):
+        tid = tokenizer.convert_tokens_to_ids(token) if token else None
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def _pad_id(tokenizer: Any, stops: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[list[int]]:
+    """Greedy continuations (token ids, without the stop token) of each prompt, in the prompts' order."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(tokenizer)
+    pad = _pad_id(tokenizer, stops)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        repetition_penalty=1.0,
+        temperature=1.0,  # the neutral values: the model's own sampling defaults must not leak in
+        top_p=1.0,
+        top_k=50,
+    )
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), max(1, batch_size)):
+            chunk = order[start : start + max(1, batch_size)]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                n = len(prompts[i])
+                ids[row, width - n :] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                mask[row, width - n :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+            for row, i in enumerate(chunk):
+                tokens = generated[row, width:].tolist()
+                cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+                out[i] = tokens[:cut]
+            bar.update(len(chunk))
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: Any, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """For each (input_ids, labels) with -100 on untrained tokens: (sum of log p of the labelled tokens given what
+    precedes them, number of labelled tokens). Right-padded batches; padding never counts."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(sequences), max(1, batch_size)):
+        chunk = sequences[start : start + max(1, batch_size)]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (seq, lab) in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(list(seq))
+            labels[row, : len(lab)] = torch.tensor(list(lab))
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        targets = labels[:, 1:].to(device)
+        keep = targets != -100
+        picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0] * keep
+        for row in range(len(chunk)):
+            out.append((picked[row].sum().item(), int(keep[row].sum().item())))
+    return out
+
+
+__all__ = ["STOP_TOKENS", "greedy_generate", "sequence_logprobs", "stop_token_ids"]

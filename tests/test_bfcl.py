@@ -1,0 +1,140 @@
+"""BFCL files and AST-checker rules, on hand-written cases that follow BFCL's documented rules (no BFCL data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwentune.bfcl import BfclCase, category_of, check_call, check_case, read_bfcl, standardize, to_tool
+from qwentune.errors import QwentuneError
+
+AREA = {
+    "name": "geometry.area_circle",
+    "description": "Area of a circle.",
+    "parameters": {
+        "type": "dict",
+        "properties": {
+            "radius": {"type": "float", "description": "radius"},
+            "units": {"type": "string", "description": "units", "default": "cm"},
+            "point": {"type": "tuple", "items": {"type": "integer"}},
+            "opts": {"type": "dict", "properties": {"round": {"type": "boolean"}}},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "extra": {"type": "any"},
+        },
+        "required": ["radius"],
+    },
+}
+TRUTH = {"geometry.area_circle": {"radius": [5.0], "units": ["cm", ""], "tags": [["Red Car", "blue"], ""]}}
+
+
+def call(name="geometry_area_circle", **arguments):
+    return {"name": name, "arguments": arguments}
+
+
+def test_specs_convert_as_bfcl_fc_handlers_do():
+    tool = to_tool(AREA)
+    fn = tool["function"]
+    assert tool["type"] == "function" and fn["name"] == "geometry_area_circle"
+    props = fn["parameters"]["properties"]
+    assert fn["parameters"]["type"] == "object"
+    assert (props["radius"]["type"], props["point"]["type"], props["opts"]["type"], props["extra"]["type"]) == (
+        "number",
+        "array",
+        "object",
+        "string",
+    )
+    assert props["point"]["items"]["type"] == "integer" and props["opts"]["properties"]["round"]["type"] == "boolean"
+    assert AREA["parameters"]["type"] == "dict"  # the published spec is not modified
+
+
+def test_categories_from_ids():
+    assert [
+        category_of(i) for i in ("simple_3", "multiple_0", "parallel_9", "parallel_multiple_1", "irrelevance_2")
+    ] == [
+        "simple",
+        "multiple",
+        "parallel",
+        "parallel_multiple",
+        "irrelevance",
+    ]
+    assert category_of("live_parallel_multiple_0-1-2") == "parallel_multiple"
+
+
+def test_simple_rules():
+    assert check_call(AREA, call(radius=5), TRUTH) == ""  # int accepted for float; optional units absent
+    assert check_call(AREA, call("geometry.area_circle", radius=5.0, units="cm"), TRUTH) == ""  # dotted name ok
+    assert check_call(AREA, call(radius=5.0, tags=["red car", "Blue"]), TRUTH) == ""  # strings normalized
+    assert check_call(AREA, call("area", radius=5.0), TRUTH).startswith("wrong_func_name")
+    assert check_call(AREA, call(units="cm"), TRUTH).startswith("missing_required")
+    assert check_call(AREA, call(radius=5.0, colour="red"), TRUTH).startswith("unexpected_param")
+    assert check_call(AREA, call(radius=5.0, extra="x"), TRUTH).startswith("unexpected_param")  # not in the answer
+    assert check_call(AREA, call(radius="5"), TRUTH).startswith("type_error")
+    assert check_call(AREA, call(radius=6.0), TRUTH).startswith("value_error:others")
+    assert check_call(AREA, call(radius=5.0, units="inch"), TRUTH).startswith("value_error:string")
+    assert check_call(AREA, call(radius=5.0, tags=["blue", "red car"]), TRUTH).startswith("value_error:list")
+    assert check_call(AREA, call(radius=5.0, tags=["red car", 3]), TRUTH).startswith("type_error")
+    strict = {"geometry.area_circle": {"radius": [5.0], "units": ["cm"]}}
+    assert check_call(AREA, call(radius=5.0), strict).startswith("missing_optional")  # no "" → must be given
+
+
+def test_string_normalization():
+    assert standardize("New York, NY") == standardize("newyork ny") == "newyorkny"
+    assert standardize("a-b_c*d^e/f.g") == "abcdefg"
+
+
+def test_dict_values_key_by_key():
+    truth = {"geometry.area_circle": {"radius": [5.0], "opts": [{"round": [True], "digits": [2, ""]}]}}
+    assert check_call(AREA, call(radius=5.0, opts={"round": True}), truth) == ""
+    assert check_call(AREA, call(radius=5.0, opts={"round": False}), truth).startswith("value_error:dict")
+    assert check_call(AREA, call(radius=5.0, opts={"round": True, "x": 1}), truth).startswith("value_error:dict")
+
+
+def _case(category, truth, functions=(AREA,)):
+    return BfclCase(f"{category}_0", category, [], list(functions), [to_tool(f) for f in functions], truth)
+
+
+def test_parallel_any_order_multiple_needs_one_call_irrelevance_needs_none():
+    truth = [{"geometry.area_circle": {"radius": [1.0]}}, {"geometry.area_circle": {"radius": [2.0]}}]
+    case = _case("parallel", truth)
+    assert check_case(case, [call(radius=2), call(radius=1)]) == ""
+    assert check_case(case, [call(radius=1), call(radius=1)]).startswith("parallel")
+    assert check_case(case, [call(radius=1)]).startswith("wrong_count")
+    multi = _case("multiple", [{"geometry.area_circle": {"radius": [1.0]}}], (AREA, {**AREA, "name": "other"}))
+    assert check_case(multi, [call(radius=1)]) == ""
+    assert check_case(multi, [call(radius=1), call(radius=1)]).startswith("wrong_count")
+    irrelevant = _case("irrelevance", None)
+    assert check_case(irrelevant, []) == ""
+    assert check_case(irrelevant, [call(radius=1)]).startswith("irrelevance")
+    assert check_case(_case("simple", truth[:1]), None).startswith("invalid_format")
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_read_files_and_refuse_mismatched_ids(tmp_path):
+    q = [
+        {"id": "simple_0", "question": [[{"role": "user", "content": "area of r=5"}]], "function": [AREA]},
+        {"id": "simple_1", "question": [[{"role": "user", "content": "area of r=2"}]], "function": [AREA]},
+    ]
+    questions = _write(tmp_path / "q.json", q)
+    answers = _write(
+        tmp_path / "a.json", [{"id": "simple_0", "ground_truth": [TRUTH]}, {"id": "simple_1", "ground_truth": [TRUTH]}]
+    )
+    cases = read_bfcl(questions, answers)
+    assert [c.id for c in cases] == ["simple_0", "simple_1"] and cases[0].messages[0]["content"] == "area of r=5"
+    assert cases[0].tools[0]["function"]["name"] == "geometry_area_circle"
+    bad = _write(
+        tmp_path / "bad.json", [{"id": "simple_0", "ground_truth": [TRUTH]}, {"id": "simple_7", "ground_truth": []}]
+    )
+    with pytest.raises(QwentuneError) as err:
+        read_bfcl(questions, bad)
+    assert "row 2" in str(err.value) and "simple_1" in str(err.value)
+    only_extra = _write(
+        tmp_path / "extra.json",
+        [*map(lambda r: {"id": r["id"], "ground_truth": [TRUTH]}, q), {"id": "x_9", "ground_truth": []}],
+    )
+    with pytest.raises(QwentuneError, match=r"extra.json row 3.*x_9"):
+        read_bfcl(questions, only_extra)

@@ -1,0 +1,257 @@
+"""`qwentune export --gguf`: tiny models written to GGUF, loaded back with transformers and compared with the source;
+metadata, tokenizer, Modelfile golden, refusals and atomicity. Loading a GGUF in transformers parses the 151,936-token
+vocabulary field by field (~20 s each time), so the default run exports once (f16, via the CLI) and checks it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import ROOT, tiny_model_dir
+
+import qwentune
+from qwentune.errors import QwentuneError
+
+gguf = pytest.importorskip("gguf")
+
+GOLDEN = ROOT / "tests" / "assets" / "Modelfile.golden"
+Q8_WIDTHS = {"hidden": 64, "heads": 8, "kv_heads": 2, "intermediate": 128}  # rows of whole 32-value q8_0 blocks
+
+
+def qwentune_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwentune", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def _loads_back_equal(model_dir: Path, path: Path, tol: float) -> float:
+    """Independent of the export's own check: transformers loads the GGUF, logits on a chat row match the source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    diff = float((_logits(src, ids) - _logits(back, ids)).abs().max())
+    assert diff <= tol, diff
+    return diff
+
+
+@pytest.fixture(scope="module")
+def f16_export(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    model = tiny_model_dir(tmp)  # qwen2.5-0.5b-instruct structure: tied output layer, q/k/v bias, GQA
+    out = tmp / "out" / "model.gguf"
+    proc = qwentune_cli("export", str(model), "--gguf", str(out), "--type", "f16", "--ollama")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return model, out, proc
+
+
+def test_cli_f16_export_writes_gguf_report_and_modelfile(f16_export):
+    model, out, proc = f16_export
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "export_report.json", "model.gguf"]
+    report = json.loads((out.parent / "export_report.json").read_text())
+    assert report["type"] == "f16" and report["size_bytes"] == out.stat().st_size
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"] == pytest.approx(0.05)
+    assert report["greedy"]["same"] and report["greedy"]["agreement"] == 1.0
+    assert report["tokenizer"]["same_ids"]
+    assert report["tensor_types"] == {"F16": 15, "F32": 11}  # 2 layers × 7 matrices + token_embd; norms and biases
+    assert "parity max |Δlogit|" in proc.stdout
+
+
+def test_f16_gguf_loads_back_in_transformers_with_equal_logits(f16_export):
+    model, out, _ = f16_export
+    _loads_back_equal(model, out, tol=0.05)
+
+
+def test_modelfile_matches_golden(f16_export):
+    _, out, _ = f16_export
+    assert (out.parent / "Modelfile").read_bytes() == GOLDEN.read_bytes()
+
+
+def test_f16_metadata_tensors_and_tokenizer(f16_export):
+    from gguf import GGMLQuantizationType, GGUFReader, TokenType
+
+    model, out, _ = f16_export
+    cfg = json.loads((model / "config.json").read_text())
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    reader = GGUFReader(out)
+
+    def value(key):
+        return reader.get_field(key).contents()
+
+    assert value("general.architecture") == "qwen2"
+    assert value("qwen2.context_length") == cfg["max_position_embeddings"]
+    assert value("qwen2.embedding_length") == cfg["hidden_size"]
+    assert value("qwen2.block_count") == cfg["num_hidden_layers"]
+    assert value("qwen2.feed_forward_length") == cfg["intermediate_size"]
+    assert value("qwen2.attention.head_count") == cfg["num_attention_heads"]
+    assert value("qwen2.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert value("qwen2.rope.freq_base") == pytest.approx(1_000_000.0)
+    assert value("qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(cfg["rms_norm_eps"])
+    assert value("general.file_type") == 1
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "qwen2"
+    assert value("tokenizer.ggml.eos_token_id") == 151645  # <|im_end|>
+    assert value("tokenizer.ggml.bos_token_id") == value("tokenizer.ggml.padding_token_id") == 151643
+    assert value("tokenizer.ggml.add_bos_token") is False
+    assert value("tokenizer.chat_template") == (model / "chat_template.jinja").read_text() or tok_cfg.get(
+        "chat_template"
+    )
+    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == cfg["vocab_size"] == 151936
+    assert (tokens[151644], types[151644]) == ("<|im_start|>", TokenType.CONTROL)
+    assert (tokens[151657], types[151657]) == ("<tool_call>", TokenType.USER_DEFINED)
+    assert (tokens[151935], types[151935]) == ("[PAD151935]", TokenType.UNUSED)
+    assert types[0] == TokenType.NORMAL and tokens[0] == "!"
+    assert len(value("tokenizer.ggml.merges")) > 150_000
+    tensors = {t.name: t.tensor_type for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    expected = {"token_embd.weight", "output_norm.weight"}
+    names = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_norm"]
+    for i in range(cfg["num_hidden_layers"]):
+        expected |= {f"blk.{i}.{n}.weight" for n in names} | {f"blk.{i}.attn_{x}.bias" for x in "qkv"}
+    assert set(tensors) == expected
+    assert tensors["blk.0.attn_q.weight"] == GGMLQuantizationType.F16
+    assert tensors["blk.0.attn_norm.weight"] == tensors["blk.0.attn_q.bias"] == GGMLQuantizationType.F32
+
+
+@pytest.mark.slow
+def test_q8_0_untied_export_within_its_tolerance(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from qwentune.gguf_verify import gguf_tolerance
+
+    model = tiny_model_dir(tmp_path, "qwen2.5-7b-instruct", **Q8_WIDTHS)  # untied output layer
+    report = qwentune.export_gguf(model, tmp_path / "q.gguf", type="q8_0")
+    assert report.parity["max_abs_diff"] <= report.parity["tolerance"]
+    assert report.tensor_types["Q8_0"] == 2 * 7 + 2  # every matrix, token_embd and output
+    tensors = {t.name: t.tensor_type for t in GGUFReader(report.path).tensors}
+    assert tensors["output.weight"] == tensors["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    assert 0 < report.greedy["agreement"] <= 1
+    _loads_back_equal(model, report.path, tol=gguf_tolerance("q8_0", report.parity["reference_max_abs_logit"]))
+
+
+@pytest.mark.slow
+def test_bf16_export_same_greedy_tokens(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    report = qwentune.export_gguf(model, tmp_path / "b.gguf", type="bf16")
+    assert report.greedy["same"] and report.tensor_types == {"BF16": 15, "F32": 11}
+    _loads_back_equal(model, report.path, tol=0.05)
+
+
+def test_failed_check_leaves_nothing(tmp_path, monkeypatch):
+    import qwentune.gguf_verify as verify
+
+    def fail(*args, **kwargs):
+        raise QwentuneError("logits differ", where="gguf export check")
+
+    monkeypatch.setattr(verify, "verify_gguf", fail)
+    model = tiny_model_dir(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(QwentuneError, match="logits differ"):
+        qwentune.export_gguf(model, out / "m.gguf", ollama=True)
+    assert list(out.iterdir()) == []
+
+
+def test_modelfile_default_system_from_template():
+    from tiny_models import tokenizer
+
+    from qwentune.modelfile import default_system_prompt, modelfile_text
+
+    assert default_system_prompt(tokenizer("qwen2.5-instruct")) == (
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    )
+    assert default_system_prompt(tokenizer(None)) is None
+    assert "SYSTEM" not in modelfile_text("m.gguf", None)
+    assert modelfile_text("model.gguf", default_system_prompt(tokenizer("qwen2.5-instruct"))) == GOLDEN.read_text()
+
+
+def _refused(proc: subprocess.CompletedProcess, *words: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and all(w in lines[0] for w in words), lines[0]
+
+
+def test_refusals_one_line_exit_2_nothing_written(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (out / "taken.gguf").write_text("old")
+
+    _refused(qwentune_cli("export", str(adapter), "--gguf", str(out / "a.gguf")), "adapter", "qwentune merge")
+    _refused(qwentune_cli("export", str(run_dir), "--gguf", str(out / "a.gguf")), "no merged/", "qwentune merge")
+    _refused(qwentune_cli("export", str(empty), "--gguf", str(out / "a.gguf")), "without config.json")
+    _refused(qwentune_cli("export", str(tmp_path / "nope"), "--gguf", str(out / "a.gguf")), "does not exist")
+    _refused(qwentune_cli("export", str(model), "--gguf", str(out / "a.gguf"), "--type", "q4"), "--type", "q4")
+    _refused(qwentune_cli("export", str(model), "--gguf", str(out / "taken.gguf")), "already exists", "--force")
+    _refused(qwentune_cli("export", str(model), "--gguf", str(out / "a.bin")), "must end in .gguf")
+    assert sorted(p.name for p in out.iterdir()) == ["taken.gguf"]
+    assert (out / "taken.gguf").read_text() == "old"
+
+
+def test_vl_model_refused(tmp_path):
+    model = tiny_model_dir(tmp_path, "qwen2-vl-2b-instruct")
+    with pytest.raises(QwentuneError, match="Qwen2-VL.*projector"):
+        qwentune.export_gguf(model, tmp_path / "vl.gguf")
+    assert not (tmp_path / "vl.gguf").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root ignores permissions")
+def test_no_write_permission_refused(tmp_path):
+    model = tiny_model_dir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _refused(qwentune_cli("export", str(model), "--gguf", str(locked / "m.gguf")), "no write permission")
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("QWENTUNE_TEST_LLAMA_CPP") != "1", reason="opt-in: QWENTUNE_TEST_LLAMA_CPP=1")
+def test_llama_cpp_runs_the_gguf_with_transformers_greedy_tokens(f16_export):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from qwentune.gguf_verify import SAMPLE_PROMPT
+
+    _, out, _ = f16_export
+    report = json.loads((out.parent / "export_report.json").read_text())
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, verbose=False)
+    prompt = llm.tokenize(
+        f"<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{SAMPLE_PROMPT}<|im_end|>\n<|im_start|>assistant\n".encode(),
+        add_bos=False,
+        special=True,
+    )
+    tokens = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        tokens.append(int(token))
+        if len(tokens) == len(report["greedy"]["source"]) or token in (151645, 151643):
+            break
+    assert tokens == report["greedy"]["source"]
+
+
+def test_run_dir_uses_its_merged_model(tmp_path):
+    from qwentune.gguf_export import model_dir_for_export
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(tiny_model_dir(tmp_path), run_dir / "merged")
+    assert model_dir_for_export(run_dir)[0] == (run_dir / "merged").resolve()
