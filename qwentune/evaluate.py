@@ -253,11 +253,13 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
              bfcl_answers: str | Path | None = None, template: str | ChatTemplate = "model", progress: bool = True,
              labels: list[str] | None = None) -> EvalResult:  # fmt: skip
     """Score each model on the same rows of `data`; with `output`, write eval.json and eval.md there (atomically).
-    A model is anything `inference.resolve_trained` opens (run dir, adapter dir, model dir, hub id, .gguf, offline:…).
+    A model is anything `inference.resolve_trained` opens (run dir, adapter dir, model dir, hub id, .gguf, offline:…)
+    or a TrainResult (its run dir).
     `template`: the chat template rows are rendered with ('model': each model's own; a ChatTemplate: that one)."""
     from .inference import load_for_inference, resolve_trained  # here: it imports torch (keeps `import qwentune` fast)
 
-    models = [models] if isinstance(models, (str, Path)) else list(models)
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    models = [getattr(m, "run_dir", m) for m in models]  # a notebook's TrainResult stands for its run dir
     data = [data] if isinstance(data, (str, Path)) else list(data)
     if not models:
         raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL --data FILE")

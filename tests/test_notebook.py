@@ -100,6 +100,14 @@ def test_sft_setup_trainer_callback_in_memory_dataset_then_load_and_generate(tmp
         assert reply.text == greedy(plain, plain_tokenizer, QUESTION, tools)
         assert isinstance(reply.tool_calls, list)
 
+    # qwentune.evaluate takes the result itself: the same rows and replies as its run dir
+    eval_file = ROOT / "data/tool_calls_eval.jsonl"
+    by_result = qwentune.evaluate(result, eval_file, limit=2, max_new_tokens=4, progress=False)
+    by_dir = qwentune.evaluate(str(result.run_dir), eval_file, limit=2, max_new_tokens=4, progress=False)
+    assert by_result.models == [str(result.run_dir)]
+    assert by_result.rows[str(result.run_dir)] == by_dir.rows[str(result.run_dir)]
+    assert len(by_dir.rows[str(result.run_dir)]) == 2
+
 
 def test_dpo_setup_close_then_train_in_memory_pairs_and_generate_from_the_adapter(tmp_path):
     from peft import PeftModel
