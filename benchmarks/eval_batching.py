@@ -68,6 +68,16 @@ def main() -> None:
         print(f"batch {batch:>2}: {seconds:7.1f} s  {len(prompts) / seconds:6.2f} rows/s")
     print(f"speed-up at batch {args.batch_size}: {timings[1] / timings[args.batch_size]:.2f}x")
     print(f"same tokens as one-at-a-time: {outputs[1] == outputs[args.batch_size]}")
+    # The prompt forward (prefill) alone: one new token. Batching cannot shrink its work on a CPU (it is compute-bound
+    # already at batch 1), so it bounds the speed-up: at most total(1) / (prefill + the batched decode).
+    prefill = {}
+    for batch in (1, args.batch_size):
+        start = time.perf_counter()
+        greedy_generate(model, tokenizer, prompts, max_new_tokens=1, batch_size=batch, progress=False)
+        prefill[batch] = time.perf_counter() - start
+    prompt_tokens = sum(len(p) for p in prompts)
+    print(f"prefill only ({prompt_tokens} prompt tokens): batch 1 {prefill[1]:.1f} s, batch {args.batch_size} "
+          f"{prefill[args.batch_size]:.1f} s = {prefill[1] / timings[1]:.0%} of one-at-a-time")  # fmt: skip
 
 
 if __name__ == "__main__":

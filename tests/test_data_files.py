@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from qwentune.evaluate import collect
+from qwentune.toolscore import score_tool_calls
+
 DATA = Path(__file__).resolve().parent.parent / "data"
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -247,8 +250,8 @@ def test_tool_call_rows(name):
         assert all(len(t) <= 3 for t in turns), "at most 3 parallel calls"
     assert 0.2 * len(rows) <= kinds["system"] <= 0.5 * len(rows), "some rows have a system prompt, most not"
     if name == "tool_calls.jsonl":
-        assert kinds["parallel"] >= 100 and kinds["multi_turn"] >= 150
-        assert 0.08 * len(rows) <= kinds["string_args"] <= 0.25 * len(rows)
+        assert kinds["parallel"] >= 100 and kinds["multi_turn"] >= 100
+        assert 0.06 * len(rows) <= kinds["string_args"] <= 0.25 * len(rows)
         assert kinds["string_tools"] >= 10
     else:
         assert kinds["parallel"] >= 8 and kinds["string_args"] == kinds["string_tools"] == 0
@@ -260,11 +263,11 @@ def _categories(name: str) -> collections.Counter:
 
 def test_tool_call_categories():
     """The mix per category; every prefix of the train file has it too (recipes take the first data.limit rows)."""
-    assert _categories("tool_calls.jsonl") == {"single": 280, "parallel": 120, "multi": 120, "no_call": 200,
-                                                "clarify": 40, "clarify_then_call": 40}  # fmt: skip
+    assert _categories("tool_calls.jsonl") == {"single": 200, "parallel": 120, "multi": 80, "no_call": 280,
+                                                "clarify": 80, "clarify_then_call": 40}  # fmt: skip
     assert _categories("tool_calls_eval.jsonl") == {"single": 16, "parallel": 8, "no_call": 12, "clarify": 4}
     first = [tool_rows.category(row) for row in read_rows("tool_calls.jsonl")[:64]]
-    assert first.count("no_call") + first.count("clarify") >= 14 and first.count("parallel") >= 6
+    assert first.count("no_call") + first.count("clarify") >= 26 and first.count("parallel") >= 6
 
 
 def _schemas(rows: list[dict]) -> dict[str, set[str]]:
@@ -383,18 +386,21 @@ def test_tool_eval_uses_held_out_cities():
     assert not cities("tool_calls.jsonl") & cities("tool_calls_eval.jsonl")
 
 
-def _scorer():
-    spec = importlib.util.spec_from_file_location("score_tool_data", DATA.parent / "benchmarks/score_tool_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _score(items, replies: list[str]) -> dict[str, list[int]]:
+    """[right, total] per kind, scored as `qwentune eval` scores the held-out split (toolscore per item)."""
+    out = {"exact": [0, 0], "no_call": [0, 0]}
+    for item, reply in zip(items, replies, strict=True):
+        key = "exact" if item.kind == "tool_call" else "no_call"
+        out[key][0] += score_tool_calls(reply, item.expected, item.tools).ok
+        out[key][1] += 1
+    return out
 
 
 def test_held_out_split_scores_calls_and_refusals():
     """A reply that repeats each reference turn scores every row; plain text scores no call; calling always fails
-    every no-call row. (benchmarks/score_tool_data.py scores a model this way.)"""
-    scorer = _scorer()
-    items = scorer.load(DATA / "tool_calls_eval.jsonl", None)
+    every no-call row. (`qwentune eval` reads and scores the split this way.)"""
+    items, skipped = collect([DATA / "tool_calls_eval.jsonl"])
+    assert not skipped and len(items) == 40
     perfect = []
     for row in read_rows("tool_calls_eval.jsonl"):
         first = next(m for m in row["messages"] if m["role"] == "assistant")
@@ -404,12 +410,11 @@ def test_held_out_split_scores_calls_and_refusals():
         ]
         blocks = "".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>\n" for c in reversed(calls))  # any order
         perfect.append(blocks or first["content"])
-    result = scorer.score(items, perfect)
-    assert result["exact"] == [24, 24] and result["no_call"] == [16, 16]
-    assert scorer.score(items, ["Sure."] * len(items))["exact"] == [0, 24]
+    assert _score(items, perfect) == {"exact": [24, 24], "no_call": [16, 16]}
+    assert _score(items, ["Sure."] * len(items))["exact"] == [0, 24]
     always = '<tool_call>\n{"name": "get_tide_times", "arguments": {"harbor": "Kinsale"}}\n</tool_call>'
-    assert scorer.score(items, [always] * len(items))["no_call"] == [0, 16]
+    assert _score(items, [always] * len(items))["no_call"] == [0, 16]
     as_floats = [re.sub(r'(": \d+)([,}])', r"\1.0\2", r) if "<tool_call>" in r else r for r in perfect]
-    assert as_floats != perfect and scorer.score(items, as_floats)["exact"] == [24, 24], "3 == 3.0"
+    assert as_floats != perfect and _score(items, as_floats)["exact"] == [24, 24], "3 == 3.0"
     one_short = [r.split("</tool_call>")[0] + "</tool_call>" if r.count("<tool_call>") > 1 else r for r in perfect]
-    assert scorer.score(items, one_short)["exact"] == [16, 24], "a parallel row needs every call"
+    assert _score(items, one_short)["exact"] == [16, 24], "a parallel row needs every call"
