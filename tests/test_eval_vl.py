@@ -56,7 +56,7 @@ def test_vl_loss_is_the_training_loss_of_the_same_rows(vl_dir, tmp_path):
     metrics, records = result.metrics[str(vl_dir)], result.rows[str(vl_dir)]
     assert metrics["vl: loss"]["total"] == 2 and metrics["vl: exact"]["total"] == 2
     assert metrics["sft: loss"]["total"] == 1  # a vision model keeps scoring text rows (no pixels)
-    assert result.skipped == []
+    assert result.skipped == [] and result.summary(held_out=True).startswith("short answers on 2 held-out image rows")
 
     recipe = load_recipe({"model": {"source": str(vl_dir)}, "data": {"train": [str(SHAPES_EVAL)]}})
     _, tokenizer, settings, data = prepare_inputs(recipe, limit=2)
