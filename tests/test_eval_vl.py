@@ -150,6 +150,18 @@ def test_greedy_reply_equals_chat_generator_and_plain_generate(vl_dir):
     assert cut_at_stop(plain[0, len(ids) :].tolist(), stop_token_ids(tok)) == reply
 
 
+def test_adapter_pixel_limits_apply(vl_dir, tmp_path):
+    from qwentune.evalvision import vision_inputs
+    from qwentune.export import write_train_sidecar
+
+    tok = shared_tokenizer("qwen2-vl-instruct")
+    saved = json.loads((vl_dir / "preprocessor_config.json").read_text())
+    assert vision_inputs(vl_dir, None, tok).settings.max_pixels == saved["max_pixels"]
+    write_train_sidecar(tmp_path, image_processor={"min_pixels": 28 * 28, "max_pixels": 56 * 56})
+    settings = vision_inputs(vl_dir, tmp_path, tok).settings  # a run's adapter on its base: the recipe's limits
+    assert (settings.min_pixels, settings.max_pixels) == (28 * 28, 56 * 56) and settings.tokens(224, 224) == 4
+
+
 def test_text_model_skips_image_rows_with_the_reason(tmp_path):
     text_model = str(tiny_model_dir(tmp_path))
     text = _write(tmp_path / "text.jsonl", [TEXT_ROW])
