@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadRow
-from .export import read_train_sidecar
 from .render import render_batch
 from .template import ChatTemplate
 from .vision import (
@@ -81,6 +80,8 @@ def vision_inputs(model_dir: Path, adapter_dir: Path | None, tokenizer: Any) -> 
     """The image processor the model was trained with: the one saved in `model_dir` (a merged model carries the
     recipe's pixel limits), with an adapter's recorded pixel limits (its `qwentune_train.json`) applied."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from .export import read_train_sidecar  # here: it imports torch (keeps `import qwentune` fast)
 
     limits = (read_train_sidecar(adapter_dir).get("image_processor") or {}) if adapter_dir is not None else {}
     processor = load_image_processor(model_dir, limits.get("min_pixels"), limits.get("max_pixels"))
