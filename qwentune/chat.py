@@ -169,11 +169,10 @@ class Generator:
         )
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if conversation.images:  # Qwen2-VL: one pad per image in the template → one per vision token, as training
-            from .vision import expand_pads, load_image_processor, open_image, settings_of
+            from .vision import expand_prompt, load_image_processor, settings_of
 
             settings = settings_of(load_image_processor(self.model_dir), self.tokenizer)
-            counts = [settings.tokens(*open_image(ref).size) for ref in conversation.images]
-            ids, _ = expand_pads(ids, None, counts, settings)
+            ids = expand_prompt(ids, conversation.images, settings)
         return ids
 
     def __call__(self, conversation: Conversation, on_text: Callable[[str], None]) -> str:

@@ -86,7 +86,8 @@ class EvalResult:
         prompts: base 10/10 → tuned 9/10` (tool calls and no-call when scored; else BFCL, preferences or loss)."""
         names = self.metric_names()
         picked = [n for n in ("tool calls: exact", "no call: refrained") if n in names]
-        picked = picked or [n for n in ("bfcl overall", "preference: accuracy", "sft: loss") if n in names][:1]
+        fallback = ("bfcl overall", "preference: accuracy", "vl: exact", "sft: loss", "vl: loss")
+        picked = picked or [n for n in fallback if n in names][:1]
         if not picked:
             return "nothing scored"
         return "; ".join(self._summary_part(name, "held-out " if held_out else "") for name in picked)
@@ -100,6 +101,8 @@ class EvalResult:
             "bfcl overall": f"BFCL on {total} {held}question{plural}",
             "preference: accuracy": f"preference accuracy on {total} {held}pair{plural}",
             "sft: loss": f"loss on {total} {held}row{plural}",
+            "vl: exact": f"short answers on {total} {held}image row{plural}",
+            "vl: loss": f"loss on {total} {held}image row{plural}",
         }[name]
         parts = []
         for model in self.models:

@@ -8,7 +8,10 @@ Each row is scored by its kind, found with the same format detection and officia
   sft         a row without tools: loss / perplexity on exactly the trained tokens (the training masks), and a few
               greedy samples
   preference  log p(chosen) > log p(rejected) summed over the completion tokens, and the mean margin
-Qwen2-VL rows (images) are not scored yet: they are counted as skipped (reason `images_not_supported`).
+  vl          a row with images (Qwen2-VL; paths relative to the data file): loss / perplexity on the trained tokens
+              rendered and collated as training does, and exact match of the greedy reply on short answers
+              (`evalvision`); with a text-only model they are skipped (`images_need_a_vision_model`). Preference
+              rows with images are not scored yet (skipped, `images_not_supported`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 from .bfcl import BfclCase, check_case, is_bfcl_row, read_bfcl
 from .errors import BadRow, QwentuneError
 from .evaltable import EvalResult
+from .evalvision import NEEDS_VISION, score_vl_rows, summarize_vl, vision_inputs
 from .formats import convert, detect_format
 from .runinfo import atomic_write_text
 from .template import ChatTemplate, load_template
 from .toolscore import parse_tool_calls, reference_calls, score_tool_calls
+from .vision import ImageFile, row_images
 
 SFT_SAMPLES = 3  # greedy samples shown per SFT file
 
@@ -35,12 +40,13 @@ SFT_SAMPLES = 3  # greedy samples shown per SFT file
 class Item:
     file: str
     row: int  # 1-based line in the file
-    kind: str  # tool_call | no_call | bfcl | sft | preference
+    kind: str  # tool_call | no_call | bfcl | sft | preference | vl
     prompt: list[dict] = field(default_factory=list)
     tools: list[dict] | None = None
     expected: Any = None  # reference calls, the reference reply, or the BFCL case
     raw: dict | None = None  # the canonical row (sft: messages + tools; preference: prompt/chosen/rejected/tools)
     sample: bool = False  # an sft row that also gets a greedy sample
+    images: list[ImageFile] = field(default_factory=list)  # vl: every image of the row, in template order
 
 
 @dataclass
@@ -86,12 +92,13 @@ def _item(file: str, n: int, raw: Any) -> Item:
             raise BadRow("images_not_supported")
         return Item(file, n, "preference", row["prompt"], row.get("tools"), raw=row)
     messages = row["messages"]
-    if _has_images(messages):
-        raise BadRow("images_not_supported")
     turn = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
     if turn is None or turn == 0:
         raise BadRow("no_expected_turn", "no assistant turn after a prompt")
     prompt, reply = messages[:turn], messages[turn]
+    if _has_images(messages):  # opened and sized now: a missing image is a skipped row, as in training's report
+        images = row_images(row, str(Path(file).parent))
+        return Item(file, n, "vl", prompt, row.get("tools"), reply.get("content"), raw=row, images=images)
     if row.get("tools"):
         calls = reference_calls(reply)
         return Item(file, n, "tool_call" if calls else "no_call", prompt, row["tools"], calls)
@@ -124,11 +131,18 @@ def collect(data: list[str | Path], *, bfcl_answers: str | Path | None = None, l
             items.append(item)
             taken += 1
     if not items:
-        first = skipped[0] if skipped else None
-        where = f"{first.file} row {first.row}" if first else ", ".join(map(str, data)) or "--data"
-        reason = f"nothing scoreable (first row: {first.reason})" if first else "nothing scoreable (no rows)"
-        raise QwentuneError(reason, where=where, hint="rows need a prompt and the expected assistant turn")
+        _nothing_scoreable(skipped, data)
     return items, skipped
+
+
+def _nothing_scoreable(skipped: list[Skipped], data: list) -> None:
+    first = skipped[0] if skipped else None
+    where = f"{first.file} row {first.row}" if first else ", ".join(map(str, data)) or "--data"
+    reason = f"nothing scoreable (first row: {first.reason})" if first else "nothing scoreable (no rows)"
+    hint = "rows need a prompt and the expected assistant turn"
+    if first and first.reason == NEEDS_VISION:
+        hint = "image rows need a Qwen2-VL model (every model given scores the same rows)"
+    raise QwentuneError(reason, where=where, hint=hint)
 
 
 def _prompt_ids(item: Item, tokenizer: Any, template_text: str) -> list[int]:
@@ -159,8 +173,10 @@ def _score_model(
     max_new_tokens: int,
     progress: bool = True,
     train_on: str = "all",
+    vision: Any = None,
 ) -> list[dict]:
-    """One record per item: prompt, expected, got, verdict, why (+ loss numbers for sft/preference rows)."""
+    """One record per item: prompt, expected, got, verdict, why (+ loss numbers for sft/preference/vl rows).
+    `vision`: a Qwen2-VL model's `evalvision.VisionInputs` (needed when items hold vl rows)."""
     from .generate import greedy_generate, sequence_logprobs
     from .render import render_batch, render_preference_batch
 
@@ -214,6 +230,13 @@ def _score_model(
         records[i].update(margin=margin, verdict=margin > 0, why="" if margin > 0 else "rejected is more likely",
                           expected="chosen", got="chosen" if margin > 0 else "rejected")  # fmt: skip
         k += 2
+    vl = [i for i, it in enumerate(items) if it.kind == "vl"]
+    if vl:
+        scored = score_vl_rows(model, tokenizer, [items[i] for i in vl], [_prompt_ids(items[i], tokenizer, chat.text)
+                               for i in vl], chat, vision, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               train_on=train_on, label=label, progress=progress)  # fmt: skip
+        for i, record in zip(vl, scored):
+            records[i].update(record)
     return records
 
 
@@ -245,7 +268,7 @@ def summarize(records: list[dict]) -> dict[str, dict]:
     if prefs:
         out["preference: accuracy"] = {"correct": sum(r["margin"] > 0 for r in prefs), "total": len(prefs)}
         out["preference: mean margin"] = {"value": sum(r["margin"] for r in prefs) / len(prefs), "total": len(prefs)}
-    return out
+    return out | summarize_vl(records)
 
 
 def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, limit: int | None = None,
@@ -265,12 +288,18 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
         raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL --data FILE")
     items, skipped = collect(data, bfcl_answers=bfcl_answers, limit=limit)
     trained = [resolve_trained(str(m)) for m in models]  # every MODEL resolves before minutes of scoring start
+    if not all(t.is_vision for t in trained):  # a text model cannot see images; every model scores the same rows
+        skipped += [Skipped(it.file, it.row, NEEDS_VISION) for it in items if it.kind == "vl"]
+        items = [it for it in items if it.kind != "vl"]
+        if not items:
+            _nothing_scoreable(skipped, data)
     names = labels or [str(m) for m in models]
     result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped])
     for name, spec in zip(names, trained):
         model, tokenizer = load_for_inference(spec)
+        vision = vision_inputs(spec.model_path, spec.adapter_path, tokenizer) if spec.is_vision else None
         records = _score_model(model, tokenizer, items, label=name, template=template, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+                               max_new_tokens=max_new_tokens, progress=progress, vision=vision)  # fmt: skip
         result.rows[name] = records
         result.metrics[name] = summarize(records)
         del model

@@ -30,6 +30,29 @@ def _pad_id(tokenizer: Any, stops: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
 
 
+def greedy_config(tokenizer: Any, max_new_tokens: int) -> Any:
+    """Plain greedy decoding until a stop token (the model's own sampling defaults must not leak in)."""
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(tokenizer)
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=_pad_id(tokenizer, stops),
+        repetition_penalty=1.0,
+        temperature=1.0,  # the neutral values
+        top_p=1.0,
+        top_k=50,
+    )
+
+
+def cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """The generated tokens before the first stop token."""
+    tokens = list(tokens)
+    return tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any,
@@ -43,20 +66,10 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy continuations (token ids, without the stop token) of each prompt, in the prompts' order."""
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer)
     pad = _pad_id(tokenizer, stops)
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=pad,
-        repetition_penalty=1.0,
-        temperature=1.0,  # the neutral values: the model's own sampling defaults must not leak in
-        top_p=1.0,
-        top_k=50,
-    )
+    config = greedy_config(tokenizer, max_new_tokens)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
@@ -74,9 +87,7 @@ def greedy_generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
             )
             for row, i in enumerate(chunk):
-                tokens = generated[row, width:].tolist()
-                cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
-                out[i] = tokens[:cut]
+                out[i] = cut_at_stop(generated[row, width:].tolist(), stops)
             bar.update(len(chunk))
     return out
 
@@ -99,14 +110,27 @@ def sequence_logprobs(
             ids[row, : len(seq)] = torch.tensor(list(seq))
             labels[row, : len(lab)] = torch.tensor(list(lab))
             mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        targets = labels[:, 1:].to(device)
-        keep = targets != -100
-        picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0] * keep
-        for row in range(len(chunk)):
-            out.append((picked[row].sum().item(), int(keep[row].sum().item())))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out += labelled_logprobs(logits, labels)
     return out
 
 
-__all__ = ["STOP_TOKENS", "greedy_generate", "sequence_logprobs", "stop_token_ids"]
+def labelled_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
+    """Per row of a batch: (sum of log p of the labelled tokens given what precedes them, number of them); -100 is
+    not labelled (prompt tokens, padding)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    targets = labels[:, 1:].to(logp.device)
+    keep = targets != -100
+    picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0] * keep
+    return [(picked[row].sum().item(), int(keep[row].sum().item())) for row in range(len(labels))]
+
+
+__all__ = [
+    "STOP_TOKENS",
+    "cut_at_stop",
+    "greedy_config",
+    "greedy_generate",
+    "labelled_logprobs",
+    "sequence_logprobs",
+    "stop_token_ids",
+]

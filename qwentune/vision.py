@@ -264,6 +264,12 @@ def expand_pads(
     return new_ids, (new_labels if labels is not None else None)
 
 
+def expand_prompt(ids: Sequence[int], images: Sequence[str], settings: ImageSettings) -> list[int]:
+    """A generation prompt's ids with each image's single pad expanded to its token count (`chat`, `eval`)."""
+    counts = [settings.tokens(*opened_image(ref).size) for ref in images]
+    return expand_pads(ids, None, counts, settings)[0]
+
+
 def trained_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) of each run of trained labels."""
     return _runs(lab != IGNORE_INDEX for lab in labels)
