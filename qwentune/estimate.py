@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .export import QuantSpec
 from .model_shape import Shape, model_shape, vision_lora_params, vision_params
+from .quantspec import QuantSpec
 from .recipe import Recipe
 from .speed import CPU_VOCAB_CHUNK
 

@@ -10,10 +10,10 @@ from transformers import set_seed
 
 from . import patches
 from .errors import QwentuneError
-from .export import QuantSpec
 from .logs import is_main_process, log
 from .metrics import MetricsFile
 from .model import add_adapter, load_base_model, resolve_precision
+from .quantspec import QuantSpec
 from .recipe import Recipe
 from .results import TrainResult
 from .resume import train_until_stopped

@@ -16,8 +16,9 @@ from qwentune.errors import QwentuneError
 from qwentune.export.job import MergeJob, MergeResult, check_qlora_merge, mode_for
 from qwentune.export.merge import innermost, merge_adapter, merge_peft_model, resolve_base
 from qwentune.export.outdir import prepare_target
-from qwentune.export.quant import DTYPES, QuantSpec, dtype_name
+from qwentune.export.quant import DTYPES
 from qwentune.export.sidecar import image_processor_settings
+from qwentune.quantspec import QuantSpec, dtype_name
 
 
 def merge_model_in_memory(

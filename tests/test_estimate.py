@@ -66,6 +66,13 @@ def test_shapes_come_from_config_only(tmp_path):
     assert (local.layers, local.vocab, local.tied, local.kv_heads) == (3, 152064, False, 1)
 
 
+def test_estimate_reads_config_only_without_importing_torch():
+    """`qwentune estimate` answers before torch loads: estimate and the 4-bit settings (quantspec) import no torch."""
+    code = "import sys, qwentune.estimate, qwentune.quantspec; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_qlora_weights_keep_embeddings_unquantized_and_fit_verdicts():
     offline = estimate(recipe_for("offline:qwen2.5-coder-0.5b-instruct", peft={"method": "qlora"}))
     w4 = next(line for line in offline.lines if line.name.startswith("weights 4-bit"))
@@ -331,8 +338,13 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, peft, trai
 )
 def test_estimate_is_within_20_percent_on_the_real_model(tmp_path):
     recipe = str(ROOT / "recipes/qwen2.5-coder-0.5b-instruct-offline/sft_qlora_tools.yaml")
-    overrides = ["training.max_steps=2", "data.eval=[]", "eval.enabled=false", "output.merge=false",
-                 f"output.dir={tmp_path / 'run'}"]
+    overrides = [
+        "training.max_steps=2",
+        "data.eval=[]",
+        "eval.enabled=false",
+        "output.merge=false",
+        f"output.dir={tmp_path / 'run'}",
+    ]
     report = measure_peak(recipe, overrides)
     est, text = compare(recipe, overrides, report)
     print(text)
