@@ -20,7 +20,7 @@ from . import patches
 from .errors import QwentuneError, did_you_mean
 from .logs import is_main_process, log
 from .metrics import MetricsFile
-from .model import add_adapter, load_adapter_for_training, load_base_model, resolve_precision
+from .model import add_adapter, keep_trainables_in_fp32, load_adapter_for_training, load_base_model, resolve_precision
 from .quantspec import QuantSpec
 from .recipe import Recipe, resolve_path
 from .results import TrainResult
@@ -208,6 +208,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
         continuing=continuing,
     )
+    keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
     if d.precompute_ref_log_probs and ref_model is not None:
         trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 

@@ -272,7 +272,7 @@ def estimate(
     layer_full = per_token_layer * N + cast_weights + mask
     full_all = s.layers * layer_full
     ckpt_all = s.layers * resid * h * N
-    backward_transients = (4 * i + 4 * h) * 4 * N  # grads of one layer's hidden/MLP tensors in flight
+    backward_transients = (4 * i * mlp_out + 4 * h * resid) * N  # grads of one layer's MLP/hidden tensors in flight
     final_norm = (4 * h + 4) * N  # the final norm's fp32 input and 1/rms
     outside = final_norm + 2 * L * s.head_dim * resid  # + RoPE's cos and sin, shared by the layers
     if rows == 0 and "embed_tokens" not in saved_matrices:

@@ -242,6 +242,20 @@ def add_adapter(
     return peft_model
 
 
+def keep_trainables_in_fp32(model) -> int:
+    """Cast every trainable parameter back to fp32 once the trainer is built; returns how many were not. TRL 1.16's
+    SFTTrainer and DPOTrainer cast the trainable parameters of a quantized model to bf16 (the QLoRA paper's choice),
+    which also makes AdamW keep its state in bf16; qwentune keeps LoRA and token-row parameters and their optimizer
+    state in fp32, where small updates at LoRA learning rates are not rounded away. Call before training starts (the
+    optimizer is created then)."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 def load_adapter_for_training(model, adapter_dir: Path, *, quant=None, gradient_checkpointing: bool = True):
     """Continue training an existing adapter (e.g. DPO after SFT), prepared exactly like a fresh one."""
     from peft import PeftModel

@@ -12,7 +12,7 @@ from . import patches
 from .errors import QwentuneError
 from .logs import is_main_process, log
 from .metrics import MetricsFile
-from .model import add_adapter, load_base_model, resolve_precision
+from .model import add_adapter, keep_trainables_in_fp32, load_base_model, resolve_precision
 from .quantspec import QuantSpec
 from .recipe import Recipe
 from .results import TrainResult
@@ -102,6 +102,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         processing_class=tokenizer,
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
     )
+    keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
 
     def train() -> TrainResult:
         with patched:  # construct, evaluate and train inside the patches; restored before saving and merging

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from recipe_models import base_from_recipe
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, tiny_training
 
 import qwentune
 from qwentune.export import QuantSpec
@@ -97,3 +98,28 @@ def test_frozen_weights_stay_in_compute_dtype_and_match_the_upcast_path(tmp_path
     assert lean_curve[-1] < lean_curve[0] - 0.5, lean_curve
     drop, ref_drop = lean_curve[0] - lean_curve[-1], upcast_curve[0] - upcast_curve[-1]
     assert abs(drop / ref_drop - 1) < 0.05, (lean_curve, upcast_curve)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_the_trainer_keeps_lora_and_its_optimizer_state_in_fp32(tmp_path, method):
+    """TRL 1.16 casts a quantized model's trainable parameters to bf16 when it builds the trainer; qwentune casts
+    them back (model.keep_trainables_in_fp32), so LoRA, the token rows and AdamW's state train in fp32."""
+    data = "data/tool_calls.jsonl" if method == "sft" else "data/preferences.jsonl"
+    run = qwentune.setup(
+        {
+            "model": {"source": str(tiny_model_dir(tmp_path))},
+            "method": method,
+            "data": {"train": [str(ROOT / data)], "limit": 4, "max_length": 512},
+            "peft": {"method": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": tiny_training(max_steps=1, precision="bf16", per_device_batch_size=1),
+            "output": {"dir": str(tmp_path / "run"), "merge": False, "sample_tokens": 0},
+        }
+    )
+    trainable = {n: p for n, p in run.trainer.model.named_parameters() if p.requires_grad}
+    frozen_bf16 = [n for n, p in run.trainer.model.named_parameters() if "norm" in n and p.dtype == torch.bfloat16]
+    assert any("lora_A" in n for n in trainable) and frozen_bf16  # the base stays in its compute dtype
+    assert {p.dtype for p in trainable.values()} == {torch.float32}, {n: p.dtype for n, p in trainable.items()}
+    run.train()
+    states = [t for s in run.trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+    assert states and {t.dtype for t in states} == {torch.float32}
