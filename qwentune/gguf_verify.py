@@ -124,6 +124,13 @@ def compare_greedy(ref: list[int], got: list[int], margins: list[float], tol: fl
 def verify_gguf(model_dir: Path, gguf_path: Path, tokenizer, *, gtype: str) -> dict[str, dict[str, Any]]:
     """Parity, greedy and tokenizer checks of `gguf_path` against `model_dir`; raises QwentuneError on a failure.
     Returns the report sections {parity, greedy, tokenizer}."""
+    from .patches import one_gguf_read
+
+    with one_gguf_read():  # the config, tokenizer and weights below read one parsed GGUF header, not four
+        return _verify(model_dir, gguf_path, tokenizer, gtype=gtype)
+
+
+def _verify(model_dir: Path, gguf_path: Path, tokenizer, *, gtype: str) -> dict[str, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     where = "gguf export check"

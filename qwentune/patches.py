@@ -1,10 +1,12 @@
-"""Every reach into TRL's and PEFT's internals, in one place.
+"""Every reach into a library's internals (TRL, PEFT, transformers' GGUF loader), in one place; the checking and
+scoping machinery is `patching.py`.
 
 Each patch is a context manager that installs what it needs around one trainer's life and puts back exactly what was
 there on exit (normal or raised). Each names the library release it was written for and checks, on entry, that the
 internal it needs is still there with the same signature and is still read where the patch expects; when not, it
-raises `LibraryChanged` naming the internal and both versions. The one exception is speed only: where TRL's CPU fold
-changed, `lean_cpu_fold` leaves TRL's own (slower, equal) CPU path running and says so once.
+raises `LibraryChanged` naming the internal and both versions. The exceptions are speed only: where TRL's CPU fold
+changed, `lean_cpu_fold` leaves TRL's own (slower, equal) CPU path running, and where transformers' GGUF loader
+changed, `one_gguf_read` leaves its reads as they are; each says so once.
 
 sft.py and dpo.py each enter one block: `with trl_for_sft(model):` / `with trl_for_dpo(model) as DPOTrainer:`.
 """
@@ -13,13 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
-import inspect
 import re
-import types
 
 from .errors import QwentuneError
-from .logs import log
+from .patching import LibraryChanged, _changed, _mark, _ours, _problem, _replaced, _say_once, _version
 from .speed import CPU_VOCAB_CHUNK, lean_backward_fold, lean_forward_fold
 
 TRL = "1.16"  # the TRL release the TRL patches below were written for
@@ -47,92 +46,6 @@ TRL_DPO_LOSSES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
-
-
-class LibraryChanged(QwentuneError):
-    """An internal that a patch needs is missing or changed in the installed library."""
-
-
-def _version(library: str) -> str:
-    try:
-        return importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
-def _changed(library: str, written_for: str, problem: str) -> LibraryChanged:
-    installed = _version(library)
-    return LibraryChanged(
-        f"{problem} in the installed {library} {installed}; qwentune's patch for it was written for "
-        f"{library} {written_for}",
-        where="qwentune/patches.py",
-        hint=f"install {library} {written_for}.x (qwentune's requirements), or update qwentune/patches.py for "
-        f"{library} {installed}",
-    )
-
-
-def _name(owner) -> str:
-    return owner.__name__ if inspect.ismodule(owner) else f"{owner.__module__}.{owner.__qualname__}"
-
-
-def _mentions(function, name: str) -> bool:
-    """Whether `function` (or a function defined inside it) reads a global or attribute called `name`."""
-    code = getattr(function, "__code__", None)
-    stack = [code] if code is not None else []
-    while stack:
-        code = stack.pop()
-        if name in code.co_names:
-            return True
-        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return False
-
-
-def _problem(owner, name: str, params: tuple = (), read_by: tuple | None = None) -> str | None:
-    """What differs from what a patch needs: `owner.name` missing, taking other parameters than `params`, or no
-    longer read by `read_by` ((owner, attribute) of the function that reads it); None when all is as written for."""
-    where = f"{_name(owner)}.{name}"
-    value = getattr(owner, name, None)
-    if value is None:
-        return f"{where} is missing"
-    if params:
-        try:
-            have = tuple(inspect.signature(value).parameters)
-        except (TypeError, ValueError):
-            have = ()
-        wanted = params[:-1] if params[-1] is ... else params
-        if (have[: len(wanted)] if params[-1] is ... else have) != wanted:
-            return f"{where} takes ({', '.join(have)}), not ({', '.join('...' if p is ... else p for p in params)})"
-    if read_by is not None and not _mentions(getattr(*read_by, None), name):
-        return f"{_name(read_by[0])}.{read_by[1]} no longer reads {name}"
-    return None
-
-
-_said: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        log(message)
-
-
-@contextlib.contextmanager
-def _replaced(owner, name: str, value):
-    previous = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, previous)
-
-
-def _ours(value) -> bool:
-    return getattr(value, "_qwentune_patch", False)
-
-
-def _mark(value):
-    value._qwentune_patch = True
-    return value
 
 
 # --- TRL's fused LM head on CPU (speed only: loss and gradients unchanged, tests/test_speed*.py) ---------------------
@@ -453,6 +366,47 @@ def trl_dpo_loss_types() -> tuple[str, ...]:
     return TRL_DPO_LOSSES
 
 
+# --- transformers' GGUF loader (speed only) -------------------------------------------------------------------------
+
+TRANSFORMERS_GGUF = "5.24"  # the transformers release one_gguf_read was written for
+
+
+@contextlib.contextmanager
+def one_gguf_read():
+    """transformers parses a GGUF file's metadata again for the config, the tokenizer and the weights (3-4 reads in
+    one export check, ~14 s each for Qwen's 151,936-token vocabulary and merges). Within this block every
+    `gguf.GGUFReader(path)` of the same unchanged file returns the one reader made first (read-only memory maps, so
+    sharing it is safe); put back on exit. Written for transformers 5.24, whose `load_gguf_checkpoint` imports
+    `GGUFReader` from `gguf` when called; where it no longer does, the reads are left as they are (said once)."""
+    import os
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    problem = _problem(gguf, "GGUFReader", read_by=(loader, "load_gguf_checkpoint"))
+    if problem:
+        _say_once(f"{_changed('transformers', TRANSFORMERS_GGUF, problem).message}: GGUF files are read as usual")
+        yield
+        return
+    if _ours(gguf.GGUFReader):
+        yield
+        return
+    reader_class, readers = gguf.GGUFReader, {}
+
+    @_mark
+    def shared_reader(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, mode)
+        if mode != "r":
+            return reader_class(path, mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    with _replaced(gguf, "GGUFReader", shared_reader):
+        yield
+
+
 # --- one block per trainer -------------------------------------------------------------------------------------------
 
 
@@ -470,3 +424,17 @@ def trl_for_dpo(peft_model):
     trainer_class = pretokenized_dpo_trainer()
     with compact_head_on_cpu(), lean_cpu_fold(), lean_token_rows(peft_model):
         yield trainer_class
+
+
+__all__ = [
+    "LibraryChanged",
+    "compact_head_on_cpu",
+    "lean_cpu_fold",
+    "lean_token_rows",
+    "one_gguf_read",
+    "peft_output_bias",
+    "pretokenized_dpo_trainer",
+    "trl_dpo_loss_types",
+    "trl_for_dpo",
+    "trl_for_sft",
+]

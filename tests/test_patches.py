@@ -287,3 +287,43 @@ def test_training_in_process_leaves_trl_as_shipped(tmp_path, method):
     assert result.metrics["global_step"] == 1
     assert result.metrics["trainable_tokens"]["made_trainable"] == [IM_END]  # the PEFT wrapper was trained through
     assert_same(before, trl_attributes())
+
+
+# --- transformers' GGUF loader ---------------------------------------------------------------------------------------
+
+
+def _small_gguf(path: Path, value: int) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("test.value", value)
+    writer.add_string("test.pad", "x" * value)  # another value, another size: a rewrite is seen even at equal mtimes
+    writer.add_tensor("t", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_one_gguf_read_shares_one_reader_per_unchanged_file_and_puts_gguf_back(tmp_path):
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    from qwentune.patching import _problem
+
+    # what the patch relies on: transformers' loader still makes its reader through `gguf.GGUFReader` when called
+    assert _problem(gguf, "GGUFReader", read_by=(loader, "load_gguf_checkpoint")) is None
+    original = gguf.GGUFReader
+    path = _small_gguf(tmp_path / "a.gguf", 1)
+    with patches.one_gguf_read():
+        first, again = gguf.GGUFReader(str(path)), gguf.GGUFReader(path)
+        assert first is again and isinstance(first, original)
+        assert int(first.fields["test.value"].parts[-1][0]) == 1
+        other = gguf.GGUFReader(_small_gguf(tmp_path / "b.gguf", 2))
+        assert other is not first
+        _small_gguf(path, 3)  # rewritten: a new reader, not the stale one
+        assert int(gguf.GGUFReader(path).fields["test.value"].parts[-1][0]) == 3
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
