@@ -20,7 +20,13 @@ from . import patches
 from .errors import QwentuneError, did_you_mean
 from .logs import is_main_process, log
 from .metrics import MetricsFile
-from .model import add_adapter, keep_trainables_in_fp32, load_adapter_for_training, load_base_model, resolve_precision
+from .model import (
+    add_adapter,
+    keep_trainables_in_fp32,
+    load_adapter_for_training,
+    load_base_model,
+    resolve_precision,
+)
 from .quantspec import QuantSpec
 from .recipe import Recipe, resolve_path
 from .results import TrainResult
@@ -209,6 +215,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         continuing=continuing,
     )
     keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
+    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.bf16 or precision.fp16))
     if d.precompute_ref_log_probs and ref_model is not None:
         trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 

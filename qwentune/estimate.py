@@ -255,17 +255,17 @@ def estimate(
     resid = compute_bytes if qlora else weight_bytes  # residual stream dtype (the embedding's)
     mlp_out = compute_bytes if qlora else a  # gate/up outputs (bitsandbytes returns its input's dtype)
     base = 8 * h + 8 + a * (2 * q_out + 2 * kvx) + 4 * s.heads + 3 * i * mlp_out
-    if autocast:
-        adapters = sum(d * (a + dropout_mask) for d in in_dims.values())  # the autocast copy of each input (+ mask)
-        lora_out = a * p.r * len(targets)
-    elif p.dropout:
-        adapters = sum(d * (4 + dropout_mask) for d in in_dims.values())  # dropout output + mask, per module
-        lora_out = 4 * p.r * len(targets)
+    act = a if autocast else 4  # the adapters' activations: autocast's dtype, else fp32
+    lora_out = act * p.r * len(targets)
+    if autocast and resid != a:  # fp32 activations under autocast: its copy of each adapter input (+ dropout mask)
+        adapters = sum(d * (a + dropout_mask) for d in in_dims.values())
+    elif p.dropout:  # dropout output + mask, per module (under autocast the mask is in autocast's dtype too)
+        adapters = sum(d * (act + (a if autocast else dropout_mask)) for d in in_dims.values())
     else:  # the adapters read the shared norm outputs (and the MLP product); o_proj reads SDPA's saved output
+        # (training turns PEFT's input cast off under autocast: patches.lora_input_cast_off)
         shared = {"norm1": any(m in targets for m in ("q_proj", "k_proj", "v_proj"))}
         shared["norm2"] = any(m in targets for m in ("gate_proj", "up_proj"))
-        adapters = 4 * (h * (shared["norm1"] + shared["norm2"]) + i * ("down_proj" in targets))
-        lora_out = 4 * p.r * len(targets)
+        adapters = act * (h * (shared["norm1"] + shared["norm2"]) + i * ("down_proj" in targets))
     per_token_layer = base + adapters + lora_out
     cast_weights = (autocast or 0) * lora_layer  # autocast keeps a low-precision copy of each adapter weight
     mask = rows_per_step * L * L * a if padded else 0  # SDPA turns the padding mask into a float bias, per layer

@@ -366,6 +366,33 @@ def trl_dpo_loss_types() -> tuple[str, ...]:
     return TRL_DPO_LOSSES
 
 
+# --- PEFT's LoRA input cast under CPU autocast (memory only) ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lora_input_cast_off(peft_model, active: bool = True):
+    """Under bf16/fp16 autocast, no copy of each adapter's input in the adapter's fp32. PEFT's LoRA layers cast their
+    input to the adapter weights' dtype unless `torch.is_autocast_enabled()`, which asks about CUDA only: on CPU
+    every adapter input is copied to fp32, and autocast copies it back to bf16 for the matmul and keeps that copy for
+    backward (0.6 GiB on the 0.5B Quickstart). Autocast already runs the adapters in the compute dtype, so each LoRA
+    layer's `cast_input_dtype_enabled` is off inside the block (a no-op on CUDA); `active=False` (fp32, no autocast)
+    leaves the casts. PEFT 0.21's public `peft.helpers.disable_input_dtype_casting` sets the same flag but raises on a
+    model with trainable token rows (`TrainableTokensLayer` has no such flag). Written for PEFT 0.21."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)] if active else []
+    if layers and not hasattr(layers[0], "cast_input_dtype_enabled"):
+        raise _changed("peft", PEFT, "LoraLayer.cast_input_dtype_enabled is missing")
+    before = [(layer, layer.cast_input_dtype_enabled) for layer in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer, value in before:
+            layer.cast_input_dtype_enabled = value
+
+
 # --- transformers' GGUF loader (speed only) -------------------------------------------------------------------------
 
 TRANSFORMERS_GGUF = "5.24"  # the transformers release one_gguf_read was written for
@@ -431,6 +458,7 @@ __all__ = [
     "compact_head_on_cpu",
     "lean_cpu_fold",
     "lean_token_rows",
+    "lora_input_cast_off",
     "one_gguf_read",
     "peft_output_bias",
     "pretokenized_dpo_trainer",

@@ -327,3 +327,49 @@ def test_one_gguf_read_shares_one_reader_per_unchanged_file_and_puts_gguf_back(t
         assert int(gguf.GGUFReader(path).fields["test.value"].parts[-1][0]) == 3
     assert gguf.GGUFReader is original
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+# --- PEFT's LoRA input cast ------------------------------------------------------------------------------------------
+
+
+def test_lora_input_cast_off_keeps_outputs_and_gradients_drops_the_copies_and_restores(tmp_path):
+    """Under CPU autocast the same outputs and gradients without the cast (autocast casts the fp32 copy straight back
+    to bf16), fewer saved bytes, the flag back on after; fine with trainable token rows (PEFT's own helper raises)."""
+    import itertools
+
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path), dtype=torch.bfloat16)
+    recipe = qwentune.load_recipe({"model": {"source": "x"}, "data": {"train": "x.jsonl"}, "peft": {"dropout": 0.0}})
+    model = get_peft_model(base, lora_config(recipe.peft, base, [TC, ETC]))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    ids = torch.tensor([[IMS, 872, TC, 13, 42, ETC, IM_END]])
+
+    def run() -> tuple[torch.Tensor, dict, int]:
+        held = {p.untyped_storage().data_ptr() for p in itertools.chain(model.parameters(), model.buffers())}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in held:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits.float()
+        logits.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits.detach(), grads, sum(saved.values())
+
+    cast_logits, cast_grads, cast_bytes = run()
+    with patches.lora_input_cast_off(model):
+        assert not any(layer.cast_input_dtype_enabled for layer in layers)
+        logits, grads, saved_bytes = run()
+    assert all(layer.cast_input_dtype_enabled for layer in layers)
+    torch.testing.assert_close(logits, cast_logits, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], cast_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+    assert saved_bytes < cast_bytes
+    with patches.lora_input_cast_off(model, active=False):  # fp32 training: the casts stay
+        assert all(layer.cast_input_dtype_enabled for layer in layers)
