@@ -24,7 +24,8 @@ Measured in each child (the first optimizer step is warm-up and not timed):
 - tokens/s: non-pad tokens of the training forwards (attention_mask sum, or every token of a padding-free row) over
   the wall time of steps 2..N. DPO counts chosen + rejected tokens of the policy forward; the reference forward is
   part of the time but not counted again.
-- peak memory: on CUDA `torch.cuda.max_memory_allocated()`; on CPU the child's peak RSS (`ru_maxrss`) minus its RSS
+- peak memory: on CUDA `torch.cuda.max_memory_allocated()`; on CPU the child's peak RSS (`ru_maxrss`, with glibc's
+  mmap threshold fixed at 64 KiB so freed tensors leave the resident set) minus its RSS
   once torch/transformers/TRL/PEFT are imported (model, data, optimizer and activations; the interpreter and
   libraries are the same in both arms), and the total peak RSS.
 - FLOPs: per token 6·N + 12·L·d·s (TRL's `compute_flops_per_token`: N = matmul parameters including the LM head,
@@ -430,7 +431,11 @@ def main() -> int:
             ]
             argv += ["--packing"] * a.packing + ["--no-gc"] * a.no_gc + [f"--trainer={t}" for t in a.trainer]
             start = time.perf_counter()
-            proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # Blocks of 64 KiB and more straight from mmap, in both arms: glibc otherwise raises its mmap threshold
+            # after big frees and serves later tensors from a heap that fragments, which moved one arm's peak RSS by
+            # ±30% between identical runs.
+            env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+            proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             if proc.returncode:
                 print(proc.stderr[-4000:], file=sys.stderr)
                 print(f"arm {arm} failed (exit {proc.returncode})")

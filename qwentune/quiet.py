@@ -35,6 +35,9 @@ def quiet_library_noise() -> None:
     # the old `model.is_gradient_checkpointing`; both aliases work until transformers 6 — nothing for a user to change.
     warnings.filterwarnings("ignore", r"`gradient_checkpointing` is deprecated", FutureWarning)
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+    # TRL 1.16's `disable_gradient_checkpointing` (around DPO's forwards without gradients) calls the old method
+    # names; same aliases, same reason.
+    warnings.filterwarnings("ignore", r"`gradient_checkpointing_(enable|disable)` is deprecated", FutureWarning)
     # tqdm.auto in a notebook without ipywidgets falls back to plain-text bars (which render fine) and warns that
     # the widget is missing; the bars still show progress, and installing ipywidgets is the user's choice.
     warnings.filterwarnings("ignore", r"IProgress not found")
