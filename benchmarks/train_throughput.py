@@ -24,8 +24,7 @@ Measured in each child (the first optimizer step is warm-up and not timed):
 - tokens/s: non-pad tokens of the training forwards (attention_mask sum, or every token of a padding-free row) over
   the wall time of steps 2..N. DPO counts chosen + rejected tokens of the policy forward; the reference forward is
   part of the time but not counted again.
-- peak memory: on CUDA `torch.cuda.max_memory_allocated()`; on CPU the child's peak RSS (`ru_maxrss`, with glibc's
-  mmap threshold fixed at 64 KiB so freed tensors leave the resident set) minus its RSS
+- peak memory: on CUDA `torch.cuda.max_memory_allocated()`; on CPU the child's peak RSS (`ru_maxrss`) minus its RSS
   once torch/transformers/TRL/PEFT are imported (model, data, optimizer and activations; the interpreter and
   libraries are the same in both arms), and the total peak RSS.
 - FLOPs: per token 6·N + 12·L·d·s (TRL's `compute_flops_per_token`: N = matmul parameters including the LM head,
@@ -363,6 +362,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4, help="rows (DPO: pairs) per step")
     parser.add_argument("--packing", action="store_true", help="qwentune arm: sft.packing (padding-free BFD)")
     parser.add_argument("--no-gc", action="store_true", help="qwentune arm: training.gradient_checkpointing false")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="CPU: glibc's MALLOC_MMAP_THRESHOLD_ for both arms, e.g. 65536. Without it glibc raises its threshold "
+        "after big frees and serves later tensors from a heap that fragments: one arm's peak RSS moved by ±30%% "
+        "between identical runs. With it freed tensors leave the resident set (a steadier peak), but every big "
+        "allocation faults in fresh pages, so tokens/s are not comparable with a run without it.",
+    )
     parser.add_argument("--arms", default="qwentune,trl")
     parser.add_argument("--trainer", action="append", default=[], metavar="FIELD=VALUE", help="qwentune arm: trainer:")
     parser.add_argument("--json-out", help="also write the results, FLOPs/token and the qwentune recipe here")
@@ -431,10 +439,9 @@ def main() -> int:
             ]
             argv += ["--packing"] * a.packing + ["--no-gc"] * a.no_gc + [f"--trainer={t}" for t in a.trainer]
             start = time.perf_counter()
-            # Blocks of 64 KiB and more straight from mmap, in both arms: glibc otherwise raises its mmap threshold
-            # after big frees and serves later tensors from a heap that fragments, which moved one arm's peak RSS by
-            # ±30% between identical runs.
-            env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+            env = dict(os.environ)
+            if a.mmap_threshold:  # both arms; see --mmap-threshold
+                env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
             proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             if proc.returncode:
                 print(proc.stderr[-4000:], file=sys.stderr)
