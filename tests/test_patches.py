@@ -16,7 +16,7 @@ from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM
 
 import qwentune
-from qwentune import patches
+from qwentune import patches, patching
 from qwentune.model import lora_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_lean_cpu_fold_installs_on_the_installed_trl_and_restores():
 def test_lean_cpu_fold_falls_back_to_trls_own_fold_and_says_so_once(monkeypatch, capsys, change):
     import trl.kernels.chunked_logprob as chunked
 
-    monkeypatch.setattr(patches, "_said", set())
+    monkeypatch.setattr(patching, "_said", set())
     if change == "missing":
         monkeypatch.delattr(chunked, "_backward_tile")
         expected = "trl.kernels.chunked_logprob._backward_tile is missing"
@@ -244,7 +244,7 @@ def test_dpo_loss_types_are_read_from_the_installed_trl_else_1_16s_said_once(mon
     from trl import DPOConfig
 
     assert patches.trl_dpo_loss_types() == patches.TRL_DPO_LOSSES  # TRL 1.16 documents exactly these
-    monkeypatch.setattr(patches, "_said", set())
+    monkeypatch.setattr(patching, "_said", set())
     field = copy.copy(DPOConfig.__dataclass_fields__["loss_type"])
     field.metadata = types.MappingProxyType({"help": "The loss."})
     monkeypatch.setitem(DPOConfig.__dataclass_fields__, "loss_type", field)
