@@ -215,7 +215,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         continuing=continuing,
     )
     keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
-    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.bf16 or precision.fp16))
+    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
     if d.precompute_ref_log_probs and ref_model is not None:
         trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 

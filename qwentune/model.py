@@ -38,6 +38,11 @@ class Precision:
     def name(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
+    @property
+    def autocast(self) -> bool:
+        """Whether the trainer runs the forward under bf16/fp16 autocast."""
+        return self.bf16 or self.fp16
+
 
 def resolve_precision(model: ModelSection, training: TrainingSection) -> Precision:
     """`training.precision: auto` is bf16 on a GPU that has it, else fp32 (CPU runs opt into bf16 explicitly)."""

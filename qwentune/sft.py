@@ -103,7 +103,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
     )
     keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
-    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.bf16 or precision.fp16))
+    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
 
     def train() -> TrainResult:
         with patched:  # construct, evaluate and train inside the patches; restored before saving and merging

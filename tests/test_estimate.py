@@ -187,7 +187,7 @@ def test_activation_formula_equals_the_tensors_autograd_saves(regime, batch, mid
     if batch > 1:
         mask[1, -5:] = 0
     precision = resolve_precision(recipe.model, recipe.training)
-    with lora_input_cast_off(model, active=precision.bf16):  # as training runs it
+    with lora_input_cast_off(model, active=precision.autocast):  # as training runs it
         measured = saved_tensor_bytes(model, ids, mask, autocast=training["precision"] == "bf16")
 
     est = estimate(recipe, device="cpu")
