@@ -257,17 +257,25 @@ def test_tool_call_rows(name):
         assert kinds["parallel"] >= 8 and kinds["string_args"] == kinds["string_tools"] == 0
 
 
-def _categories(name: str) -> collections.Counter:
-    return collections.Counter(tool_rows.category(row) for row in read_rows(name))
+def _decisions(rows: list[dict]) -> collections.Counter:
+    return collections.Counter(d for row in rows for d in tool_rows.decisions(row))
 
 
-def test_tool_call_categories():
-    """The mix per category; every prefix of the train file has it too (recipes take the first data.limit rows)."""
-    assert _categories("tool_calls.jsonl") == {"single": 240, "parallel": 120, "multi": 80, "no_call": 280,
-                                                "clarify": 40, "clarify_then_call": 40}  # fmt: skip
-    assert _categories("tool_calls_eval.jsonl") == {"single": 16, "parallel": 8, "no_call": 12, "clarify": 4}
-    first = [tool_rows.category(row) for row in read_rows("tool_calls.jsonl")[:64]]
-    assert first.count("no_call") + first.count("clarify") >= 24 and first.count("parallel") >= 6
+def test_tool_call_decisions():
+    """What the assistant does after each user message (call, ask for a missing argument, answer without a call), in
+    the train file and in every prefix of it (recipes take the first data.limit rows); a train row is a session of
+    2-4 requests against one offered tool list (a follow-up turn can add one), a held-out row one request."""
+    train = read_rows("tool_calls.jsonl")
+    assert _decisions(train) == {"call": 1380, "answer": 917, "ask": 229}
+    first_80 = _decisions(train[:80])
+    assert first_80 == {"call": 139, "answer": 86, "ask": 24}, "the Quickstart's 80 rows"
+    requests = collections.Counter(len(tool_rows.decisions(row)) for row in train)
+    assert sum(n for k, n in requests.items() if k >= 2) >= 0.7 * len(train) and max(requests) <= 7
+    held_out = read_rows("tool_calls_eval.jsonl")
+    assert _decisions(held_out) == {"call": 24, "answer": 12, "ask": 4}
+    assert all(len(tool_rows.decisions(row)) == 1 for row in held_out)
+    assert collections.Counter(map(tool_rows.category, held_out)) == {"single": 16, "parallel": 8, "no_call": 12,
+                                                                       "clarify": 4}  # fmt: skip
 
 
 def _schemas(rows: list[dict]) -> dict[str, set[str]]:

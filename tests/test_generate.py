@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import shared_tokenizer, tiny_model_dir
 
-from qwentune.generate import greedy_generate, sequence_logprobs, stop_token_ids
+from qwentune.generate import _cache_name, greedy_generate, prefilled_cache, sequence_logprobs, stop_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,26 @@ def test_batched_equals_one_at_a_time(model_and_tokenizer):
         want.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
     assert one[0] == want
+
+
+def test_prefilled_cache_continues_each_row_as_alone(model_and_tokenizer):
+    """The batch cache built from rows run alone (what batched generation starts from): the last prompt token of each
+    left-padded row then gives the logits of that row's whole prompt run alone. Fails if transformers' cache stops
+    round-tripping through iteration and `DynamicCache(ddp_cache_data=...)`."""
+    model, tok = model_and_tokenizer
+    prompts = _prompts(tok)[:3]
+    cache = prefilled_cache(model, prompts, torch.device("cpu"))
+    width = max(len(p) for p in prompts)
+    assert cache is not None and cache.get_seq_length() == width - 1
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    last = torch.tensor([[p[-1]] for p in prompts])
+    positions = torch.tensor([[len(p) - 1] for p in prompts])
+    logits = model(input_ids=last, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **{_cache_name(): cache}).logits[:, -1]  # fmt: skip
+    for row, p in enumerate(prompts):
+        alone = model(torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(logits[row], alone, atol=1e-5, rtol=1e-5)
+    assert prefilled_cache(model, [prompts[0], prompts[0][:1]], torch.device("cpu")) is None  # a one-token prompt
 
 
 def test_sequence_logprobs_ignore_padding_and_unlabelled(model_and_tokenizer):
