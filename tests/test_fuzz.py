@@ -8,9 +8,7 @@ instead of the quick default.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -21,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_in_process import run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_model_dir
 
-from qwentune import cli
 from qwentune.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,17 +54,6 @@ def workspace(tmp_path_factory) -> Path:
 def _isolated(monkeypatch, workspace):
     monkeypatch.setenv("QWENTUNE_DATA_CACHE", str(workspace / "cache"))
     monkeypatch.delenv("QWENTUNE_DEBUG", raising=False)
-
-
-def run_main(argv: list[str]) -> tuple[int, str]:
-    """`qwentune ARGV` in this process: (exit code, stderr). Any exception but SystemExit propagates: a traceback."""
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, err.getvalue()
 
 
 def assert_clean_exit(code: int, stderr: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_in_process import run_main
 from tiny_models import ROOT, tiny_model_dir
 
 import qwentune
@@ -178,9 +179,11 @@ def test_modelfile_default_system_from_template():
     assert modelfile_text("model.gguf", default_system_prompt(tokenizer("qwen2.5-instruct"))) == GOLDEN.read_text()
 
 
-def _refused(proc: subprocess.CompletedProcess, *words: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+def _refused(proc: subprocess.CompletedProcess | list[str], *words: str) -> None:
+    """A real `qwentune` process, or an argv run in this process: exit 2 and one `error:` line naming *words*."""
+    code, stderr = (proc.returncode, proc.stderr) if isinstance(proc, subprocess.CompletedProcess) else run_main(proc)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1, stderr[-2000:]
     assert lines[0].startswith("error: ") and all(w in lines[0] for w in words), lines[0]
 
 
@@ -197,13 +200,14 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path):
     empty.mkdir()
     (out / "taken.gguf").write_text("old")
 
+    # one real process (exit code and stderr as a shell sees them), the rest in this process
     _refused(qwentune_cli("export", str(adapter), "--gguf", str(out / "a.gguf")), "adapter", "qwentune merge")
-    _refused(qwentune_cli("export", str(run_dir), "--gguf", str(out / "a.gguf")), "no merged/", "qwentune merge")
-    _refused(qwentune_cli("export", str(empty), "--gguf", str(out / "a.gguf")), "without config.json")
-    _refused(qwentune_cli("export", str(tmp_path / "nope"), "--gguf", str(out / "a.gguf")), "does not exist")
-    _refused(qwentune_cli("export", str(model), "--gguf", str(out / "a.gguf"), "--type", "q4"), "--type", "q4")
-    _refused(qwentune_cli("export", str(model), "--gguf", str(out / "taken.gguf")), "already exists", "--force")
-    _refused(qwentune_cli("export", str(model), "--gguf", str(out / "a.bin")), "must end in .gguf")
+    _refused(["export", str(run_dir), "--gguf", str(out / "a.gguf")], "no merged/", "qwentune merge")
+    _refused(["export", str(empty), "--gguf", str(out / "a.gguf")], "without config.json")
+    _refused(["export", str(tmp_path / "nope"), "--gguf", str(out / "a.gguf")], "does not exist")
+    _refused(["export", str(model), "--gguf", str(out / "a.gguf"), "--type", "q4"], "--type", "q4")
+    _refused(["export", str(model), "--gguf", str(out / "taken.gguf")], "already exists", "--force")
+    _refused(["export", str(model), "--gguf", str(out / "a.bin")], "must end in .gguf")
     assert sorted(p.name for p in out.iterdir()) == ["taken.gguf"]
     assert (out / "taken.gguf").read_text() == "old"
 
