@@ -267,8 +267,7 @@ def test_tool_call_decisions():
     2-4 requests against one offered tool list (a follow-up turn can add one), a held-out row one request."""
     train = read_rows("tool_calls.jsonl")
     assert _decisions(train) == {"call": 1380, "answer": 917, "ask": 229}
-    first_80 = _decisions(train[:80])
-    assert first_80 == {"call": 139, "answer": 86, "ask": 24}, "the Quickstart's 80 rows"
+    assert _decisions(train[:96]) == {"call": 166, "answer": 100, "ask": 28}, "the Quickstart's 96 rows"
     requests = collections.Counter(len(tool_rows.decisions(row)) for row in train)
     assert sum(n for k, n in requests.items() if k >= 2) >= 0.7 * len(train) and max(requests) <= 7
     held_out = read_rows("tool_calls_eval.jsonl")
