@@ -338,6 +338,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input (a QwentuneError) is one line on stderr and exit code 2; any other exception is a
     bug, reported in one line with exit code 1. QWENTUNE_DEBUG=1 shows the traceback of either."""
+    from .quiet import quiet_library_noise
+
+    quiet_library_noise()  # before any command imports TRL (and with it bitsandbytes and kernels)
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = os.environ.get("QWENTUNE_DEBUG", "") not in ("", "0")

@@ -1,6 +1,7 @@
 """The one place library noise is hidden: warnings and log lines from the libraries qwentune drives that say nothing a
 user can act on (they are about how qwentune calls the library, already handled). Installed once by the API entry
-points (`qwentune.setup` / `train`); each filter is narrow (one message) and says why it is safe to hide."""
+points (`qwentune.setup` / `train`) and by every `qwentune` command; each filter is narrow (one message) and says why
+it is safe to hide."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class _DropMessages(logging.Filter):
 
 
 _KERNELS_COMMUNITY = _DropMessages("from kernels-community")
+_KERNELS_OFFLINE = _DropMessages("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
 
 
 def quiet_library_noise() -> None:
@@ -30,6 +32,10 @@ def quiet_library_noise() -> None:
     # that it could not load it; the built-in CPU path it then uses is the one qwentune's QLoRA tests run on.
     # Logged once when bitsandbytes imports its CPU backend: the filter is on that logger, set before the import.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNELS_COMMUNITY)
+    # With HF_HUB_OFFLINE=1, `kernels` (a transformers 5.25 dependency, 0.19) logs that it skips the publisher check
+    # of that same repo on this lookup: the repo is bitsandbytes' choice, not the user's, and the lookup then fails
+    # over to the same built-in path. Only that repo's message is hidden.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_KERNELS_OFFLINE)
     # transformers 5 renamed gradient checkpointing to activation checkpointing. TRL's configs still set the old
     # field (qwentune sets it False and enables checkpointing itself, before PEFT wraps the model), and TRL/PEFT read
     # the old `model.is_gradient_checkpointing`; both aliases work until transformers 6 — nothing for a user to change.

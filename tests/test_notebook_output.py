@@ -53,3 +53,11 @@ def test_quiet_hides_the_named_library_messages_only(caplog):
         logger.warning("a real bitsandbytes problem")
     assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
     assert logger.filters.count(logger.filters[0]) == 1
+    offline = logging.getLogger("kernels._internals.hf_hub")
+    with caplog.at_level(logging.WARNING, logger=offline.name):
+        caplog.clear()
+        for repo in ("kernels-community/quantization-bitsandbytes", "someone/their-kernel"):
+            offline.warning("Skipping publisher trust check for '%s' because Hugging Face Hub is offline.", repo)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is offline."
+    ]

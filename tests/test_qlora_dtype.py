@@ -110,7 +110,7 @@ def test_the_trainer_keeps_lora_and_its_optimizer_state_in_fp32(tmp_path, method
         {
             "model": {"source": str(tiny_model_dir(tmp_path))},
             "method": method,
-            "data": {"train": [str(ROOT / data)], "limit": 4, "max_length": 512},
+            "data": {"train": [str(ROOT / data)], "limit": 4, "max_length": 1024},
             "peft": {"method": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
             "training": tiny_training(max_steps=1, precision="bf16", per_device_batch_size=1),
             "output": {"dir": str(tmp_path / "run"), "merge": False, "sample_tokens": 0},
