@@ -121,6 +121,14 @@ def offer(rng: random.Random, pool: list[Tool], needed: list[Tool], kind: str) -
     return chosen
 
 
+def asked(rng: random.Random, pool: list[Tool], tool: Tool | None = None) -> tuple[list[dict], tuple[str, Call], Tool]:
+    """A request missing a required argument and the clarifying question; the user's answer and the call it makes."""
+    tool = tool or rng.choice([t for t in pool if t.vague])
+    template, question, reply = rng.choice(tool.vague)
+    prompt, reply_text, call = fill(tool, rng, template, reply)
+    return said(prompt, question), (reply_text, call), tool
+
+
 def held_out_row(rng: random.Random, kind: str, pool: list[Tool], single_tool: Tool | None = None) -> dict:
     """One request against the tools it needs plus 1-3 others (the held-out split)."""
     if kind in ("single", "parallel"):
@@ -132,10 +140,7 @@ def held_out_row(rng: random.Random, kind: str, pool: list[Tool], single_tool: T
         msgs = called(prompt, calls, as_string=False)
         offered = offer(rng, pool, [next(t for t in pool if t.name == c.name) for c in calls], kind)
     elif kind == "clarify":
-        tool = single_tool or rng.choice([t for t in pool if t.vague])
-        template, question, reply = rng.choice(tool.vague)
-        prompt, _, _ = fill(tool, rng, template, reply)
-        msgs = said(prompt, question)
+        msgs, _, tool = asked(rng, pool, single_tool)
         offered = offer(rng, pool, [tool], kind)
     else:
         related = [t for t in pool if t.near] if kind == "near" else pool
@@ -156,10 +161,7 @@ def exchange(rng: random.Random, kind: str, pool: list[Tool], as_string: bool) -
         tool = rng.choice([t for t in pool if t.near])
         return said(*rng.choice(tool.near)), [tool]
     if kind in ("clarify", "clarify_then_call"):
-        tool = rng.choice([t for t in pool if t.vague])
-        template, question, reply = rng.choice(tool.vague)
-        prompt, reply_text, call = fill(tool, rng, template, reply)
-        msgs = said(prompt, question)
+        msgs, (reply_text, call), tool = asked(rng, pool)
         if kind == "clarify_then_call":
             msgs += called(reply_text, [call], as_string)
         return msgs, [tool]
