@@ -402,8 +402,9 @@ TRANSFORMERS_GGUF = "5.24"  # the transformers release one_gguf_read was written
 def one_gguf_read():
     """transformers parses a GGUF file's metadata again for the config, the tokenizer and the weights (3-4 reads in
     one export check, ~14 s each for Qwen's 151,936-token vocabulary and merges). Within this block every
-    `gguf.GGUFReader(path)` of the same unchanged file returns the one reader made first (read-only memory maps, so
-    sharing it is safe); put back on exit. Written for transformers 5.24, whose `load_gguf_checkpoint` imports
+    `gguf.GGUFReader(path)` of the same unchanged file (same inode, size and mtime: a rename, as the atomic save
+    does after its check, keeps it) returns the one reader made first (read-only memory maps, so sharing it is
+    safe); put back on exit. Written for transformers 5.24, whose `load_gguf_checkpoint` imports
     `GGUFReader` from `gguf` when called; where it no longer does, the reads are left as they are (said once)."""
     import os
 
@@ -423,7 +424,7 @@ def one_gguf_read():
     @_mark
     def shared_reader(path, mode="r"):
         stat = os.stat(path)
-        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, mode)
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, mode)
         if mode != "r":
             return reader_class(path, mode)
         if key not in readers:

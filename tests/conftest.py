@@ -12,6 +12,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one torch thread per worker, not 2 on each core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import functools  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -324,9 +324,12 @@ def test_one_gguf_read_shares_one_reader_per_unchanged_file_and_puts_gguf_back(t
         other = gguf.GGUFReader(_small_gguf(tmp_path / "b.gguf", 2))
         assert other is not first
         _small_gguf(path, 3)  # rewritten: a new reader, not the stale one
-        assert int(gguf.GGUFReader(path).fields["test.value"].parts[-1][0]) == 3
+        rewritten = gguf.GGUFReader(path)
+        assert int(rewritten.fields["test.value"].parts[-1][0]) == 3
+        moved = path.rename(tmp_path / "moved.gguf")  # the atomic save renames the file it checked: same file
+        assert gguf.GGUFReader(moved) is rewritten
     assert gguf.GGUFReader is original
-    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+    assert gguf.GGUFReader(moved) is not gguf.GGUFReader(moved)
 
 
 # --- PEFT's LoRA input cast ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from tiny_models import tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 import qwentune
+from qwentune import patches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +29,10 @@ def _rows(model_dir: Path, limit: int = 6) -> list[dict]:
 
 
 def _summed_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Σ −log p over trained tokens through TRL's fused head (the path training uses), and their count."""
-    out = model(**batch, fused_lm_head=True)
+    """Σ −log p over trained tokens through TRL's fused head as training runs it on CPU (only trained positions
+    projected, qwentune's lean fold), and their count."""
+    with patches.compact_head_on_cpu(), patches.lean_cpu_fold():
+        out = model(**batch, fused_lm_head=True)
     return -out.log_probs.sum(), int(out.label_mask.sum())
 
 
@@ -93,7 +96,8 @@ def test_packed_padding_free_gradients_equal_unpacked(tmp_path):
             batch = DataCollatorForLanguageModeling(pad_token_id=151643, padding_free=True)(list(bins))
         else:
             batch = DataCollatorForLanguageModeling(pad_token_id=151643)(rows)
-        model(**batch, fused_lm_head=True).loss.backward()
+        with patches.compact_head_on_cpu(), patches.lean_cpu_fold():  # as training runs it on CPU
+            model(**batch, fused_lm_head=True).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     unpacked, packed = grads
     assert unpacked.keys() == packed.keys() and unpacked
