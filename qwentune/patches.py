@@ -423,10 +423,10 @@ def one_gguf_read():
 
     @_mark
     def shared_reader(path, mode="r"):
-        stat = os.stat(path)
-        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, mode)
-        if mode != "r":
+        if mode != "r":  # a writable map is never shared (and its file may not exist yet)
             return reader_class(path, mode)
+        stat = os.stat(path)
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if key not in readers:
             readers[key] = reader_class(path, mode)
         return readers[key]

@@ -3,6 +3,7 @@ losses of the unpacked rows: no attention across rows, no row's first token pred
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -28,10 +29,17 @@ def _rows(model_dir: Path, limit: int = 6) -> list[dict]:
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.train]
 
 
-def _summed_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Σ −log p over trained tokens through TRL's fused head as training runs it on CPU (only trained positions
-    projected, qwentune's lean fold), and their count."""
+@contextlib.contextmanager
+def _head_as_training_runs_it_on_cpu():
+    """TRL's fused head with the patches training enters (`patches.trl_for_sft` less its PEFT token-row patch, as
+    these models have no adapter): only trained positions projected, qwentune's lean fold."""
     with patches.compact_head_on_cpu(), patches.lean_cpu_fold():
+        yield
+
+
+def _summed_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Σ −log p over trained tokens through TRL's fused head as training runs it, and their count."""
+    with _head_as_training_runs_it_on_cpu():
         out = model(**batch, fused_lm_head=True)
     return -out.log_probs.sum(), int(out.label_mask.sum())
 
@@ -96,7 +104,7 @@ def test_packed_padding_free_gradients_equal_unpacked(tmp_path):
             batch = DataCollatorForLanguageModeling(pad_token_id=151643, padding_free=True)(list(bins))
         else:
             batch = DataCollatorForLanguageModeling(pad_token_id=151643)(rows)
-        with patches.compact_head_on_cpu(), patches.lean_cpu_fold():  # as training runs it on CPU
+        with _head_as_training_runs_it_on_cpu():
             model(**batch, fused_lm_head=True).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     unpacked, packed = grads
