@@ -46,12 +46,13 @@ class Source:
 
     @property
     def base_dir(self) -> str | None:
-        """Where relative image paths in the rows start: the data file's folder (a save_to_disk dir itself)."""
+        """Where relative image paths in the rows start: the data file's folder (a save_to_disk dir itself), absolute
+        (it is part of the mapped rows' cache key, and the rows hold absolute image paths)."""
         if self.kind == "hub":
             return None
         if self.kind == "memory":
             return str(Path.cwd())  # relative image paths in rows built in Python: from the working dir
-        path = Path(self.path)
+        path = Path(self.path).resolve()
         return str(path if path.is_dir() else path.parent)
 
     @property

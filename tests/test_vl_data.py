@@ -317,6 +317,22 @@ def test_preprocess_writes_the_image_files_with_the_ids(model_dir, images, tmp_p
     assert row["image_sizes"] == [[56, 56], [112, 56]] and row["input_ids"].count(PAD) == 12
 
 
+def test_the_same_relative_data_in_two_folders_gives_each_its_own_images(model_dir, tmp_path, monkeypatch):
+    """A recipe naming `data/d.jsonl` from two checkouts with the same rows: each run's rows hold its own folder's
+    images, not those of the rows cached from the other checkout (the cache key has the absolute data folder)."""
+    monkeypatch.setenv("QWENTUNE_DATA_CACHE", str(tmp_path / "cache"))  # one cache, as on one machine
+    for clone in ("a", "b"):
+        root = tmp_path / clone
+        (root / "data" / "pics").mkdir(parents=True)
+        Image.new("RGB", (56, 56), "red").save(root / "data" / "pics" / "red.png")
+        write_rows(root / "data" / "d.jsonl", [{"messages": [
+            {"role": "user", "content": [image_part("pics/red.png"), {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": "Red."}]}])  # fmt: skip
+        monkeypatch.chdir(root)
+        data = qwentune.prepare(recipe(model_dir, [Path("data/d.jsonl")], root / "run"))
+        assert data.train[0]["image_files"] == [str(root / "data" / "pics" / "red.png")]
+
+
 def test_preview_shows_images_compactly(model_dir, images, tmp_path):
     path = write_rows(tmp_path / "d.jsonl", [two_image_row()])
     shown = qwentune.preview(recipe(model_dir, [path], tmp_path / "run"), rows=1)
