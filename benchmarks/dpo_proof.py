@@ -5,8 +5,8 @@
     python benchmarks/dpo_proof.py training.max_steps=2 data.limit=8  # recipe overrides (a quick smoke run)
 
 Prints, from the run's metrics.json, TRL's eval reward accuracy and mean reward margin before vs after training
-(reference = the base), and `qwentune.evaluate.preference_margin` — summed log p(chosen) − log p(rejected) on the
-held-out pairs — for the base model dir vs the merged model dir, both loaded with plain transformers.
+(reference = the base), and `qwentune.eval.evaluation.preference_margin` — summed log p(chosen) − log p(rejected)
+on the held-out pairs — for the base model dir vs the merged model dir, both loaded with plain transformers.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def main() -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import qwentune
-    from qwentune.evaluate import preference_margin
-    from qwentune.sources import resolve_model
+    from qwentune.eval.evaluation import preference_margin
+    from qwentune.model.sources import resolve_model
 
     recipe = qwentune.load_recipe(args.recipe, args.overrides)
     if args.run_dir:

@@ -1,4 +1,4 @@
-"""Eval generation speed: rows/s of batched left-padded greedy generation (`qwentune.generate.greedy_generate`,
+"""Eval generation speed: rows/s of batched left-padded greedy generation (`qwentune.eval.generate.greedy_generate`,
 batch 8) vs one prompt at a time, on CPU in fp32, on the held-out tool prompts rendered with the official template.
 Also checks that both give the same tokens.
 
@@ -33,9 +33,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qwentune.evaluate import _prompt_ids, collect
-    from qwentune.generate import greedy_generate
-    from qwentune.template import load_template
+    from qwentune.eval.evaluation import _prompt_ids, collect
+    from qwentune.eval.generate import greedy_generate
+    from qwentune.rows.template import load_template
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,7 +44,7 @@ def main() -> None:
 
         path = tiny_model_dir(Path(tempfile.mkdtemp()))
     else:
-        from qwentune.sources import resolve_model
+        from qwentune.model.sources import resolve_model
 
         path = resolve_model("offline:qwen2.5-coder-0.5b-instruct", progress=False).path
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -83,7 +83,7 @@ def _child(variant: str, work: Path) -> dict:
     import transformers  # noqa: F401
     from peft import PeftModel
 
-    from qwentune.export import merge_adapter
+    from qwentune.export.merge import merge_adapter
 
     out = work / f"out-{variant.replace('+', '-')}"
     start = time.time()

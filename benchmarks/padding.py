@@ -27,7 +27,7 @@ def tokenizer_dir(target: Path) -> Path:
     """A model source with the real Qwen2.5 tokenizer, its official instruct template and a config (no weights)."""
     from transformers import AutoTokenizer
 
-    from qwentune.shapes import tiny_config
+    from qwentune.model.shapes import tiny_config
 
     tok = AutoTokenizer.from_pretrained(ROOT / "tests/assets/qwen2.5-tokenizer")
     tok.chat_template = (ROOT / "qwentune/templates/qwen2.5-instruct.jinja").read_text()

@@ -121,8 +121,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from qwentune.render import Rendered, render_batch
-    from qwentune.template import load_template
+    from qwentune.rows.render import Rendered, render_batch
+    from qwentune.rows.template import load_template
 
     tok = AutoTokenizer.from_pretrained(ROOT / "tests" / "assets" / "qwen2.5-tokenizer")
     template = load_template("qwen2.5-instruct")

@@ -7,8 +7,8 @@
     python benchmarks/train_throughput.py --shape 3b --seq 2048 --steps 20                 # GPU; skipped on CPU
     python benchmarks/train_throughput.py --arms qwentune --trainer use_liger_kernel=true  # a `trainer:` field
 
-Models are random-weight copies of the real structure (qwentune.shapes; nothing is downloaded), saved in bf16 as the
-published checkpoints are, with the real tokenizer and the official Qwen2.5 instruct template.
+Models are random-weight copies of the real structure (qwentune.model.shapes; nothing is downloaded), saved in bf16
+as the published checkpoints are, with the real tokenizer and the official Qwen2.5 instruct template.
 
 Arms, one after the other, each in its own child process (so each starts from the same state and one arm's
 monkeypatches, allocator caches and peak memory do not leak into the other):
@@ -66,7 +66,7 @@ def model_dir(shape: str, cache: Path) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from qwentune.shapes import build_model, generation_config, real_config, tiny_config
+    from qwentune.model.shapes import build_model, generation_config, real_config, tiny_config
 
     name = SHAPES[shape]
     config = tiny_config(name) if shape == "tiny" else real_config(name)
@@ -185,7 +185,7 @@ def qwentune_recipe(a, source: Path, rows: Path, out: Path) -> dict:
 
 
 def qwentune_override(text: str) -> tuple[str, object]:
-    from qwentune.recipe import parse_override
+    from qwentune.recipe.load import parse_override
 
     parts, value = parse_override(text)
     return parts[-1], value

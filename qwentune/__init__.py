@@ -11,12 +11,10 @@ scores = qwentune.evaluate(["offline:qwen2.5-coder-0.5b-instruct", result.merged
 print(scores.table())                    # models as columns, with deltas
 """
 
-from . import evaluate as _evaluate_module  # noqa: F401  loaded first, so the function below keeps the name
 from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, setup, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
-from .results import TrainResult
-from .trainrun import Run
+from .training import Run, TrainResult
 
 __all__ = [
     "load_recipe",

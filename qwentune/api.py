@@ -12,8 +12,7 @@ from .errors import QwentuneError
 from .recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
-    from .results import TrainResult
-    from .trainrun import Run
+    from .training import Run, TrainResult
 
 
 def _recipe(recipe: Recipe | str | Path | dict, overrides=None, train_data=None, eval_data=None) -> Recipe:
@@ -35,7 +34,7 @@ def _recipe(recipe: Recipe | str | Path | dict, overrides=None, train_data=None,
 
 def load_model_tokenizer(recipe: Recipe):
     """The tokenizer of the recipe's model source (no weights loaded)."""
-    from .inputs import prepare_inputs
+    from .training import prepare_inputs
 
     return prepare_inputs(recipe, data=False).tokenizer
 
@@ -50,8 +49,8 @@ def prepare(
 ):
     """Render and mask the recipe's data (or `train_data` / `eval_data` given in memory): PreparedData(train, eval,
     reports, template)."""
-    from .inputs import prepare_inputs
     from .quiet import quiet_library_noise
+    from .training import prepare_inputs
 
     quiet_library_noise()
     if limit is not None and limit < 1:
@@ -63,8 +62,8 @@ def preprocess(
     recipe: Recipe | str | Path | dict, output: str | Path, overrides=None, *, limit: int | None = None
 ) -> int:
     """Write the rows training will see as jsonl (atomically); returns the number of rows written."""
-    from .runinfo import public_mode
-    from .vision import IMAGE_COLUMNS
+    from .files import public_mode
+    from .rows import IMAGE_COLUMNS
 
     recipe = _recipe(recipe, overrides)
     output = Path(output)
@@ -104,10 +103,10 @@ def preview(
 ) -> str:
     """Tokens of the first rows with the trained ones highlighted, the data report, and the special tokens in trained
     labels with those whose rows look untrained flagged (read from the embedding tensors only, no model load)."""
-    from .highlight import preview as render_preview
-    from .inputs import prepare_inputs
+    from .data import preview as render_preview
+    from .model import flagged_in_model_files
     from .quiet import quiet_library_noise
-    from .tokens import flagged_in_model_files
+    from .training import prepare_inputs
 
     quiet_library_noise()
     recipe = _recipe(recipe, overrides, train_data, eval_data)
@@ -124,7 +123,7 @@ def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
 
     from .logs import is_main_process
     from .quiet import quiet_library_noise
-    from .runinfo import owned_run_dir, run_dir_for
+    from .training import owned_run_dir, run_dir_for
 
     quiet_library_noise()
     recipe = _recipe(recipe, overrides, train_data, eval_data)
@@ -132,10 +131,10 @@ def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
     try:
         held.enter_context(owned_run_dir(run_dir_for(recipe), is_main=is_main_process()))  # one process per dir
         if recipe.method == "dpo":
-            from .dpo import setup_dpo
+            from .training import setup_dpo
 
             return setup_dpo(recipe, held)
-        from .sft import setup_sft
+        from .training import setup_sft
 
         return setup_sft(recipe, held)
     except BaseException:
@@ -147,12 +146,12 @@ def train(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
     """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model. `setup(...).train()`, except
     that `--resume` on a run killed after training (adapter/ saved, no metrics.json) finishes it without training."""
     from .logs import is_main_process
-    from .runinfo import owned_run_dir, run_dir_for, run_state
+    from .training import owned_run_dir, run_dir_for, run_state
 
     recipe = _recipe(recipe, overrides, train_data, eval_data)
     run_dir = run_dir_for(recipe)
     if recipe.training.resume and run_state(run_dir) == "trained":  # e.g. killed during the merge
-        from .run import finish_trained_run
+        from .training import finish_trained_run
 
         with owned_run_dir(run_dir, is_main=is_main_process()):
             return finish_trained_run(recipe)
@@ -171,7 +170,7 @@ def export_gguf(
 ):
     """Write a GGUF (f16, bf16 or q8_0) for llama.cpp / Ollama from a merged dir, run dir or model source, verified
     against the source (logits, greedy tokens, tokenizer ids); `ollama` also writes a Modelfile. Returns GgufReport."""
-    from .gguf_export import export_gguf as _export_gguf
+    from .serve import export_gguf as _export_gguf
 
     return _export_gguf(model, output, type=type, ollama=ollama, force=force)
 
@@ -179,7 +178,7 @@ def export_gguf(
 def evaluate(models, data, **kwargs):
     """Score one or more models side by side on eval files (tool calls, BFCL, loss, preferences): EvalResult with
     .table(), .markdown(), .metrics, .rows; see `qwentune.evaluate.evaluate` for the keyword arguments."""
-    from .evaluate import evaluate as run_eval
+    from .eval import evaluate as run_eval
 
     return run_eval(models, data, **kwargs)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from .errors import QwentuneError
 
 EPILOG = """\
-overrides: any recipe key as section.key=value after the recipe, e.g.
+overrides: any recipe key as section.key=value anywhere after the command (before or after options), e.g.
   qwentune train recipes/qwen2.5-0.5b-instruct/sft_lora.yaml training.max_steps=20 data.limit=64
+  qwentune preprocess recipes/qwen2.5-0.5b-instruct/sft_lora.yaml --output rows.jsonl data.limit=64
 Values are typed like YAML (ints, floats, bools, [lists]); unknown keys are errors.
 Multi-GPU: accelerate launch --config_file launch/ddp.yaml -m qwentune train RECIPE"""
 
@@ -49,7 +50,7 @@ def _one_recipe(items: list[str]):
 
 
 def cmd_validate(args) -> int:
-    from .validate import validate_recipe
+    from .training import validate_recipe
 
     recipes, overrides = _split(args.items)
     if not recipes:
@@ -93,7 +94,7 @@ def cmd_train(args) -> int:
 def cmd_estimate(args) -> int:
     import json
 
-    from .estimate import estimate
+    from .training import estimate
 
     recipe = _one_recipe(args.items)
     result = estimate(recipe, device=args.device, seq_len=args.seq_len, trainable_token_rows=args.token_rows)
@@ -117,7 +118,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import run_chat
+    from .serve import run_chat
 
     return run_chat(
         args.model,
@@ -131,7 +132,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .push import push
+    from .serve import push
 
     plan = push(args.target, args.repo_id, private=args.private, adapter_only=args.adapter_only, dry_run=args.dry_run)
     if args.dry_run:
@@ -140,7 +141,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .gguf_export import export_gguf
+    from .serve import export_gguf
 
     report = export_gguf(args.model, args.gguf, type=args.type, ollama=args.ollama, force=args.force)
     p = report.parity
@@ -155,9 +156,9 @@ def cmd_export(args) -> int:
 
 def _recipe_eval(target: str):
     """(models, labels, data, template, eval section, run dir) for `qwentune eval RECIPE_OR_RUN_DIR`."""
-    from .inference import is_run_dir
     from .recipe import load_recipe, resolve_path
-    from .runinfo import run_dir_for
+    from .serve import is_run_dir
+    from .training import run_dir_for
 
     path = Path(target)
     recipe = load_recipe(path / "recipe.yaml" if path.is_dir() else path)
@@ -174,7 +175,7 @@ def _recipe_eval(target: str):
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .eval import evaluate
 
     labels, template, output = None, "model", args.output
     models, data = args.models, args.data
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("validate", help="check recipes: schema, model source, data files, template (no weights)")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
@@ -333,6 +334,24 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (hint: {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: positionals (recipe, overrides, models) may sit before, between or after its options,
+    as `parse_intermixed_args` reads them: `train R --resume training.max_steps=5` is `train R training.max_steps=5
+    --resume`. The top-level parser cannot parse intermixed (it has subparsers); its subparsers action calls this
+    parse_known_args, which parses intermixed, whose own two passes come back here and parse plainly."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args's own passes (on Pythons where it calls parse_known_args)
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from tiny_models import shared_tokenizer, tiny_model_dir, tokenizer  # noqa: E402
 
-from qwentune.sources import OFFLINE_EXTRA_HINT, OFFLINE_MODEL, offline_available  # noqa: E402
+from qwentune.model.offline import OFFLINE_EXTRA_HINT, OFFLINE_MODEL, offline_available  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -69,6 +69,6 @@ def offline_model_dir() -> Path:
     """The dequantized offline real model (converted once into the user's qwentune cache, then reused)."""
     if not offline_available():
         pytest.skip(f"needs the offline real model: {OFFLINE_EXTRA_HINT}")
-    from qwentune.sources import resolve_model
+    from qwentune.model.sources import resolve_model
 
     return resolve_model(OFFLINE_MODEL, progress=False).path

@@ -18,7 +18,7 @@ from qwentune.export.merge import innermost, merge_adapter, merge_peft_model, re
 from qwentune.export.outdir import prepare_target
 from qwentune.export.quant import DTYPES
 from qwentune.export.sidecar import image_processor_settings
-from qwentune.quantspec import QuantSpec, dtype_name
+from qwentune.model.quantspec import QuantSpec, dtype_name
 
 
 def merge_model_in_memory(

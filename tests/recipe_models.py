@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwentune.export import QuantSpec
-from qwentune.model import Precision, add_adapter, load_base_model, resolve_precision
+from qwentune.model.loading import Precision, add_adapter, load_base_model, resolve_precision
+from qwentune.model.quantspec import QuantSpec
 
 
 def base_from_recipe(recipe, path: Path, precision: Precision | None = None):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qwentune.bfcl import BfclCase, category_of, check_call, check_case, read_bfcl, standardize, to_tool
 from qwentune.errors import QwentuneError
+from qwentune.eval.bfcl import BfclCase, category_of, check_call, check_case, read_bfcl, standardize, to_tool
 
 AREA = {
     "name": "geometry.area_circle",

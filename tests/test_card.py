@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from fake_runs import TOKEN_REPORT, make_run_dir
 
-from qwentune.card import CardInputs, base_name, build_card, card_for_run
+from qwentune.export.card import CardInputs, base_name, build_card, card_for_run
 
 
 def front_matter(card: str) -> dict:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from tiny_models import shared_tokenizer, tiny_model_dir
 
-from qwentune.chat import Conversation, Generator, handle_line, parse_reply, read_tools
 from qwentune.errors import QwentuneError
-from qwentune.formats import convert
-from qwentune.inference import load_for_inference, resolve_trained
-from qwentune.render import render_conversation
-from qwentune.template import load_template
+from qwentune.rows.formats import convert
+from qwentune.rows.render import render_conversation
+from qwentune.rows.template import load_template
+from qwentune.serve.chat import Conversation, Generator, handle_line, parse_reply, read_tools
+from qwentune.serve.inference import load_for_inference, resolve_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"
@@ -177,7 +177,7 @@ def test_image_prompt_has_one_pad_per_vision_token_and_the_command_runs(tmp_path
     from PIL import Image
     from transformers import AutoTokenizer
 
-    from qwentune.vision import load_image_processor
+    from qwentune.model.vision import load_image_processor
 
     model_dir = tiny_model_dir(tmp_path, "qwen2-vl-2b-instruct")
     image = tmp_path / "red.png"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tiny_models import shared_tokenizer, tiny_model_dir
 
-from qwentune.render import render_conversation
-from qwentune.template import load_template
+from qwentune.rows.render import render_conversation
+from qwentune.rows.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"
@@ -33,7 +33,7 @@ def test_preprocess_writes_exactly_the_rendered_rows(tmp_path):
     raw = [json.loads(line) for line in (ROOT / "data/tool_calls.jsonl").read_text().splitlines()[:5]]
     tok = shared_tokenizer("qwen2.5-instruct")
     template = load_template("qwen2.5-instruct")
-    from qwentune.formats import convert
+    from qwentune.rows.formats import convert
 
     for row, raw_row in zip(rows, raw):
         canon = convert(raw_row, "messages")

@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_models import shared_tokenizer
 
-from qwentune.data import prepare_data as prepare_sections
-from qwentune.datafiles import Unparsed, load_rows
-from qwentune.datamap import DPO_COLUMNS
-from qwentune.datareport import DataReport
+from qwentune.data.highlight import preview
+from qwentune.data.mapped import DPO_COLUMNS
+from qwentune.data.pipeline import prepare_data as prepare_sections
+from qwentune.data.report import DataReport
+from qwentune.data.sources import Unparsed, load_rows
 from qwentune.errors import QwentuneError
-from qwentune.highlight import preview
-from qwentune.recipe import load_recipe
-from qwentune.render import IGNORE_INDEX, render_batch
-from qwentune.template import load_template
+from qwentune.recipe.load import load_recipe
+from qwentune.rows.render import IGNORE_INDEX, render_batch
+from qwentune.rows.template import load_template
 
 WEATHER = {
     "type": "function",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qwentune.evaluate import collect
-from qwentune.toolscore import score_tool_calls
+from qwentune.eval.evaluation import collect
+from qwentune.eval.toolscore import score_tool_calls
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ROLES = {"system", "user", "assistant", "tool"}

@@ -18,9 +18,9 @@ import pytest
 from tiny_models import shared_tokenizer, tiny_model_dir
 
 from qwentune.errors import BadRow, QwentuneError
-from qwentune.fit import length_bound, max_token_bytes
-from qwentune.render import render_batch, render_preference_batch
-from qwentune.template import load_template
+from qwentune.rows.fit import length_bound, max_token_bytes
+from qwentune.rows.render import render_batch, render_preference_batch
+from qwentune.rows.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "QWENTUNE_DEBUG": ""}
@@ -270,7 +270,7 @@ def test_decompression_bomb_png_is_one_counted_bad_row(tmp_path, vl_model):
 
 
 def test_collator_path_turns_a_bomb_into_one_clean_error(tmp_path):
-    from qwentune.vision import opened_image
+    from qwentune.rows.images import opened_image
 
     with pytest.raises(QwentuneError, match=r"cannot use the image \(image_too_large\)"):
         opened_image(str(bomb_png(tmp_path / "bomb.png")))

@@ -15,12 +15,12 @@ from tiny_models import shared_tokenizer, tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM
 
 import qwentune
-import qwentune.patches
+import qwentune.patches.internals
 from qwentune import cli
-from qwentune.formats import convert
-from qwentune.render import render_preference
-from qwentune.template import load_template
-from qwentune.validate import validate_recipe
+from qwentune.rows.formats import convert
+from qwentune.rows.render import render_preference
+from qwentune.rows.template import load_template
+from qwentune.training.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "data/preferences.jsonl"
@@ -69,7 +69,7 @@ def reference_probe(monkeypatch):
     (TRL's own `compute_ref_log_probs`: adapter disabled, "ref" adapter or ref_model) are taken just before and
     just after training."""
     seen: dict = {}
-    make = qwentune.patches.pretokenized_dpo_trainer
+    make = qwentune.patches.internals.pretokenized_dpo_trainer
 
     def probing():
         class Probing(make()):
@@ -85,7 +85,7 @@ def reference_probe(monkeypatch):
 
         return Probing
 
-    monkeypatch.setattr(qwentune.patches, "pretokenized_dpo_trainer", probing)
+    monkeypatch.setattr(qwentune.patches.internals, "pretokenized_dpo_trainer", probing)
     return seen
 
 
@@ -193,7 +193,7 @@ def test_4bit_layers_stay_differentiable_after_an_evaluation(tmp_path):
     import bitsandbytes as bnb
     from recipe_models import base_from_recipe
 
-    from qwentune.recipe import load_recipe
+    from qwentune.recipe.load import load_recipe
 
     model_dir = tiny_model_dir(tmp_path)
     recipe = load_recipe(dpo_recipe(model_dir, tmp_path / "run", peft={"method": "qlora"}))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_models import shared_tokenizer, tiny_model_dir
 
-from qwentune.evaluate import _score_generation, collect, evaluate
+from qwentune.eval.evaluation import _score_generation, collect, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_EVAL = ROOT / "data" / "tool_calls_eval.jsonl"
@@ -84,8 +84,8 @@ def test_random_tiny_model_scores_zero_and_outputs_are_written(tmp_path):
     assert {"prompt", "expected", "got", "verdict", "why"} <= set(row) and row["verdict"] is False and row["why"]
     assert (out / "eval.md").read_text().startswith("## Evaluation")
     sft = next(r for r in saved["rows"]["a"] if r["kind"] == "sft")
-    from qwentune.render import render_conversation
-    from qwentune.template import load_template
+    from qwentune.rows.render import render_conversation
+    from qwentune.rows.template import load_template
 
     tok = shared_tokenizer()
     rendered = render_conversation(rows[1]["messages"], None, tok, load_template("model", tok))
@@ -126,7 +126,7 @@ def test_adapter_dir_loads_base_plus_adapter_unmerged(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qwentune.inference import load_for_inference, resolve_trained
+    from qwentune.serve.inference import load_for_inference, resolve_trained
 
     base = tiny_model_dir(tmp_path)
     torch.manual_seed(0)
@@ -157,8 +157,8 @@ def test_adapter_dir_loads_base_plus_adapter_unmerged(tmp_path):
 def test_after_training_and_recipe_run_dir(tmp_path):
     import shutil
 
-    from qwentune.evaluate import evaluate_after_training
-    from qwentune.recipe import EvalSection
+    from qwentune.eval.evaluation import evaluate_after_training
+    from qwentune.recipe.sections import EvalSection
 
     base = tiny_model_dir(tmp_path)
     run_dir = tmp_path / "run"
@@ -185,8 +185,8 @@ def test_after_training_and_recipe_run_dir(tmp_path):
 def test_notebook_api_name_is_the_function_and_the_module_still_imports():
     code = (
         "import types, qwentune\n"
-        "from qwentune.evaluate import parse_tool_calls, evaluate\n"
-        "import qwentune.toolscore\n"
+        "from qwentune.eval.evaluation import parse_tool_calls, evaluate\n"
+        "import qwentune.eval.toolscore\n"
         "fn = qwentune.evaluate\n"
         "assert fn.__module__ == 'qwentune.api' and not isinstance(fn, types.ModuleType)\n"
         'text = \'<tool_call>{"name": "f", "arguments": {}}</tool_call>\'\n'

@@ -16,8 +16,8 @@ import pytest
 from tiny_models import shared_tokenizer, tiny_model_dir
 
 from qwentune.errors import QwentuneError
-from qwentune.evaluate import _prompt_ids, collect, evaluate
-from qwentune.evalvision import NEEDS_VISION, normalize_answer, score_answer
+from qwentune.eval.evaluation import _prompt_ids, collect, evaluate
+from qwentune.eval.vision import NEEDS_VISION, normalize_answer, score_answer
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("PIL.Image")
@@ -47,9 +47,9 @@ def _write(path: Path, rows: list) -> Path:
 def test_vl_loss_is_the_training_loss_of_the_same_rows(vl_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from qwentune.inputs import prepare_inputs  # what qwentune.prepare and training run
-    from qwentune.recipe import load_recipe
-    from qwentune.vision import vision_collator
+    from qwentune.model.vision import vision_collator
+    from qwentune.recipe.load import load_recipe
+    from qwentune.training.inputs import prepare_inputs  # what qwentune.prepare and training run
 
     text = _write(tmp_path / "text.jsonl", [TEXT_ROW])
     result = evaluate([str(vl_dir)], [SHAPES_EVAL, text], limit=2, max_new_tokens=3, progress=False)
@@ -122,11 +122,12 @@ def test_missing_image_is_a_skipped_row(tmp_path):
 
 
 def test_greedy_reply_equals_chat_generator_and_plain_generate(vl_dir):
-    from qwentune.chat import Conversation, Generator
-    from qwentune.evalvision import greedy_reply, vision_inputs
-    from qwentune.generate import cut_at_stop, stop_token_ids
-    from qwentune.inference import load_for_inference
-    from qwentune.vision import expand_prompt, pixel_inputs
+    from qwentune.eval.generate import cut_at_stop, stop_token_ids
+    from qwentune.eval.vision import greedy_reply, vision_inputs
+    from qwentune.model.vision import pixel_inputs
+    from qwentune.rows.images import expand_prompt
+    from qwentune.serve.chat import Conversation, Generator
+    from qwentune.serve.inference import load_for_inference
 
     model, tok = load_for_inference(str(vl_dir))
     items, _ = collect([SHAPES_EVAL], limit=1)
@@ -151,8 +152,8 @@ def test_greedy_reply_equals_chat_generator_and_plain_generate(vl_dir):
 
 
 def test_adapter_pixel_limits_apply(vl_dir, tmp_path):
-    from qwentune.evalvision import vision_inputs
-    from qwentune.export import write_train_sidecar
+    from qwentune.eval.vision import vision_inputs
+    from qwentune.export.sidecar import write_train_sidecar
 
     tok = shared_tokenizer("qwen2-vl-instruct")
     saved = json.loads((vl_dir / "preprocessor_config.json").read_text())

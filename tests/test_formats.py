@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from qwentune.canonical import drop_nulls, needs_tools, normalize_call, normalize_tools
 from qwentune.errors import BadRow
-from qwentune.formats import convert, detect_file_format, detect_format
-from qwentune.render import IGNORE_INDEX, render_batch, render_preference
-from qwentune.template import load_template
+from qwentune.rows.canonical import drop_nulls, needs_tools, normalize_call, normalize_tools
+from qwentune.rows.formats import convert, detect_file_format, detect_format
+from qwentune.rows.render import IGNORE_INDEX, render_batch, render_preference
+from qwentune.rows.template import load_template
 
 WEATHER = {
     "type": "function",

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_model_dir
 
-from qwentune.recipe import Recipe
+from qwentune.recipe.sections import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/qwen2.5-0.5b-instruct/sft_lora.yaml"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import shared_tokenizer, tiny_model_dir
 
-from qwentune.generate import _cache_name, greedy_generate, prefilled_cache, sequence_logprobs, stop_token_ids
+from qwentune.eval.generate import _cache_name, greedy_generate, prefilled_cache, sequence_logprobs, stop_token_ids
 
 
 @pytest.fixture(scope="module")

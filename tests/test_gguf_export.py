@@ -18,7 +18,7 @@ from tiny_models import ROOT, tiny_model_dir
 
 import qwentune
 from qwentune.errors import QwentuneError
-from qwentune.patches import one_gguf_read
+from qwentune.patches.internals import one_gguf_read
 
 gguf = pytest.importorskip("gguf")
 
@@ -132,7 +132,7 @@ def test_f16_metadata_tensors_and_tokenizer(f16_export):
 def test_q8_0_untied_export_within_its_tolerance(tmp_path):
     import gguf
 
-    from qwentune.gguf_verify import gguf_tolerance
+    from qwentune.serve.gguf_verify import gguf_tolerance
 
     model = tiny_model_dir(tmp_path, "qwen2.5-7b-instruct", **Q8_WIDTHS)  # untied output layer
     with one_gguf_read():  # the export's check, this test and the load-back parse the file's header once (~10 s each)
@@ -155,7 +155,7 @@ def test_bf16_export_same_greedy_tokens(tmp_path):
 
 
 def test_failed_check_leaves_nothing(tmp_path, monkeypatch):
-    import qwentune.gguf_verify as verify
+    import qwentune.serve.gguf_verify as verify
 
     def fail(*args, **kwargs):
         raise QwentuneError("logits differ", where="gguf export check")
@@ -171,7 +171,7 @@ def test_failed_check_leaves_nothing(tmp_path, monkeypatch):
 def test_modelfile_default_system_from_template():
     from tiny_models import tokenizer
 
-    from qwentune.modelfile import default_system_prompt, modelfile_text
+    from qwentune.serve.modelfile import default_system_prompt, modelfile_text
 
     assert default_system_prompt(tokenizer("qwen2.5-instruct")) == (
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -237,7 +237,7 @@ def test_no_write_permission_refused(tmp_path):
 @pytest.mark.skipif(os.environ.get("QWENTUNE_TEST_LLAMA_CPP") != "1", reason="opt-in: QWENTUNE_TEST_LLAMA_CPP=1")
 def test_llama_cpp_runs_the_gguf_with_transformers_greedy_tokens(f16_export):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from qwentune.gguf_verify import SAMPLE_PROMPT
+    from qwentune.serve.gguf_verify import SAMPLE_PROMPT
 
     _, out, _ = f16_export
     report = json.loads((out.parent / "export_report.json").read_text())
@@ -257,7 +257,7 @@ def test_llama_cpp_runs_the_gguf_with_transformers_greedy_tokens(f16_export):
 
 
 def test_run_dir_uses_its_merged_model(tmp_path):
-    from qwentune.gguf_export import model_dir_for_export
+    from qwentune.serve.gguf_export import model_dir_for_export
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -9,7 +9,7 @@ from fake_runs import make_run_dir
 from tiny_models import template_text
 
 from qwentune.errors import QwentuneError
-from qwentune.inference import load_for_inference, resolve_trained
+from qwentune.serve.inference import load_for_inference, resolve_trained
 
 
 def test_run_dir_opens_merged_then_adapter(tmp_path):

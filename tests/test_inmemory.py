@@ -10,10 +10,10 @@ from pathlib import Path
 import datasets
 import pytest
 
-from qwentune.data import prepare_data
+from qwentune.data.pipeline import prepare_data
 from qwentune.errors import QwentuneError
-from qwentune.inmemory import InMemoryData
-from qwentune.recipe import dump_recipe, load_recipe
+from qwentune.recipe.in_memory import InMemoryData
+from qwentune.recipe.load import dump_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = json.loads((ROOT / "data/tools.json").read_text(encoding="utf-8"))

@@ -14,19 +14,14 @@ from merge_oracle import merge_model_in_memory
 from safetensors import safe_open
 
 from qwentune.errors import QwentuneError
-from qwentune.export import (
-    HALF_TOLERANCE_ABS,
-    SIDECAR_NAME,
-    QuantSpec,
-    merge_adapter,
-    read_train_sidecar,
-    write_train_sidecar,
-)
 from qwentune.export.adapter import KeyIndex
 from qwentune.export.checkpoint import meta_skeleton
-from qwentune.export.parity import logits_of
+from qwentune.export.merge import merge_adapter
+from qwentune.export.parity import HALF_TOLERANCE_ABS, logits_of
 from qwentune.export.quant import quant_roundtrip, quantized_module_names
 from qwentune.export.shards import ShardWriter
+from qwentune.export.sidecar import SIDECAR_NAME, read_train_sidecar, write_train_sidecar
+from qwentune.model.quantspec import QuantSpec
 
 parity_mod = importlib.import_module("qwentune.export.parity")
 transformers = pytest.importorskip("transformers")

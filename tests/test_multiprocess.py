@@ -117,9 +117,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, method):
 
 
 def test_each_rank_puts_its_4bit_model_on_its_own_gpu(monkeypatch, tmp_path):
-    from qwentune import model
-    from qwentune.export import QuantSpec
-    from qwentune.recipe import load_recipe
+    from qwentune.model import loading as model
+    from qwentune.model.quantspec import QuantSpec
+    from qwentune.recipe.load import load_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -15,7 +15,7 @@ from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import qwentune
-from qwentune.runinfo import RunDirLock
+from qwentune.training.rundir import RunDirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = json.loads((ROOT / "data/tools.json").read_text(encoding="utf-8"))

@@ -9,8 +9,8 @@ import warnings
 
 import matplotlib
 
-from qwentune.metrics import plot_losses, show_in_notebook
 from qwentune.quiet import quiet_library_noise
+from qwentune.training.metrics import plot_losses, show_in_notebook
 
 
 def test_loss_plot_keeps_the_backend_and_shows_inline_only_under_ipython(tmp_path, capsys):

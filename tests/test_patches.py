@@ -1,6 +1,6 @@
-"""qwentune/patches.py: each reach into TRL/PEFT internals works on the installed versions, is undone when its block
-ends (normally, on an error, and after an in-process `qwentune.train`), and fails loudly when the internal it needs
-is missing or changed (the lean CPU fold, speed only, falls back to TRL's own and says so once)."""
+"""qwentune/patches/internals.py: each reach into TRL/PEFT internals works on the installed versions, is undone when
+its block ends (normally, on an error, and after an in-process `qwentune.train`), and fails loudly when the internal
+it needs is missing or changed (the lean CPU fold, speed only, falls back to TRL's own and says so once)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM
 
 import qwentune
-from qwentune import patches, patching
-from qwentune.model import lora_config
+from qwentune.model.loading import lora_config
+from qwentune.patches import internals as patches
+from qwentune.patches import machinery as patching
 
 ROOT = Path(__file__).resolve().parents[1]
 TC, ETC, IMS, IM_END = 151657, 151658, 151644, 151645  # <tool_call> </tool_call> <|im_start|> <|im_end|>
@@ -311,7 +312,7 @@ def test_one_gguf_read_shares_one_reader_per_unchanged_file_and_puts_gguf_back(t
     import gguf
     from transformers import modeling_gguf_pytorch_utils as loader
 
-    from qwentune.patching import _problem
+    from qwentune.patches.machinery import _problem
 
     # what the patch relies on: transformers' loader still makes its reader through `gguf.GGUFReader` when called
     assert _problem(gguf, "GGUFReader", read_by=(loader, "load_gguf_checkpoint")) is None

@@ -166,7 +166,7 @@ def test_adapter_only_dry_run_names_the_base_not_a_path(tmp_path):
 
 
 def test_staged_json_has_no_machine_paths(tmp_path):
-    from qwentune.push import _stage
+    from qwentune.serve.hub import _stage
 
     run = make_run_dir(tmp_path, source="Qwen/Qwen2.5-0.5B-Instruct")
     staging = tmp_path / "staging"

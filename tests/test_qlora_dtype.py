@@ -12,8 +12,8 @@ from recipe_models import base_from_recipe
 from tiny_models import tiny_model_dir, tiny_training
 
 import qwentune
-from qwentune.export import QuantSpec
-from qwentune.model import add_adapter, lora_config
+from qwentune.model.loading import add_adapter, lora_config
+from qwentune.model.quantspec import QuantSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 4096  # a small vocabulary keeps 2 × 9 CPU steps quick; the rows below stand in for <tool_call>-like ids

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import qwentune
-from qwentune.evaluate import preference_margin, tool_call_accuracy
+from qwentune.eval.evaluation import preference_margin, tool_call_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_RECIPE = ROOT / "recipes/qwen2.5-coder-0.5b-instruct-offline/sft_qlora_tools.yaml"
@@ -35,7 +35,7 @@ def base_accuracy(offline_model_dir):
     return score
 
 
-def _train_tools(tmp_path: Path, fix: str) -> qwentune.run.TrainResult:
+def _train_tools(tmp_path: Path, fix: str) -> qwentune.TrainResult:
     overrides = [
         f"output.dir={tmp_path / ('run-' + fix)}",
         f"peft.train_new_tokens={fix}",

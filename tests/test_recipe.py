@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from qwentune.errors import QwentuneError
-from qwentune.recipe import dump_recipe, load_recipe, parse_override
-from qwentune.recipe_checks import MAXIMUMS, MINIMUMS
-from qwentune.validate import validate_recipe
+from qwentune.recipe.checks import MAXIMUMS, MINIMUMS
+from qwentune.recipe.load import dump_recipe, load_recipe, parse_override
+from qwentune.training.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from qwentune.errors import BadRow, QwentuneError
-from qwentune.fit import fit_row as fit_length
-from qwentune.render import (
+from qwentune.rows.fit import fit_row as fit_length
+from qwentune.rows.render import (
     IGNORE_INDEX,
     Rendered,
     render_batch,
@@ -23,7 +23,7 @@ from qwentune.render import (
     render_preference,
     render_preference_batch,
 )
-from qwentune.template import BUILTIN_TEMPLATES, ChatTemplate, load_template
+from qwentune.rows.template import BUILTIN_TEMPLATES, ChatTemplate, load_template
 
 IM_END = 151645
 SHARED_TEMPLATES = Path("/work/shared/templates")

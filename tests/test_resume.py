@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 from tiny_models import tiny_model_dir, tiny_training
 
-from qwentune.recipe import load_recipe
-from qwentune.resume import latest_checkpoint, recipe_changes
+from qwentune.recipe.load import load_recipe
+from qwentune.training.resume import latest_checkpoint, recipe_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -114,7 +114,7 @@ def test_recipe_changes_ignore_the_resume_keys(tmp_path):
     base = {"model": {"source": "Qwen/Qwen2.5-0.5B-Instruct"}, "data": {"train": "x.jsonl"}}
     first = load_recipe(base)
     again = load_recipe(base, ["training.resume=true", "output.overwrite=true", "output.dir=/moved/run"])
-    from qwentune.recipe import dump_recipe
+    from qwentune.recipe.load import dump_recipe
 
     assert recipe_changes(dump_recipe(first), again) == []
     changed = load_recipe(base, ["training.resume=true", "peft.r=8", "data.train=[y.jsonl]"])

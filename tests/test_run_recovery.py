@@ -20,9 +20,9 @@ from tiny_models import tiny_model_dir, tiny_training
 
 from qwentune.errors import QwentuneError
 from qwentune.export.outdir import staging
-from qwentune.metrics import plot_losses, read_metrics
-from qwentune.resume import COMPLETE_MARKER
-from qwentune.runinfo import LEGACY_STALE_S, remove_stale_staging
+from qwentune.files import LEGACY_STALE_S, remove_stale_staging
+from qwentune.training.metrics import plot_losses, read_metrics
+from qwentune.training.resume import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -16,7 +16,7 @@ import yaml
 from tiny_models import tiny_model_dir, tiny_training
 
 from qwentune.errors import QwentuneError
-from qwentune.runinfo import OWNER_NAME, RunDirLock
+from qwentune.training.rundir import OWNER_NAME, RunDirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -24,7 +24,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_P
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from qwentune.runinfo import RunDirLock
+    from qwentune.training.rundir import RunDirLock
     lock = RunDirLock(sys.argv[1]).acquire()  # held while the object lives
     print("held", flush=True)
     time.sleep(120)

@@ -12,8 +12,8 @@ from tiny_models import tiny_model_dir, tiny_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwentune
-from qwentune.render import render_conversation
-from qwentune.template import load_template
+from qwentune.rows.render import render_conversation
+from qwentune.rows.template import load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 

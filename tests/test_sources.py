@@ -12,10 +12,11 @@ import pytest
 import torch
 from tiny_models import TOKENIZER_DIR, shared_tokenizer, template_text, tiny_model_dir
 
-from qwentune import gguf_source, offline, sources
 from qwentune.errors import QwentuneError
-from qwentune.shapes import SHAPES, build_model, param_count, real_config, tiny_config
-from qwentune.sources import OFFLINE_MODEL, describe_source, resolve_model
+from qwentune.model import gguf_source, offline, sources
+from qwentune.model.offline import OFFLINE_MODEL
+from qwentune.model.shapes import SHAPES, build_model, param_count, real_config, tiny_config
+from qwentune.model.sources import describe_source, resolve_model
 
 OFFLINE_NAME = OFFLINE_MODEL.split(":", 1)[1]
 SMALL_VOCAB = 512  # 509 real Qwen BPE tokens + <|endoftext|>, <|im_start|>, <|im_end|>

@@ -13,7 +13,7 @@ def _loss_and_grads(model_dir, compact: bool):
     import trl.trainer.utils as trl_utils
     from trl.trainer.utils import add_fused_lm_head
 
-    from qwentune import patches
+    from qwentune.patches import internals as patches
 
     with patches.compact_head_on_cpu() if compact else contextlib.nullcontext():  # restored after the block
         assert trl_utils._use_triton(torch.device("cpu")) is compact

@@ -32,7 +32,7 @@ def trl_head():
     `patches.lean_cpu_fold` (entered for the test, restored after it)."""
     import trl.trainer.utils as trl_utils
 
-    from qwentune import patches
+    from qwentune.patches import internals as patches
 
     original = _trl_as_shipped()
     with patches.lean_cpu_fold():

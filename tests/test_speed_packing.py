@@ -13,7 +13,7 @@ from tiny_models import tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 import qwentune
-from qwentune import patches
+from qwentune.patches import internals as patches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Trainable token rows as a small delta (qwentune/token_rows.py, patches.lean_token_rows) against PEFT's own
+"""Trainable token rows as a small delta (qwentune/patches/token_rows.py, patches.lean_token_rows) against PEFT's own
 `trainable_token_indices` path: the same loss, per-token log-probs, rows' and LoRA gradients and merged weights, on
 tied and untied tiny models, through TRL's fused head and the plain logits forward; and no vocabulary-sized copy."""
 
@@ -12,8 +12,8 @@ from tiny_models import tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 import qwentune
-from qwentune import patches
-from qwentune.model import lora_config
+from qwentune.model.loading import lora_config
+from qwentune.patches import internals as patches
 
 ROOT = Path(__file__).resolve().parents[1]
 TC, ETC, IMS, IM_END = 151657, 151658, 151644, 151645

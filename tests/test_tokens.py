@@ -1,5 +1,5 @@
-"""Special tokens the model never learned (qwentune.tokens): the check, the fix (trainable token rows), the merge of
-those rows, and the TRL/PEFT workaround — on tiny models whose `<tool_call>` rows are broken the way the real
+"""Special tokens the model never learned (qwentune.model.tokens): the check, the fix (trainable token rows), the merge
+of those rows, and the TRL/PEFT workaround — on tiny models whose `<tool_call>` rows are broken the way the real
 Qwen2.5-Coder-0.5B-Instruct's are.
 
 The broken model: `<tool_call>`/`</tool_call>` (and 50 unused rows, like the real model's ~3,000) share one row, a
@@ -23,14 +23,8 @@ from transformers import AutoModelForCausalLM
 
 import qwentune
 from qwentune.api import load_model_tokenizer
-from qwentune.model import lora_config
-from qwentune.tokens import (
-    NEAR_COUNT,
-    check_model_files,
-    check_tokens,
-    flagged_in_model_files,
-    text_token_ids,
-)
+from qwentune.model.loading import lora_config
+from qwentune.model.tokens import NEAR_COUNT, check_model_files, check_tokens, flagged_in_model_files, text_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 TC, ETC, IMS, IM_END = 151657, 151658, 151644, 151645  # <tool_call> </tool_call> <|im_start|> <|im_end|>
@@ -204,7 +198,7 @@ def test_auto_starts_flagged_rows_from_their_text_in_sft_only(tmp_path, broken, 
     adapter-disabled base, which the policy must equal at step 0; dpo.py asks for no text start)."""
     from datasets import Dataset
 
-    from qwentune.tokens import prepare_new_token_rows
+    from qwentune.model.tokens import prepare_new_token_rows
 
     model_dir, _, _ = broken(UNTIED)
     model = load(model_dir)

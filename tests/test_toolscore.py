@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from qwentune.evaluate import parse_tool_calls as parse_from_evaluate
-from qwentune.toolscore import parse_tool_calls, score_no_call, score_tool_calls, values_equal
+from qwentune.eval.toolscore import parse_tool_calls, score_no_call, score_tool_calls, values_equal
+from qwentune.eval.toolscore import parse_tool_calls as parse_from_evaluate
 
 WEATHER = {
     "type": "function",

@@ -15,10 +15,10 @@ from tiny_models import tiny_model_dir, tiny_training
 
 import qwentune
 from qwentune.errors import QwentuneError
-from qwentune.recipe import load_recipe
-from qwentune.resume import recipe_changes
-from qwentune.trainer_fields import build_config
-from qwentune.validate import validate_recipe
+from qwentune.recipe.load import load_recipe
+from qwentune.recipe.trainer_fields import build_config
+from qwentune.training.resume import recipe_changes
+from qwentune.training.validate import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"source": "Qwen/Qwen2.5-0.5B-Instruct"}, "data": {"train": "data/tool_calls.jsonl"}}

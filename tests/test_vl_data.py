@@ -15,7 +15,8 @@ from tiny_models import QWEN2_VL_PREPROCESSOR, shared_tokenizer, tiny_model_dir,
 
 import qwentune
 from qwentune.errors import QwentuneError
-from qwentune.vision import ImageSettings, load_image_processor, settings_of, vision_collator
+from qwentune.model.vision import load_image_processor, vision_collator
+from qwentune.rows.images import ImageSettings, settings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, START, END = 151655, 151652, 151653
@@ -286,7 +287,7 @@ def test_truncation_never_cuts_image_tokens(model_dir, images, tmp_path):
 def test_collator_gives_the_pixel_inputs_and_the_model_runs_on_them(model_dir, images, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from qwentune.recipe import load_recipe
+    from qwentune.recipe.load import load_recipe
 
     r = load_recipe(recipe(model_dir, [write_rows(tmp_path / "d.jsonl", [two_image_row()])], tmp_path / "run"))
     text = {"messages": [{"role": "user", "content": "no picture"}, {"role": "assistant", "content": "fine"}]}
@@ -359,7 +360,7 @@ def test_vl_sft_trains_language_lora_only_and_the_merged_model_loads_and_matches
     from safetensors.torch import load_file
     from transformers import Qwen2VLForConditionalGeneration
 
-    from qwentune.vision import pixel_inputs
+    from qwentune.model.vision import pixel_inputs
 
     rows = [two_image_row()] * 4
     r = recipe(model_dir, [write_rows(tmp_path / "d.jsonl", rows)], tmp_path / "run")
@@ -421,7 +422,7 @@ def preference_rows() -> list[dict]:
 
 
 def test_dpo_pairs_with_images_render_exactly_and_collate_pixels_for_both_rows(model_dir, images, tmp_path):
-    from qwentune.recipe import load_recipe
+    from qwentune.recipe.load import load_recipe
 
     path = write_rows(tmp_path / "p.jsonl", preference_rows())
     r = load_recipe(recipe(model_dir, [path], tmp_path / "run") | {"method": "dpo"})

@@ -2,7 +2,7 @@
 with an image, and the merged checkpoint (loads as Qwen2VLForConditionalGeneration, matches base+adapter on an
 image row, carries the image processor with the recipe's pixel limits and the official template).
 
-A tiny Qwen2-VL built from config (qwentune.shapes: real structure and vocabulary, toy widths); images are made
+A tiny Qwen2-VL built from config (qwentune.model.shapes: real structure and vocabulary, toy widths); images are made
 here with Pillow and processed by transformers' Pillow image processor (no torchvision needed)."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from recipe_models import adapter_from_recipe, base_from_recipe
 from tiny_models import template_text, tiny_model_dir
 
 from qwentune.errors import QwentuneError
-from qwentune.export import merge_adapter, write_train_sidecar
-from qwentune.model import lora_targets
-from qwentune.recipe import load_recipe
+from qwentune.export.merge import merge_adapter
+from qwentune.export.sidecar import write_train_sidecar
+from qwentune.model.loading import lora_targets
+from qwentune.recipe.load import load_recipe
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -122,7 +123,7 @@ def test_train_vision_refused_on_a_text_model(tmp_path):
     r = recipe(text_dir, train_vision="all")
     with pytest.raises(QwentuneError, match="no vision tower"):
         base_from_recipe(r, text_dir)
-    from qwentune.validate import _vision_lines
+    from qwentune.training.validate import _vision_lines
 
     with pytest.raises(QwentuneError, match="train_vision"):
         _vision_lines(r, text_dir)

@@ -20,7 +20,7 @@ from PIL import Image
 from tiny_models import tiny_model_dir, tiny_training
 
 import qwentune
-from qwentune.vision import pixel_inputs
+from qwentune.model.vision import pixel_inputs
 
 pytestmark = [pytest.mark.proof, pytest.mark.slow]
 

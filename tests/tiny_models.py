@@ -89,7 +89,7 @@ def _build_root() -> Path:
 @functools.cache
 def _built(name: str, template: str | None, seed: int, frozen_kwargs: tuple[tuple[str, Any], ...]) -> Path:
     """Build one tiny model directory per distinct request, once per session."""
-    from qwentune.shapes import build_model, generation_config, shape, tiny_config
+    from qwentune.model.shapes import build_model, generation_config, shape, tiny_config
 
     facts = shape(name)
     out = _build_root() / f"{name}-{len(list(_build_root().iterdir()))}"
@@ -115,7 +115,7 @@ def tiny_model_dir(
     **tiny_kwargs: Any,
 ) -> Path:
     """A local HF model directory `tmp_path/tiny-<name>` holding a tiny random model with the structure of `name`
-    (see qwentune.shapes.tiny_config; kwargs go there), the real tokenizer, the official template for that model
+    (see qwentune.model.shapes.tiny_config; kwargs go there), the real tokenizer, the official template for that model
     (or `template`), and its generation_config. Built once per session per arguments, then copied (~40 MB)."""
     built = _built(name, template, seed, tuple(sorted(tiny_kwargs.items())))
     target = Path(tmp_path) / f"tiny-{name}"

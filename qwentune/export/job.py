@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QwentuneError
-from ..quantspec import QuantSpec
+from ..model import QuantSpec
 
 MODE_LORA = "lora"
 MODE_QLORA_DEQUANTIZED = "qlora-dequantized"

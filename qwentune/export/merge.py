@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from ..errors import QwentuneError
-from ..sources import resolve_model
+from ..model import QuantSpec, resolve_model
 from .adapter import check_adapter_config
 from .card import write_card
 from .checkpoint import config_dtype, load_model, read_json, untie_config_dict
 from .job import MODE_QLORA_DEQUANTIZED, MergeJob, MergeResult, check_qlora_merge, mode_for
 from .outdir import prepare_target, staging, write_companions, write_report
 from .parity import HALF, choose_parity_rows, logits_of, parity_hold_dtype, parity_image_row, parity_on_dir
-from .quant import QuantSpec, dequantize_modules_inplace, quantized_module_names
+from .quant import dequantize_modules_inplace, quantized_module_names
 from .shards import verify_output
 from .sidecar import image_processor_settings, read_train_sidecar
 from .streaming import streaming_merge

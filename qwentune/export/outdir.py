@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import QwentuneError
-from ..runinfo import make_staging_dir, remove_stale_staging, staging_prefix
-from ..shapes import is_vl
+from ..files import make_staging_dir, public_tree, remove_stale_staging, staging_prefix
+from ..model import is_vl
 from .checkpoint import read_json, text_config
 from .job import MergeJob, MergeResult
 
@@ -43,12 +43,14 @@ def prepare_target(output_dir: str | Path, *, forbidden: list[Path]) -> Path:
 
 @contextlib.contextmanager
 def staging(target: Path) -> Iterator[Path]:
-    """A temp dir beside `target` (`.NAME.tmp-<pid>-…`, mode per umask); on success it replaces `target` (old one
-    moved aside, then deleted). Staging dirs that a killed merge left beside it are removed first, with a note."""
+    """A temp dir beside `target` (`.NAME.tmp-<pid>-…`); on success its files and dirs get the umask's modes and it
+    replaces `target` (old one moved aside, then deleted). Staging dirs that a killed merge left beside it are removed
+    first, with a note."""
     remove_stale_staging(target.parent, target.name)
     tmp = make_staging_dir(target.parent, staging_prefix(target.name))
     try:
         yield tmp
+        public_tree(tmp)  # save_pretrained's weights are 0600 (safetensors writes via a temp file)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

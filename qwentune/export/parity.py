@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import QwentuneError
-from ..shapes import is_vl
+from ..model import is_vl
 from .checkpoint import load_model, text_config
 from .job import MODE_QLORA_DEQUANTIZED, MergeJob
 from .shards import BaseCheckpoint, ShardReader

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from ..quantspec import QuantSpec
-from ..shapes import quant_skip_modules
+from ..model import QuantSpec, quant_skip_modules
 
 DTYPES = {
     "float32": torch.float32,

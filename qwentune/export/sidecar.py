@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QwentuneError
-from ..quantspec import QuantSpec
-from ..runinfo import atomic_write_json
+from ..files import atomic_write_json
+from ..model import QuantSpec
 
 SIDECAR_NAME = "qwentune_train.json"
 SIDECAR_FORMAT = "qwentune-train"

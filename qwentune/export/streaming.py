@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QwentuneError
+from ..model import QuantSpec
 from .adapter import KeyIndex, KeyOps, check_adapter_config, load_adapter_tensors, parse_adapter
 from .card import write_card
 from .checkpoint import config_dtype, load_model, meta_skeleton, read_json, text_config, untie_config_dict
@@ -25,7 +26,7 @@ from .parity import (
     parity_image_row,
     parity_on_dir,
 )
-from .quant import QuantSpec, dequantize_modules_inplace, quant_roundtrip, quantized_module_names
+from .quant import dequantize_modules_inplace, quant_roundtrip, quantized_module_names
 from .shards import BaseCheckpoint, ShardReader, ShardWriter, verify_output
 
 

@@ -1,0 +1,36 @@
+"""Every reach into a library's internals (TRL, PEFT, transformers' GGUF loader) in one place (`internals`), each a
+scoped context manager that checks the release it was written for and puts back what was there; the machinery
+(`machinery`) and the math the patches run (`lean_fold`, `token_rows`). Imports only errors/logs.
+"""
+
+from ..lazy import exports
+
+__all__, __getattr__, __dir__ = exports(
+    __name__,
+    {
+        "internals": (
+            "BACKWARD_TILE",
+            "CHUNKED_FORWARD",
+            "FORWARD_TILE",
+            "LAYER_FIELDS",
+            "PEFT",
+            "PRECOMPUTE_REF_LOGPS",
+            "PREPARE_DATASET",
+            "TRANSFORMERS_GGUF",
+            "TRL",
+            "TRL_DPO_LOSSES",
+            "USE_TRITON",
+            "compact_head_on_cpu",
+            "lean_cpu_fold",
+            "lean_token_rows",
+            "lora_input_cast_off",
+            "one_gguf_read",
+            "peft_output_bias",
+            "pretokenized_dpo_trainer",
+            "trl_dpo_loss_types",
+            "trl_for_dpo",
+            "trl_for_sft",
+        ),
+        "lean_fold": ("CPU_VOCAB_CHUNK",),
+    },
+)

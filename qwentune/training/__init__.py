@@ -1,0 +1,22 @@
+"""Training runs: one script per method (`sft`, `dpo`), what they share (`steps`), the configured Run of
+`qwentune.setup` (`run`), the run dir and its lock (`rundir`), resume after preemption (`resume`), metrics,
+results, the inputs every job starts from (`inputs`), `qwentune validate` and `qwentune estimate`
+(`memory_estimate`).
+"""
+
+from ..lazy import exports
+
+__all__, __getattr__, __dir__ = exports(
+    __name__,
+    {
+        "dpo": ("setup_dpo",),
+        "inputs": ("prepare_inputs",),
+        "memory_estimate": ("estimate",),
+        "results": ("TrainResult",),
+        "run": ("Run",),
+        "rundir": ("owned_run_dir", "run_dir_for", "run_state"),
+        "sft": ("setup_sft",),
+        "steps": ("finish_trained_run",),
+        "validate": ("validate_recipe",),
+    },
+)
