@@ -62,6 +62,7 @@ class Options:
     bases: tuple[str | None, ...] = ()  # per source index: the folder relative image paths start from
     images: ImageSettings | None = None  # a vision model's image token counts; None: rows with images are refused
     max_bytes: int | None = None  # a rendering over this many bytes is over max_length for sure (`fit.length_bound`)
+    dedupe: bool = False  # give each row a `_key`: a hash of its canonical row (data.dedupe)
 
 
 def _bad_cols(reason: str = "", detail: str = "") -> dict:
@@ -92,6 +93,11 @@ def _process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: Chat
             results[i] = bad
             continue
         canonical.append((i, row))
+    keys = [""] * n
+    if opts.dedupe:  # the canonical row, keys sorted: the same conversation in any format or key order
+        for i, row in canonical:
+            text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+            keys[i] = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
     rows = [r for _, r in canonical]
     if opts.method == "dpo":
         rendered = render_preference_batch(rows, tokenizer, template, max_bytes=opts.max_bytes)
@@ -110,6 +116,7 @@ def _process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: Chat
         results[i] = res
     cols = (*(DPO_COLUMNS if opts.method == "dpo" else SFT_COLUMNS), *(IMAGE_COLUMNS if opts.images else ()))
     out: dict[str, list] = {c: [] for c in (*cols, "_truncated", "_bad_reason", "_bad_detail")}
+    out["_key"] = keys
     for res in results:
         if isinstance(res, BadRow):
             values: dict = {c: 0 if c == "length" else [] for c in cols} | {"_truncated": False}
@@ -167,6 +174,7 @@ def _features(method: str, images: bool = False) -> datasets.Features:
             "_truncated": datasets.Value("bool"),
             "_bad_reason": datasets.Value("string"),
             "_bad_detail": datasets.Value("string"),
+            "_key": datasets.Value("string"),
             "_src": datasets.Value("int32"),
             "_row": datasets.Value("int64"),
         }

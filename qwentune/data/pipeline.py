@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from ..errors import BadRow, QwentuneError
 from ..recipe import DataSection
@@ -28,8 +29,9 @@ from ..rows import (
     normalize_tools,
 )
 from .mapped import Options, map_rows
-from .report import EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
-from .sources import Source, check_columns, data_path, read_source, resolve_sources, take_rows
+from .mix import mix
+from .report import DUPLICATE, EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
+from .sources import Source, check_columns, data_path, read_source, resolve_sources, smallest, take_rows
 
 
 @dataclass
@@ -56,13 +58,14 @@ class _Loaded:
 def _load_split(data: DataSection, method: str, base_dir: Path, which: str, limit: int | None) -> list[_Loaded]:
     loaded = []
     for source in resolve_sources(data, base_dir, which):
-        check_columns(source, data.format)
-        read = list(take_rows(read_source(source), limit))
+        forced = source.format or data.format
+        check_columns(source, forced)
+        read = list(take_rows(read_source(source), smallest(limit, source.limit)))
         rows = [(index, text) for index, text in read if text is not None]
         if not rows:
             raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
         texts = (text for _, text in rows if isinstance(text, str))
-        fmt = detect_source_format(texts, data.format, label=source.label, where=source.key)
+        fmt = detect_source_format(texts, forced, label=source.label, where=source.key)
         if method == "dpo" and fmt not in ("preference", "unknown"):
             raise QwentuneError(
                 f"method is dpo but {source.label} is in {fmt} format, not preference pairs",
@@ -118,14 +121,15 @@ def prepare_data(
         eval_limit = min(x for x in (limit, d.eval_limit, 10**12) if x is not None)
         splits = {"train": (train_loaded, None), "eval": (_load_split(d, method, base_dir, "eval", eval_limit), None)}
     elif d.eval_fraction > 0:
-        splits = _fraction_split(train_loaded, d.eval_fraction, d.seed)
+        splits = _fraction_split(train_loaded, d.eval_fraction, d.seed, per_entry=_weighted(train_loaded))
     else:
         splits = {"train": (train_loaded, None)}
     out: dict[str, datasets.Dataset] = {}
     reports: list[DataReport] = []
     for name, (loaded, keep) in splits.items():
+        mixed = name == "train" and _weighted(loaded)
         ds, split_reports = _prepare_split(
-            name, loaded, keep, d, method, tokenizer, template, tools, keep_origin, images
+            name, loaded, keep, d, method, tokenizer, template, tools, keep_origin, images, mixed
         )
         out[name] = ds
         reports += [r for r in split_reports if r.total]  # an eval_fraction may take no row of a file
@@ -135,20 +139,29 @@ def prepare_data(
     return PreparedData(out["train"], out.get("eval"), reports, template, method, images)
 
 
-def _fraction_split(loaded: list[_Loaded], fraction: float, seed: int) -> dict:
-    """A seeded eval split over the raw rows of all train files (before any row is dropped), so it does not move
-    when max_length or the template change."""
-    import numpy as np
+def _weighted(loaded: list[_Loaded]) -> bool:
+    return any(x.source.weight is not None for x in loaded)
 
-    total = sum(len(x.rows) for x in loaded)
-    n_eval = max(1, round(total * fraction))
-    if n_eval >= total:
-        raise QwentuneError(
-            f"data.eval_fraction {fraction} of {total} rows leaves no train rows", where="data.eval_fraction"
-        )
-    chosen = np.random.default_rng(seed).permutation(total)[:n_eval]
-    is_eval = np.zeros(total, dtype=bool)
-    is_eval[chosen] = True
+
+def _fraction_split(loaded: list[_Loaded], fraction: float, seed: int, *, per_entry: bool = False) -> dict:
+    """A seeded eval split over the raw rows of all train files (before any row is dropped), so it does not move
+    when max_length or the template change. `per_entry` (a weighted mix): each data.train entry gives its own
+    share, seeded by (seed, entry), so the mix's entries keep their proportions in both splits."""
+    groups: dict[int, list[int]] = {}  # entry → its rows' positions among all rows read
+    k = 0
+    for x in loaded:
+        groups.setdefault(x.source.entry if per_entry else 0, []).extend(range(k, k + len(x.rows)))
+        k += len(x.rows)
+    is_eval = np.zeros(k, dtype=bool)
+    for entry, positions in groups.items():
+        n_eval = max(1, round(len(positions) * fraction))
+        if n_eval >= len(positions):
+            what = f"data.train[{entry}]'s {len(positions)}" if per_entry else f"{len(positions)}"
+            raise QwentuneError(
+                f"data.eval_fraction {fraction} of {what} rows leaves no train rows", where="data.eval_fraction"
+            )
+        rng = np.random.default_rng([seed, entry] if per_entry else seed)
+        is_eval[np.asarray(positions)[rng.permutation(len(positions))[:n_eval]]] = True
     return {"train": (loaded, ~is_eval), "eval": (loaded, is_eval)}
 
 
@@ -163,6 +176,7 @@ def _prepare_split(
     tools: list | None,
     keep_origin: bool,
     images: ImageSettings | None = None,
+    mixed: bool = False,
 ) -> tuple[datasets.Dataset, list[DataReport]]:
     raw: dict[str, list] = {"_raw": [], "_src": [], "_row": []}
     order: list[tuple[int, int, BadRow | None]] = []  # (source, row index, the BadRow of a line read as bad)
@@ -187,6 +201,7 @@ def _prepare_split(
         bases=tuple(x.source.base_dir for x in loaded),
         images=images,
         max_bytes=length_bound(tokenizer, d.max_length),
+        dedupe=d.dedupe,
     )
     reports = [
         DataReport(
@@ -202,9 +217,12 @@ def _prepare_split(
     reasons = table.column("_bad_reason").to_pylist() if table is not None else []
     details = table.column("_bad_detail").to_pylist() if table is not None else []
     truncated = table.column("_truncated").to_pylist() if table is not None else []
+    keys = table.column("_key").to_pylist() if table is not None and d.dedupe else []
     refuse_tool_rows(reasons, raw, reports, template, tools, split)
     refuse_image_rows(reasons, raw, reports, split)
     kept: list[int] = []
+    kept_src: list[int] = []
+    seen: set[str] = set()  # dedupe: the keys of the rows kept so far (across the split's files)
     m = 0  # the mapped row of the next row read as text
     for src, row, read_bad in order:
         report = reports[src]
@@ -214,10 +232,16 @@ def _prepare_split(
         else:
             reason, detail, cut = reasons[m], details[m], truncated[m]
             m += 1
+            if not reason and keys:
+                if keys[m - 1] in seen:
+                    reason, detail = DUPLICATE, "the same conversation as an earlier row"
+                else:
+                    seen.add(keys[m - 1])
             if not reason:
                 report.kept += 1
                 report.truncated += bool(cut)
                 kept.append(m - 1)
+                kept_src.append(src)
                 continue
         if reason in LENGTH_REASONS and d.overlong == "error":
             raise QwentuneError(
@@ -225,7 +249,7 @@ def _prepare_split(
                 where=report.where(row),
                 hint=f"raise data.max_length ({d.max_length}), or set data.overlong: drop | truncate",
             )
-        if reason not in LENGTH_REASONS and d.bad_rows == "error":
+        if reason not in (*LENGTH_REASONS, DUPLICATE) and d.bad_rows == "error":
             raise QwentuneError(
                 f"bad row ({reason}): {detail}",
                 where=report.where(row),
@@ -238,10 +262,37 @@ def _prepare_split(
     if not kept:
         refuse_empty(reports, len(order), split, d.max_length)
     assert mapped is not None  # some row was kept
-    if len(kept) < len(reasons):
+    if mixed:
+        kept = _mixed(np.asarray(kept, dtype=np.int64), np.asarray(kept_src, dtype=np.int64), loaded, reports, d)
         mapped = mapped.select(kept)
-    drop = ["_truncated", "_bad_reason", "_bad_detail"] + ([] if keep_origin else ["_src", "_row"])
+    elif len(kept) < len(reasons):
+        mapped = mapped.select(kept)
+    drop = ["_truncated", "_bad_reason", "_bad_detail", "_key"] + ([] if keep_origin else ["_src", "_row"])
     return mapped.remove_columns(drop), reports
+
+
+def _mixed(
+    kept: np.ndarray, kept_src: np.ndarray, loaded: list[_Loaded], reports: list[DataReport], d: DataSection
+) -> np.ndarray:
+    """The kept rows drawn into the weighted mix (`mix.mix`), entry after entry; each file's report says how many of
+    its rows were drawn and how many of those were repeats."""
+    entries = sorted({x.source.entry for x in loaded})
+    entry_of = np.asarray([x.source.entry for x in loaded], dtype=np.int64)
+    by_entry = [kept[entry_of[kept_src] == e] for e in entries]
+    weights = [next(x.source.weight for x in loaded if x.source.entry == e) for e in entries]
+    drawn, total = mix(by_entry, weights, d.mix_rows, d.seed, [f"data.train[{e}]" for e in entries])
+    source_of = dict(zip(kept.tolist(), kept_src.tolist()))
+    for picks in drawn:
+        srcs = np.asarray([source_of[p] for p in picks.tolist()], dtype=np.int64)
+        for s in np.unique(srcs).tolist():
+            mine = picks[srcs == s]
+            reports[s].drawn = len(mine)
+            reports[s].repeated = len(mine) - len(np.unique(mine))
+    for report, x in zip(reports, loaded):
+        report.weight = x.source.weight
+        if report.drawn is None:
+            report.drawn = 0
+    return np.concatenate(drawn)
 
 
 __all__ = ["PreparedData", "prepare_data"]

@@ -9,6 +9,7 @@ from ..errors import QwentuneError
 from ..rows import LENGTH_REASONS, ChatTemplate
 
 EXAMPLES_PER_REASON = 3
+DUPLICATE = "duplicate"  # data.dedupe: the same conversation as an earlier row (not a bad row: never an error)
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DataReport:
     index_kind: str = "line"  # "line": 1-based physical line of a .jsonl/.csv file; "row": 0-based row otherwise
     blank_lines: int = 0  # whitespace-only lines (no rows)
     fingerprint: str | None = None  # in-memory data (source is its placeholder): Dataset._fingerprint / sha256
+    weight: float | None = None  # a weighted train mix: the entry's weight
+    drawn: int | None = None  # a weighted train mix: kept rows drawn into it (repeats included)
+    repeated: int = 0  # drawn rows that repeat a row already drawn (the entry's quota is above its rows)
 
     def where(self, index: int) -> str:
         return f"{self.source}:{index}" if self.index_kind == "line" else f"{self.source} row {index}"
@@ -42,6 +46,10 @@ class DataReport:
             head += f", {self.truncated} truncated to max_length"
         if self.blank_lines:
             head += f" ({self.blank_lines} blank line{'s' if self.blank_lines > 1 else ''} not counted as rows)"
+        if self.drawn is not None:
+            head += f"; {self.drawn} drawn into the mix (weight {self.weight:g})"
+            if self.repeated:
+                head += f", {self.repeated} of them repeats (the quota is above the rows kept)"
         lines = [head]
         for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
             shown = ", ".join(

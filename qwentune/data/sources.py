@@ -28,6 +28,10 @@ class Source:
     path: str  # a resolved file/dir path, a hub id, or (memory) the placeholder naming the rows
     split: str | None = None  # for save_to_disk DatasetDicts and hub datasets
     rows: InMemoryData | None = field(default=None, compare=False, repr=False)  # kind memory: the rows
+    entry: int = 0  # which data.train / data.eval entry (a folder entry gives several sources)
+    weight: float | None = None  # the entry's weight in the train mix (None: no mixing)
+    limit: int | None = None  # the entry's own row limit
+    format: str | None = None  # the entry's own format (None: data.format)
 
     @property
     def fingerprint(self) -> str | None:
@@ -72,15 +76,22 @@ def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> 
     out: list[Source] = []
     for i, value in enumerate(getattr(data, which)):
         key = f"data.{which}[{i}]"
+        entry: dict[str, Any] = {"entry": i}
+        if not isinstance(value, (str, InMemoryData)):  # a mapping entry (recipe.DataSource)
+            entry.update(weight=value.weight, limit=value.limit, format=value.format)
+            value, entry_split = value.path, value.split
+        else:
+            entry_split = None
         if isinstance(value, InMemoryData):
-            out.append(Source(key, "memory", value.label, rows=value))
+            out.append(Source(key, "memory", value.label, rows=value, **entry))
             continue
         name, _, split = value.partition("#")
+        split = entry_split or split
         path = data_path(base_dir, name)
         default_split = data.split if which == "train" else None
         if path.is_dir():
             if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-                out.append(Source(key, "disk", str(path), split or default_split))
+                out.append(Source(key, "disk", str(path), split or default_split, **entry))
                 continue
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
             if not files:
@@ -89,7 +100,7 @@ def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> 
                     where=key,
                     hint=f"put {', '.join(DATA_SUFFIXES)} files there, or a dataset saved with save_to_disk",
                 )
-            out += [Source(key, DATA_SUFFIXES[p.suffix.lower()], str(p)) for p in files]
+            out += [Source(key, DATA_SUFFIXES[p.suffix.lower()], str(p), **entry) for p in files]
         elif path.is_file():
             kind = DATA_SUFFIXES.get(path.suffix.lower())
             if kind is None:
@@ -98,9 +109,9 @@ def resolve_sources(data: DataSection, base_dir: Path, which: str = "train") -> 
                     where=key,
                     hint="use .jsonl, .json, .parquet or .csv files, a save_to_disk dir, or a hub dataset id",
                 )
-            out.append(Source(key, kind, str(path)))
+            out.append(Source(key, kind, str(path), **entry))
         elif _looks_like_hub_id(base_dir, name):
-            out.append(Source(key, "hub", name, split or default_split or "validation"))
+            out.append(Source(key, "hub", name, split or default_split or "validation", **entry))
         else:
             raise QwentuneError(
                 f"data file not found: {value}",
@@ -183,6 +194,11 @@ def check_columns(source: Source, forced: str) -> None:
         hint="expected columns `messages`, `conversations`, `instruction`+`output`, `prompt`+`completion` or "
         "`chosen`+`rejected` (rename_column), or force one with data.format (" + ", ".join(FORMATS) + ")",
     )
+
+
+def smallest(*limits: int | None) -> int | None:
+    """The smallest of the limits that are set (None: no limit)."""
+    return min((x for x in limits if x is not None), default=None)
 
 
 def take_rows(
@@ -274,7 +290,7 @@ def load_rows(data: DataSection, base_dir: Path, which: str = "train") -> Iterat
     """(source, row index, raw row) for data.train or data.eval; the row index is the 1-based line of a .jsonl file
     and the 0-based row of other sources. A jsonl line that is not JSON comes as `Unparsed(text, error)`."""
     for source in resolve_sources(data, base_dir, which):
-        for index, text in take_rows(read_source(source), data.limit):
+        for index, text in take_rows(read_source(source), smallest(data.limit, source.limit)):
             if text is None:
                 continue
             if isinstance(text, BadRow):
@@ -296,5 +312,6 @@ __all__ = [
     "load_rows",
     "read_source",
     "resolve_sources",
+    "smallest",
     "take_rows",
 ]

@@ -114,7 +114,40 @@ def check_recipe(recipe: Any, where: str) -> None:
     if recipe.eval.enabled and not (recipe.eval.data or recipe.data.eval):
         fail("eval.enabled", "is true but there is no eval data (eval.data and data.eval are empty)",
              "set eval.data: [data/tool_calls_eval.jsonl], or data.eval")  # fmt: skip
+    _check_mix(recipe.data, fail)
     _check_output_dir(recipe.output.dir, fail)
+
+
+def _check_mix(data: Any, fail) -> None:
+    """Mapping entries of data.train / data.eval: a path each, limits ≥ 1; weights on every train entry or on none,
+    each > 0 (non-finite numbers are refused when read); data.mix_rows only with weights, at least one row each."""
+    for which in ("train", "eval"):
+        for i, entry in enumerate(getattr(data, which)):
+            if not hasattr(entry, "weight"):  # a plain path, or data in memory
+                continue
+            key = f"data.{which}[{i}]"
+            if isinstance(entry.path, str) and not entry.path:
+                fail(f"{key}.path", "is required", "a data file, folder, save_to_disk dir or hub id")
+            if entry.limit is not None and entry.limit < 1:
+                fail(f"{key}.limit", f"must be ≥ 1, got {entry.limit}", "e.g. 1000 (or leave it out for every row)")
+            if which == "eval" and entry.weight is not None:
+                fail(f"{key}.weight", "has no use: eval entries are scored each, not mixed", "remove the weight")
+    weights = [getattr(e, "weight", None) for e in data.train]
+    given = [w for w in weights if w is not None]
+    if given and len(given) < len(weights):
+        i = weights.index(None)
+        fail(f"data.train[{i}]", "has no weight while other data.train entries have one",
+             "give every data.train entry a weight ({path: FILE, weight: 0.2}), or none")  # fmt: skip
+    for i, w in enumerate(weights):
+        if w is not None and w <= 0:
+            fail(f"data.train[{i}].weight", f"must be > 0, got {w}", "e.g. 0.2 (weights are relative)")
+    if data.mix_rows is not None:
+        if not given:
+            fail("data.mix_rows", "sets the rows of a weighted mix, but no data.train entry has a weight",
+                 "write the entries as {path: FILE, weight: W}, or remove data.mix_rows")  # fmt: skip
+        if data.mix_rows < len(weights):
+            fail("data.mix_rows", f"must be at least the number of data.train entries ({len(weights)}), "
+                 f"got {data.mix_rows}", "each entry contributes at least one row")  # fmt: skip
 
 
 def _check_output_dir(template: str, fail) -> None:

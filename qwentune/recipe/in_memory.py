@@ -72,7 +72,7 @@ def _datasets_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 def _is_rows(value: Any) -> bool:
     """A list of rows: it holds a dict and nothing that names a source (a row of the wrong type is a bad row)."""
-    if not isinstance(value, list) or not any(isinstance(r, dict) for r in value):
+    if not isinstance(value, list) or not any(isinstance(r, dict) and not is_entry(r) for r in value):
         return False
     dataset_types, _ = _datasets_types()
     return not any(isinstance(r, (str, InMemoryData, *dataset_types)) for r in value)
@@ -99,16 +99,37 @@ def in_memory_values(value: Any, where: str) -> list | None:
         return None
     out, found = [], False
     for i, item in enumerate(value):
+        if is_entry(item):  # {path: rows_or_dataset_or_path, weight: ...}: the path may be in memory
+            inner = None if isinstance(item["path"], str) else in_memory_values(item["path"], f"{where}[{i}].path")
+            if inner is not None and len(inner) != 1:
+                raise QwentuneError(
+                    f"{where}[{i}].path names several sources", where=where, hint="one Dataset or list of rows each"
+                )
+            found |= inner is not None
+            out.append({**item, "path": inner[0]} if inner is not None else item)
+            continue
         inner = None if isinstance(item, str) else in_memory_values(item, f"{where}[{i}]")
         if isinstance(item, dict):
             raise QwentuneError(
                 f"{where}[{i}] is a row, but {where} also names files",
                 where=where,
-                hint="pass a list of rows alone, or a list of paths / Datasets / lists of rows",
+                hint="pass a list of rows alone, or a list of paths / Datasets / lists of rows / "
+                "{path: ..., weight: ...} entries",
             )
         found |= inner is not None
         out += inner if inner is not None else [item]
     return out if found else None
+
+
+ENTRY_KEYS = ("path", "weight", "limit", "split", "format")  # a data entry written as a mapping (sections.DataSource)
+# Keys that make a dict a row of one of the data formats, never a data entry.
+ROW_KEYS = ("messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected", "text")
+
+
+def is_entry(item: Any) -> bool:
+    """A data.train / data.eval entry written as a mapping (it has `path` and no row keys), not a row; keys it
+    should not have are the recipe's to refuse (did-you-mean)."""
+    return isinstance(item, dict) and "path" in item and not set(item) & set(ROW_KEYS)
 
 
 def stash(value: Any, memory: dict[str, InMemoryData], where: str) -> Any:
@@ -119,11 +140,14 @@ def stash(value: Any, memory: dict[str, InMemoryData], where: str) -> Any:
         return value
     out = []
     for item in found:
+        entry = item if is_entry(item) else None
+        if entry is not None:
+            item = entry["path"]
         if isinstance(item, InMemoryData):
             key = f"{item.label}#{uuid.uuid4().hex}"
             memory[key] = item
             item = key
-        out.append(item)
+        out.append({**entry, "path": item} if entry is not None else item)
     return out
 
 
@@ -137,10 +161,13 @@ def stash_in_memory(source: dict, memory: dict[str, InMemoryData]) -> dict:
 
 
 def public_value(value: Any) -> Any:
-    """An in-memory source as its placeholder text (what recipe.yaml records); anything else unchanged."""
+    """An in-memory source as its placeholder text (what recipe.yaml records), in a mapping entry too (whose unset
+    keys are left out); anything else unchanged."""
     if isinstance(value, list):
         return [public_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items() if v is not None}
     return value.label if isinstance(value, InMemoryData) else value
 
 
-__all__ = ["InMemoryData", "in_memory_values", "public_value", "stash", "stash_in_memory"]
+__all__ = ["ENTRY_KEYS", "InMemoryData", "in_memory_values", "is_entry", "public_value", "stash", "stash_in_memory"]

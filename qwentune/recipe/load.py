@@ -20,7 +20,7 @@ import yaml
 from ..errors import QwentuneError, did_you_mean
 from .checks import MAX_LENGTH_CAP, OUTPUT_DIR_FIELDS, check_recipe  # noqa: F401 - re-exported
 from .in_memory import InMemoryData, public_value, stash, stash_in_memory
-from .sections import NAME_MAX, Recipe
+from .sections import NAME_MAX, DataSource, Recipe
 from .trainer_fields import check_trainer_section
 from .yaml_file import StrictLoader, key_in_message, line_of_key, read_yaml
 
@@ -55,11 +55,17 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check `value` against the annotation `tp`; accept what YAML gets wrong (e.g. `2e-4` read as a string)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if _is_section(tp):  # a mapping inside a list: data.train[0] as {path: ..., weight: ...}
+        return _build(tp, value, key, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        # a mapping tries the mapping types first, so that its error (an unknown key, a bad value) is the one shown
+        ordered = sorted(
+            (a for a in args if a is not type(None)), key=lambda a: not (isinstance(value, dict) and _is_section(a))
+        )
+        for arg in ordered:
             try:
                 return _coerce(value, arg, key, where)
             except QwentuneError as e:
@@ -146,7 +152,7 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
         if value is False and choices and "off" in choices:
             value = "off"  # YAML 1.1 reads a bare `off` as false
         value = _coerce(value, tp, full, where)
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             hint = did_you_mean(str(value), [str(c) for c in choices]) or ""
             raise QwentuneError(
                 f"'{full}' must be one of {', '.join(map(str, choices))}; got {value!r}",
@@ -261,12 +267,19 @@ def load_recipe(
         recipe = _build(Recipe, tree, "", where)
         recipe.path = path
         for which in ("train", "eval"):  # the placeholders back to the objects they stand for
-            setattr(recipe.data, which, [memory.get(v, v) for v in getattr(recipe.data, which)])
+            setattr(recipe.data, which, [_restore(v, memory) for v in getattr(recipe.data, which)])
         check_recipe(recipe, where)
         recipe.trainer = check_trainer_section(recipe.trainer, recipe.method, where=where, overrides=trainer_overrides)
     except QwentuneError as e:
         raise _locate(e, where, path, origin) from None
     return recipe
+
+
+def _restore(entry: Any, memory: dict[str, InMemoryData]) -> Any:
+    """A data entry with its in-memory placeholder (a plain entry, or a mapping entry's path) back to the object."""
+    if isinstance(entry, DataSource):
+        return dataclasses.replace(entry, path=memory.get(entry.path, entry.path))
+    return memory.get(entry, entry)
 
 
 def _locate(error: QwentuneError, where: str, path: Path | None, origin: dict[str, str]) -> QwentuneError:

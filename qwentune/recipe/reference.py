@@ -9,6 +9,7 @@ tests/test_recipe_reference.py fails while the file in docs/ differs from what t
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 import typing
 from pathlib import Path
@@ -33,6 +34,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _entry_type(tp: type) -> type | None:
+    """The mapping type a list key's items may be (data.train: list[str | DataSource]), or None."""
+    if typing.get_origin(tp) is not list:
+        return None
+    inner = typing.get_args(tp)[0]
+    return next((a for a in typing.get_args(inner) if _is_section(a)), None)
+
+
 def _rows(cls: type, prefix: str) -> tuple[list[str], list[tuple[str, type]]]:
     hints = typing.get_type_hints(cls)
     rows, sections = [], []
@@ -41,10 +50,14 @@ def _rows(cls: type, prefix: str) -> tuple[list[str], list[tuple[str, type]]]:
         if _is_section(tp):
             sections.append((prefix + name, tp))
             continue
+        entry = _entry_type(tp)
+        if entry is not None and (prefix + name + "[]", entry) not in sections:
+            sections.append((prefix + name + "[]", entry))
         choices = f.metadata.get("choices")
         allowed = f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else ""
         help_text = f.metadata["help"][0].upper() + f.metadata["help"][1:]
-        rows.append(f"| `{prefix}{name}` | {_type_name(tp)} | {_default(f)} | {_cell(help_text)}.{allowed} |")
+        kind = "list of path or mapping" if _entry_type(tp) is not None else _type_name(tp)
+        rows.append(f"| `{prefix}{name}` | {kind} | {_default(f)} | {_cell(help_text)}.{allowed} |")
     return rows, sections
 
 
@@ -66,7 +79,14 @@ def reference_markdown() -> str:
     while queue:
         prefix, cls, title = queue.pop(0)
         rows, nested = _rows(cls, prefix)
-        for name, tp in nested:
+        entries = [(name, tp) for name, tp in nested if name.endswith("[]")]
+        if entries:  # the items of list keys written as mappings (data.train[], data.eval[]): one table
+            names = " and ".join(f"`{name}`" for name, _ in entries)
+            doc = " ".join(inspect.cleandoc(entries[0][1].__doc__ or "").split())
+            queue.insert(0, (f"{entries[0][0]}.", entries[0][1], f"{names}: {doc}"))
+        for name, tp in reversed(nested):
+            if name.endswith("[]"):
+                continue
             if prefix:  # sections inside a section (peft.quant) follow their parent
                 parent = _fields(cls)[name.rsplit(".", 1)[1]]
                 queue.insert(0, (f"{name}.", tp, f"`{name}:` — {parent.metadata['help']}"))

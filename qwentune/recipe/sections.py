@@ -36,20 +36,39 @@ class ModelSection:
     max_pixels: int | None = key(None, help="Qwen2-VL: most pixels an image is resized to (ignored for text models)")
 
 
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference")
+
+
+@dataclass
+class DataSource:
+    """Entries written as a mapping instead of a plain path, each with its own limit, split and format, and (in
+    data.train) its weight in the mix."""
+
+    path: str = key("", help="a file, folder, save_to_disk dir or hub id (in Python also a Dataset or list of rows)")
+    weight: float | None = key(
+        None, help="share of the mixed train rows (relative to the other entries' weights; all entries or none)"
+    )
+    limit: int | None = key(None, help="only the first N rows of this entry (with data.limit: the smaller)")
+    split: str | None = key(None, help="split of a hub dataset or save_to_disk dir; empty: data.split")
+    format: str | None = key(None, choices=FORMATS, help="row format of this entry; empty: data.format")
+
+
 @dataclass
 class DataSection:
-    train: list[str] = key(
+    train: list[str | DataSource] = key(
         factory=list,
-        help="training data: jsonl/json/parquet/csv files, folders, save_to_disk dirs or hub ids (in Python also "
-        "datasets or lists of rows)",
+        help="training data: jsonl/json/parquet/csv files, folders, save_to_disk dirs or hub ids, as paths or "
+        "mappings (data.train[]); in Python also datasets",
     )
-    eval: list[str] = key(factory=list, help="eval data, same forms as data.train; empty: none or data.eval_fraction")
+    eval: list[str | DataSource] = key(
+        factory=list, help="eval data, same forms as data.train (no weights); empty: none or data.eval_fraction"
+    )
+    mix_rows: int | None = key(
+        None, help="weighted train entries: rows in the mix; empty: the most that repeats no row of any entry"
+    )
+    dedupe: bool = key(False, help="drop exact duplicate rows (same conversation), counted as duplicate")
     eval_fraction: float = key(0.0, help="share of data.train held out for eval when data.eval is empty")
-    format: str = key(
-        "auto",
-        choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference"),
-        help="row format of every data file; auto: detected per file",
-    )
+    format: str = key("auto", choices=FORMATS, help="row format of every data file; auto: detected per file")
     template: str = key(
         "model",
         help="chat template: model (the tokenizer's own), qwen2.5-instruct, qwen2.5-base, qwen2-instruct, "
@@ -73,7 +92,7 @@ class DataSection:
     eval_limit: int | None = key(None, help="only the first N rows of each data.eval file")
     num_proc: int = key(1, help="worker processes that render rows (datasets' map)")
     split: str = key("train", help="split to read from hub datasets and save_to_disk dirs")
-    seed: int = key(42, help="seed of the data.eval_fraction split")
+    seed: int = key(42, help="seed of the data.eval_fraction split and of the weighted mix's draws")
 
 
 @dataclass

@@ -62,14 +62,22 @@ def key_in_message(message: str) -> str | None:
 
 
 def line_of_key(path: Path, key: str) -> int | None:
-    """The 1-based line of `path` where the dotted `key` is written (list indexes ignored), or None."""
-    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    """The 1-based line of `path` where the dotted `key` is written (`data.train[1].weight`: into the list's second
+    item), or None."""
+    parts = [p for p in re.split(r"\.|(\[\d+\])", key) if p]
     try:
         node = yaml.compose(path.read_text(encoding="utf-8-sig"))
     except (yaml.YAMLError, OSError, UnicodeDecodeError):
         return None
     line = None
     for part in parts:
+        if part.startswith("["):
+            index = int(part[1:-1])
+            if not isinstance(node, yaml.SequenceNode) or index >= len(node.value):
+                break
+            node = node.value[index]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key_node, value_node in node.value:

@@ -63,7 +63,8 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
                     rows.append(None)
             if not rows:
                 raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
-            fmt = detect_source_format(texts, recipe.data.format, label=source.label, where=source.key)
+            forced = source.format or recipe.data.format
+            fmt = detect_source_format(texts, forced, label=source.label, where=source.key)
             good = images = 0
             for i, raw in enumerate(rows):
                 try:
