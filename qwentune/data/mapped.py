@@ -75,8 +75,11 @@ def _process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: Chat
     results: list[Any] = [None] * n
     canonical: list[tuple[int, dict]] = []
     images: dict[int, list[ImageFile]] = {}
-    for i, (text, src) in enumerate(zip(batch["_raw"], batch["_src"])):
+    for i, (text, src, read_bad) in enumerate(zip(batch["_raw"], batch["_src"], batch["_read_bad"])):
         fmt, arrow = opts.formats[src]
+        if read_bad:  # a line that could not be read as a row (bad_encoding, csv_malformed)
+            results[i] = BadRow(read_bad, batch["_read_detail"][i])
+            continue
         try:
             try:
                 raw = json.loads(text)
@@ -217,28 +220,33 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(datasets.config.HF_DATASETS_CACHE) / "qwentune"
 
 
-def _fingerprint(raw: dict, opts: Options, tokenizer: Any, template: ChatTemplate) -> str:
+def _fingerprint(digest: str, opts: Options, tokenizer: Any, template: ChatTemplate) -> str:
+    """The mapped rows' cache key: this code, the tokenizer, the template, the options and the raw rows (`digest`)."""
     h = hashlib.sha256()
-    for part in (_code_hash(), _tokenizer_hash(tokenizer), template.name, template.text, dump_row(asdict(opts))):
+    for part in (
+        _code_hash(),
+        _tokenizer_hash(tokenizer),
+        template.name,
+        template.text,
+        dump_row(asdict(opts)),
+        digest,
+    ):
         h.update(part.encode())
-        h.update(b"\0")
-    for text, src, row in zip(raw["_raw"], raw["_src"], raw["_row"]):
-        h.update(f"{src}:{row}:".encode())
-        h.update(text.encode())
         h.update(b"\0")
     return h.hexdigest()[:40]
 
 
 def map_rows(
-    raw: dict, opts: Options, tokenizer: Any, template: ChatTemplate, num_proc: int, split: str
+    base: datasets.Dataset,
+    digest: str,
+    opts: Options,
+    tokenizer: Any,
+    template: ChatTemplate,
+    num_proc: int,
+    split: str,
 ) -> datasets.Dataset:
-    fingerprint = _fingerprint(raw, opts, tokenizer, template)
-    base = datasets.Dataset.from_dict(
-        raw,
-        features=datasets.Features(
-            {"_raw": datasets.Value("large_string"), "_src": datasets.Value("int32"), "_row": datasets.Value("int64")}
-        ),
-    )
+    """`base` (raw rows: `raw.SCHEMA`) rendered by `_process_batch` into a cached Arrow file of its own."""
+    fingerprint = _fingerprint(digest, opts, tokenizer, template)
     cache_file = None
     if datasets.is_caching_enabled():
         folder = cache_dir()
@@ -249,7 +257,7 @@ def map_rows(
         batched=True,
         batch_size=256,
         num_proc=num_proc if num_proc > 1 and len(base) > 1 else None,
-        remove_columns=["_raw"],
+        remove_columns=["_raw", "_read_bad", "_read_detail"],
         features=_features(opts.method, opts.images is not None),
         fn_kwargs={"opts": opts, "tokenizer": tokenizer, "template": template},
         new_fingerprint=fingerprint,

@@ -9,6 +9,7 @@ expanded to its token count, and its file kept in `image_files` for the collator
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,15 @@ from ..rows import (
     LENGTH_REASONS,
     ChatTemplate,
     ImageSettings,
-    detect_source_format,
     length_bound,
     load_template,
     normalize_tools,
 )
 from .mapped import Options, map_rows
 from .mix import mix
+from .raw import RawRows, ReadSource, read_split
 from .report import DUPLICATE, EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
-from .sources import Source, check_columns, data_path, read_source, resolve_sources, smallest, take_rows
+from .sources import data_path, smallest
 
 
 @dataclass
@@ -45,41 +46,6 @@ class PreparedData:
 
 
 # ---------------------------------------------------------------- the pipeline
-
-
-@dataclass
-class _Loaded:
-    source: Source
-    fmt: str
-    rows: list[tuple[int, str | BadRow]]  # (row index, JSON text, or the BadRow of a line that cannot be a row)
-    blank_lines: int = 0  # whitespace-only lines of a jsonl/csv file: no rows, counted in the report
-
-
-def _load_split(data: DataSection, method: str, base_dir: Path, which: str, limit: int | None) -> list[_Loaded]:
-    loaded = []
-    for source in resolve_sources(data, base_dir, which):
-        forced = source.format or data.format
-        check_columns(source, forced)
-        read = list(take_rows(read_source(source), smallest(limit, source.limit)))
-        rows = [(index, text) for index, text in read if text is not None]
-        if not rows:
-            raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
-        texts = (text for _, text in rows if isinstance(text, str))
-        fmt = detect_source_format(texts, forced, label=source.label, where=source.key)
-        if method == "dpo" and fmt not in ("preference", "unknown"):
-            raise QwentuneError(
-                f"method is dpo but {source.label} is in {fmt} format, not preference pairs",
-                where=source.key,
-                hint="DPO needs rows with chosen and rejected (and a prompt)",
-            )
-        if method != "dpo" and fmt == "preference":
-            raise QwentuneError(
-                f"{source.label} holds preference pairs (chosen/rejected) but method is {method}",
-                where=source.key,
-                hint="use method: dpo, or a conversation file for SFT",
-            )
-        loaded.append(_Loaded(source, fmt, rows, len(read) - len(rows)))
-    return loaded
 
 
 def _default_tools(data: DataSection, base_dir: Path) -> list | None:
@@ -114,46 +80,55 @@ def prepare_data(
     model's image settings (`vision.image_settings`); rows then keep their image files and expanded image pads."""
     d = data
     template = load_template(d.template, tokenizer)
-    limit = min((x for x in (limit, d.limit) if x is not None), default=None)
+    limit = smallest(limit, d.limit)
     tools = _default_tools(d, base_dir)
-    train_loaded = _load_split(d, method, base_dir, "train", limit)
-    if d.eval:
-        eval_limit = min(x for x in (limit, d.eval_limit, 10**12) if x is not None)
-        splits = {"train": (train_loaded, None), "eval": (_load_split(d, method, base_dir, "eval", eval_limit), None)}
-    elif d.eval_fraction > 0:
-        splits = _fraction_split(train_loaded, d.eval_fraction, d.seed, per_entry=_weighted(train_loaded))
-    else:
-        splits = {"train": (train_loaded, None)}
-    out: dict[str, datasets.Dataset] = {}
-    reports: list[DataReport] = []
-    for name, (loaded, keep) in splits.items():
-        mixed = name == "train" and _weighted(loaded)
-        ds, split_reports = _prepare_split(
-            name, loaded, keep, d, method, tokenizer, template, tools, keep_origin, images, mixed
-        )
-        out[name] = ds
-        reports += [r for r in split_reports if r.total]  # an eval_fraction may take no row of a file
+    opened: list[RawRows] = []
+    try:
+        train_raw = read_split(d, method, base_dir, "train", limit)
+        opened.append(train_raw)
+        if d.eval:
+            eval_raw = read_split(d, method, base_dir, "eval", smallest(limit, d.eval_limit))
+            opened.append(eval_raw)
+            splits = {"train": (train_raw, None), "eval": (eval_raw, None)}
+        elif d.eval_fraction > 0:
+            is_eval = _fraction_split(train_raw.sources, d.eval_fraction, d.seed, per_entry=_weighted(train_raw))
+            splits = {"train": (train_raw, np.flatnonzero(~is_eval)), "eval": (train_raw, np.flatnonzero(is_eval))}
+        else:
+            splits = {"train": (train_raw, None)}
+        out: dict[str, datasets.Dataset] = {}
+        reports: list[DataReport] = []
+        for name, (raw, rows) in splits.items():
+            mixed = name == "train" and _weighted(raw)
+            ds, split_reports = _prepare_split(
+                name, raw, rows, d, method, tokenizer, template, tools, keep_origin, images, mixed
+            )
+            out[name] = ds
+            reports += [r for r in split_reports if r.total]  # an eval_fraction may take no row of a file
+    finally:
+        for raw in opened:
+            raw.close()
     if not quiet:
         for report in reports:
             print(report.summary(), file=sys.stderr)
     return PreparedData(out["train"], out.get("eval"), reports, template, method, images)
 
 
-def _weighted(loaded: list[_Loaded]) -> bool:
-    return any(x.source.weight is not None for x in loaded)
+def _weighted(raw: RawRows) -> bool:
+    return any(x.source.weight is not None for x in raw.sources)
 
 
-def _fraction_split(loaded: list[_Loaded], fraction: float, seed: int, *, per_entry: bool = False) -> dict:
-    """A seeded eval split over the raw rows of all train files (before any row is dropped), so it does not move
+def _fraction_split(read: list[ReadSource], fraction: float, seed: int, *, per_entry: bool = False) -> np.ndarray:
+    """Which raw rows of the train files (before any row is dropped) form a seeded eval split, so it does not move
     when max_length or the template change. `per_entry` (a weighted mix): each data.train entry gives its own
     share, seeded by (seed, entry), so the mix's entries keep their proportions in both splits."""
-    groups: dict[int, list[int]] = {}  # entry → its rows' positions among all rows read
+    groups: dict[int, list[tuple[int, int]]] = {}  # entry → its files' (first position, rows)
     k = 0
-    for x in loaded:
-        groups.setdefault(x.source.entry if per_entry else 0, []).extend(range(k, k + len(x.rows)))
-        k += len(x.rows)
+    for x in read:
+        groups.setdefault(x.source.entry if per_entry else 0, []).append((k, x.rows))
+        k += x.rows
     is_eval = np.zeros(k, dtype=bool)
-    for entry, positions in groups.items():
+    for entry, spans in groups.items():
+        positions = np.concatenate([np.arange(start, start + n, dtype=np.int64) for start, n in spans])
         n_eval = max(1, round(len(positions) * fraction))
         if n_eval >= len(positions):
             what = f"data.train[{entry}]'s {len(positions)}" if per_entry else f"{len(positions)}"
@@ -161,14 +136,18 @@ def _fraction_split(loaded: list[_Loaded], fraction: float, seed: int, *, per_en
                 f"data.eval_fraction {fraction} of {what} rows leaves no train rows", where="data.eval_fraction"
             )
         rng = np.random.default_rng([seed, entry] if per_entry else seed)
-        is_eval[np.asarray(positions)[rng.permutation(len(positions))[:n_eval]]] = True
-    return {"train": (loaded, ~is_eval), "eval": (loaded, is_eval)}
+        is_eval[positions[rng.permutation(len(positions))[:n_eval]]] = True
+    return is_eval
+
+
+REPORT_COLUMNS = ["_bad_reason", "_bad_detail", "_truncated", "_src", "_row"]
+REPORT_BATCH = 8192  # mapped rows read at a time for the report
 
 
 def _prepare_split(
     split: str,
-    loaded: list[_Loaded],
-    keep: Any,
+    raw: RawRows,
+    rows: np.ndarray | None,
     d: DataSection,
     method: str,
     tokenizer: Any,
@@ -178,27 +157,17 @@ def _prepare_split(
     images: ImageSettings | None = None,
     mixed: bool = False,
 ) -> tuple[datasets.Dataset, list[DataReport]]:
-    raw: dict[str, list] = {"_raw": [], "_src": [], "_row": []}
-    order: list[tuple[int, int, BadRow | None]] = []  # (source, row index, the BadRow of a line read as bad)
-    k = 0
-    for s, item in enumerate(loaded):
-        for index, text in item.rows:
-            if keep is None or keep[k]:
-                order.append((s, index, text if isinstance(text, BadRow) else None))
-                if isinstance(text, str):
-                    raw["_raw"].append(text)
-                    raw["_src"].append(s)
-                    raw["_row"].append(index)
-            k += 1
+    """Map `raw`'s rows (`rows`: the positions of this split, None: all) and account for each: kept, or skipped by
+    reason at its line. The mapped rows are read back in batches from their memory-mapped file."""
     opts = Options(
         method=method,
-        formats=tuple((x.fmt, x.source.arrow) for x in loaded),
+        formats=tuple((x.fmt, x.source.arrow) for x in raw.sources),
         tools=tools,
         system_prompt=d.system_prompt,
         max_length=d.max_length,
         overlong=d.overlong,
         train_on=d.train_on,
-        bases=tuple(x.source.base_dir for x in loaded),
+        bases=tuple(x.source.base_dir for x in raw.sources),
         images=images,
         max_bytes=length_bound(tokenizer, d.max_length),
         dedupe=d.dedupe,
@@ -207,72 +176,95 @@ def _prepare_split(
         DataReport(
             x.source.label, x.fmt, split=split, index_kind=x.source.index_kind, fingerprint=x.source.fingerprint
         )
-        for x in loaded
+        for x in raw.sources
     ]
     if split == "train":  # blank lines belong to the file, counted once
-        for report, x in zip(reports, loaded):
+        for report, x in zip(reports, raw.sources):
             report.blank_lines = x.blank_lines
-    mapped = map_rows(raw, opts, tokenizer, template, d.num_proc, split) if raw["_raw"] else None
-    table = mapped.data if mapped is not None else None
-    reasons = table.column("_bad_reason").to_pylist() if table is not None else []
-    details = table.column("_bad_detail").to_pylist() if table is not None else []
-    truncated = table.column("_truncated").to_pylist() if table is not None else []
-    keys = table.column("_key").to_pylist() if table is not None and d.dedupe else []
-    refuse_tool_rows(reasons, raw, reports, template, tools, split)
-    refuse_image_rows(reasons, raw, reports, split)
-    kept: list[int] = []
-    kept_src: list[int] = []
+    base, digest = raw.dataset, raw.digest
+    if rows is not None:
+        base = base.select(rows)
+        digest = hashlib.sha256(digest.encode() + rows.tobytes()).hexdigest()
+    if not len(base):
+        refuse_empty(reports, 0, split, d.max_length)
+    mapped = map_rows(base, digest, opts, tokenizer, template, d.num_proc, split)
+    table = mapped.data
+    refuse_tool_rows(_first_with(table, "tools_unsupported"), len(mapped), reports, template, tools, split)
+    refuse_image_rows(_first_with(table, "images_unsupported"), len(mapped), reports, split)
+    kept_parts: list[np.ndarray] = []
+    src_parts: list[np.ndarray] = []
     seen: set[str] = set()  # dedupe: the keys of the rows kept so far (across the split's files)
-    m = 0  # the mapped row of the next row read as text
-    for src, row, read_bad in order:
-        report = reports[src]
-        report.total += 1
-        if read_bad is not None:
-            reason, detail = read_bad.reason, read_bad.detail
-        else:
-            reason, detail, cut = reasons[m], details[m], truncated[m]
-            m += 1
-            if not reason and keys:
-                if keys[m - 1] in seen:
+    position = 0
+    columns = REPORT_COLUMNS + (["_key"] if d.dedupe else [])
+    for batch in table.select(columns).to_batches(max_chunksize=REPORT_BATCH):
+        cols = batch.to_pydict()
+        keys = cols.get("_key")
+        kept: list[int] = []
+        kept_src: list[int] = []
+        for i, (reason, detail, cut, src, row) in enumerate(zip(*(cols[c] for c in REPORT_COLUMNS))):
+            report = reports[src]
+            report.total += 1
+            if not reason and keys is not None:
+                if keys[i] in seen:
                     reason, detail = DUPLICATE, "the same conversation as an earlier row"
                 else:
-                    seen.add(keys[m - 1])
+                    seen.add(keys[i])
             if not reason:
                 report.kept += 1
                 report.truncated += bool(cut)
-                kept.append(m - 1)
+                kept.append(position + i)
                 kept_src.append(src)
                 continue
-        if reason in LENGTH_REASONS and d.overlong == "error":
-            raise QwentuneError(
-                f"row is too long ({reason}: {detail})",
-                where=report.where(row),
-                hint=f"raise data.max_length ({d.max_length}), or set data.overlong: drop | truncate",
-            )
-        if reason not in (*LENGTH_REASONS, DUPLICATE) and d.bad_rows == "error":
-            raise QwentuneError(
-                f"bad row ({reason}): {detail}",
-                where=report.where(row),
-                hint="fix the row, or set data.bad_rows: skip to count and skip such rows",
-            )
-        report.skipped[reason] = report.skipped.get(reason, 0) + 1
-        examples = report.examples.setdefault(reason, [])
-        if len(examples) < EXAMPLES_PER_REASON:
-            examples.append((row, detail))
-    if not kept:
-        refuse_empty(reports, len(order), split, d.max_length)
-    assert mapped is not None  # some row was kept
+            _count_skipped(report, row, reason, detail, d)
+        position += batch.num_rows
+        kept_parts.append(np.asarray(kept, dtype=np.int64))
+        src_parts.append(np.asarray(kept_src, dtype=np.int64))
+    kept_all = np.concatenate(kept_parts) if kept_parts else np.zeros(0, dtype=np.int64)
+    if not len(kept_all):
+        refuse_empty(reports, len(mapped), split, d.max_length)
     if mixed:
-        kept = _mixed(np.asarray(kept, dtype=np.int64), np.asarray(kept_src, dtype=np.int64), loaded, reports, d)
-        mapped = mapped.select(kept)
-    elif len(kept) < len(reasons):
-        mapped = mapped.select(kept)
+        kept_all = _mixed(kept_all, np.concatenate(src_parts), raw.sources, reports, d)
+        mapped = mapped.select(kept_all)
+    elif len(kept_all) < len(mapped):
+        mapped = mapped.select(kept_all)
     drop = ["_truncated", "_bad_reason", "_bad_detail", "_key"] + ([] if keep_origin else ["_src", "_row"])
     return mapped.remove_columns(drop), reports
 
 
+def _first_with(table: Any, reason: str) -> tuple[int, int, int] | None:
+    """(rows with `reason`, the first one's source, its line/row), or None when no row has it."""
+    import pyarrow.compute as pc
+
+    hits = pc.equal(table.column("_bad_reason"), reason)
+    count = pc.sum(hits).as_py() or 0
+    if not count:
+        return None
+    first = pc.index(hits, True).as_py()
+    return count, table.column("_src")[first].as_py(), table.column("_row")[first].as_py()
+
+
+def _count_skipped(report: DataReport, row: int, reason: str, detail: str, d: DataSection) -> None:
+    """A skipped row counted by reason (its first lines kept as examples); an error where the policy says so."""
+    if reason in LENGTH_REASONS and d.overlong == "error":
+        raise QwentuneError(
+            f"row is too long ({reason}: {detail})",
+            where=report.where(row),
+            hint=f"raise data.max_length ({d.max_length}), or set data.overlong: drop | truncate",
+        )
+    if reason not in (*LENGTH_REASONS, DUPLICATE) and d.bad_rows == "error":
+        raise QwentuneError(
+            f"bad row ({reason}): {detail}",
+            where=report.where(row),
+            hint="fix the row, or set data.bad_rows: skip to count and skip such rows",
+        )
+    report.skipped[reason] = report.skipped.get(reason, 0) + 1
+    examples = report.examples.setdefault(reason, [])
+    if len(examples) < EXAMPLES_PER_REASON:
+        examples.append((row, detail))
+
+
 def _mixed(
-    kept: np.ndarray, kept_src: np.ndarray, loaded: list[_Loaded], reports: list[DataReport], d: DataSection
+    kept: np.ndarray, kept_src: np.ndarray, loaded: list[ReadSource], reports: list[DataReport], d: DataSection
 ) -> np.ndarray:
     """The kept rows drawn into the weighted mix (`mix.mix`), entry after entry; each file's report says how many of
     its rows were drawn and how many of those were repeats."""

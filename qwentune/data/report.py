@@ -66,16 +66,21 @@ class DataReport:
 
 
 def refuse_tool_rows(
-    reasons: list[str], raw: dict, reports: list[DataReport], template: ChatTemplate, tools: list | None, split: str
+    first: tuple[int, int, int] | None,
+    total: int,
+    reports: list[DataReport],
+    template: ChatTemplate,
+    tools: list | None,
+    split: str,
 ) -> None:
     """Rows with tools on a template without tool support: one error up front. Training a tool dataset on such a
-    template is a configuration mistake, and skipping would silently train on whatever rows have no tools."""
-    hits = [i for i, r in enumerate(reasons) if r == "tools_unsupported"]
-    if not hits:
+    template is a configuration mistake, and skipping would silently train on whatever rows have no tools.
+    `first`: (how many rows, the first one's source, its line/row), or None."""
+    if first is None:
         return
-    src, row = raw["_src"][hits[0]], raw["_row"][hits[0]]
+    count, src, row = first
     raise QwentuneError(
-        f"{len(hits)} of {len(reasons)} {split} rows use tools (tool schemas, calls or results), but chat template "
+        f"{count} of {total} {split} rows use tools (tool schemas, calls or results), but chat template "
         f"'{template.name}' has no tool support",
         where="data.tools" if tools else reports[src].where(row),
         hint="use a template with tools (data.template: qwen2.5-instruct) or data without tools; "
@@ -83,14 +88,13 @@ def refuse_tool_rows(
     )
 
 
-def refuse_image_rows(reasons: list[str], raw: dict, reports: list[DataReport], split: str) -> None:
+def refuse_image_rows(first: tuple[int, int, int] | None, total: int, reports: list[DataReport], split: str) -> None:
     """Rows with images for a text model: a configuration mistake, one error up front (never trained without them)."""
-    hits = [i for i, r in enumerate(reasons) if r == "images_unsupported"]
-    if not hits:
+    if first is None:
         return
-    src, row = raw["_src"][hits[0]], raw["_row"][hits[0]]
+    count, src, row = first
     raise QwentuneError(
-        f"{len(hits)} of {len(reasons)} {split} rows have images, but the model is not a vision model",
+        f"{count} of {total} {split} rows have images, but the model is not a vision model",
         where=reports[src].where(row),
         hint="use a Qwen2-VL model (recipes/qwen2-vl-2b-instruct/) or data without images",
     )
