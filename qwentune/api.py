@@ -177,7 +177,9 @@ def export_gguf(
 
 def evaluate(models, data, **kwargs):
     """Score one or more models side by side on eval files (tool calls, BFCL, loss, preferences): EvalResult with
-    .table(), .markdown(), .metrics, .rows; see `qwentune.evaluate.evaluate` for the keyword arguments."""
+    .table(), .markdown(), .metrics, .rows. `turns="all"` scores every assistant turn of a row with tools (one prompt
+    per turn); `pairs="OUT.jsonl"` writes the model's misses on training rows as DPO pairs (`samples=K`,
+    `temperature=T`, `seed=S` to sample more replies); see `qwentune.eval.evaluation.evaluate` for every keyword."""
     from .eval import evaluate as run_eval
 
     return run_eval(models, data, **kwargs)

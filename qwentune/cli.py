@@ -182,6 +182,12 @@ def cmd_eval(args) -> int:
     limit, batch_size, max_new_tokens = args.limit, args.batch_size, args.max_new_tokens
     one = Path(models[0])
     if not data and len(models) == 1 and (one.suffix in (".yaml", ".yml") or (one / "recipe.yaml").is_file()):
+        if args.pairs is not None:
+            raise QwentuneError(
+                "scores the recipe's eval split, and pairs are never mined from the eval split",
+                where=str(one),
+                hint="qwentune eval MODEL --data TRAIN_FILE --pairs OUT.jsonl (the training rows, or a split of them)",
+            )
         models, labels, data, template, section, run_dir = _recipe_eval(models[0])
         limit = limit if limit is not None else section.limit
         batch_size = batch_size or section.batch_size
@@ -190,11 +196,15 @@ def cmd_eval(args) -> int:
     if not data:
         raise QwentuneError("no eval data", where="command line", hint="qwentune eval MODEL [MODEL ...] --data FILE")
     result = evaluate(models, data, limit=limit, batch_size=batch_size or 8, max_new_tokens=max_new_tokens or 256,
-                      output=output, bfcl_answers=args.bfcl_answers, template=template, labels=labels)  # fmt: skip
+                      output=output, bfcl_answers=args.bfcl_answers, template=template, labels=labels,
+                      turns=args.turns, pairs=args.pairs, samples=args.samples or 0, temperature=args.temperature,
+                      seed=args.seed)  # fmt: skip
     print(result.table())
     print(result.summary())
     if output:
         print(f"wrote {Path(output) / 'eval.json'} and {Path(output) / 'eval.md'}", file=sys.stderr)
+    if result.pairs is not None:
+        print(result.pairs.line(), file=sys.stderr)
     return 0
 
 
@@ -310,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="prompts generated together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens per reply (default 256)")
     p.add_argument("--output", "-o", default=None, help="write eval.json and eval.md into this dir")
+    p.add_argument("--turns", choices=("first", "all"), default="first",
+                   help="score each row's first assistant turn (default) or every one: a prompt per turn, the "
+                   "history up to it")  # fmt: skip
+    p.add_argument("--pairs", default=None, metavar="OUT.jsonl",
+                   help="write every wrong tool-call / no-call reply as a DPO pair (chosen: the expected turn, "
+                   "rejected: the reply); mine training rows, never the eval split")  # fmt: skip
+    p.add_argument("--samples", type=_at_least(1, "number of samples"), default=None, metavar="K",
+                   help="with --pairs: also sample K replies per turn to find more misses")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=None, help="for --samples (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="for --samples: turn i is sampled with seed+i (default 0)")
     p.set_defaults(func=cmd_eval)
     return parser
 

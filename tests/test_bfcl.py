@@ -114,7 +114,7 @@ def _write(path, rows):
     return path
 
 
-def test_read_files_and_refuse_mismatched_ids(tmp_path):
+def test_read_files_and_refuse_a_question_without_an_answer(tmp_path):
     q = [
         {"id": "simple_0", "question": [[{"role": "user", "content": "area of r=5"}]], "function": [AREA]},
         {"id": "simple_1", "question": [[{"role": "user", "content": "area of r=2"}]], "function": [AREA]},
@@ -132,9 +132,53 @@ def test_read_files_and_refuse_mismatched_ids(tmp_path):
     with pytest.raises(QwentuneError) as err:
         read_bfcl(questions, bad)
     assert "row 2" in str(err.value) and "simple_1" in str(err.value)
-    only_extra = _write(
+    assert [c.id for c in read_bfcl(questions, bad, limit=1)] == ["simple_0"]  # only scored questions need one
+    extra = _write(  # more answers than questions (one answer file for a subset): fine, in any order
         tmp_path / "extra.json",
-        [*map(lambda r: {"id": r["id"], "ground_truth": [TRUTH]}, q), {"id": "x_9", "ground_truth": []}],
+        [{"id": "x_9", "ground_truth": []}, *({"id": r["id"], "ground_truth": [TRUTH]} for r in reversed(q))],
     )
-    with pytest.raises(QwentuneError, match=r"extra.json row 3.*x_9"):
-        read_bfcl(questions, only_extra)
+    assert [c.ground_truth for c in read_bfcl(questions, extra)] == [[TRUTH], [TRUTH]]
+
+
+def _bfcl_files(folder, answer_ids):
+    """A question file and its possible-answer file named and shaped as BFCL ships them: `.json` files holding JSON
+    Lines, one compact object a line, the answers in `possible_answer/`; and an irrelevance file (no answers)."""
+    q = [
+        {"id": f"simple_{k}", "question": [[{"role": "user", "content": f"area of a circle of radius {k + 2}"}]],
+         "function": [AREA]}
+        for k in range(2)
+    ]  # fmt: skip
+    (folder / "possible_answer").mkdir(parents=True)
+    questions = folder / "BFCL_v3_simple.json"
+    questions.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in q))
+    answers = folder / "possible_answer" / "BFCL_v3_simple.json"
+    truth = {"geometry.area_circle": {"radius": [2.0], "units": ["cm", ""]}}
+    answers.write_text("".join(json.dumps({"id": f"simple_{k}", "ground_truth": [truth]}) + "\n" for k in answer_ids))
+    irrelevance = folder / "BFCL_v3_irrelevance.json"  # no possible answers: the model must not call
+    irrelevance.write_text(json.dumps({"id": "irrelevance_0", "question": [[{"role": "user", "content": "Hi"}]],
+                                       "function": [AREA]}) + "\n")  # fmt: skip
+    return questions, answers, irrelevance
+
+
+def test_cli_scores_bfcl_files_as_shipped(tmp_path, tiny_model_path):
+    from cli_in_process import run_main
+
+    questions, answers, irrelevance = _bfcl_files(tmp_path / "all", [2, 1, 0])  # an extra id, another order
+    out = tmp_path / "out"
+    model = ["eval", str(tiny_model_path), "--max-new-tokens", "2", "--output", str(out)]
+    code, err = run_main(
+        [*model, "--data", str(questions), "--data", str(irrelevance), "--bfcl-answers", str(answers)]
+    )
+    assert code == 0, err
+    metrics = json.loads((out / "eval.json").read_text())["metrics"][str(tiny_model_path)]
+    assert metrics["bfcl simple"] == {"correct": 0, "total": 2} and metrics["bfcl irrelevance"]["total"] == 1
+    assert metrics["bfcl overall"]["total"] == 3
+    questions, answers, _ = _bfcl_files(tmp_path / "subset", [0, 2])  # simple_1 has no answer
+    code, err = run_main([*model, "--data", str(questions), "--bfcl-answers", str(answers), "--limit", "1"])
+    assert code == 0, err  # it is not scored
+    metrics = json.loads((out / "eval.json").read_text())["metrics"][str(tiny_model_path)]
+    assert metrics["bfcl simple"] == {"correct": 0, "total": 1}
+    code, err = run_main([*model, "--data", str(questions), "--bfcl-answers", str(answers)])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert f"{questions} row 2: id 'simple_1' has no possible answer" in lines[0]

@@ -1,5 +1,6 @@
 """`qwentune eval`: models side by side on the same rows (`evaluation`), tool-call and BFCL scoring (`toolscore`,
-`bfcl`), Qwen2-VL rows (`vision`), batched generation (`generate`) and the result table (`table`).
+`bfcl`), Qwen2-VL rows (`vision`), batched generation (`generate`), the result table (`table`) and preference
+pairs mined from a model's misses (`pairs`).
 """
 
 from ..lazy import exports
@@ -19,5 +20,6 @@ __all__, __getattr__, __dir__ = exports(
             "summarize",
             "tool_call_accuracy",
         ),
+        "pairs": ("MinedPairs",),
     },
 )

@@ -1,7 +1,8 @@
 """`qwentune eval`: measure what a tune did, one or more models side by side on the same rows.
 
 Each row is scored by its kind, found with the same format detection and official-template rendering as training
-(the prompt is exactly what the model was trained to continue):
+(the prompt is exactly what the model was trained to continue); `turns="all"` (`--turns all`) scores every assistant
+turn of a row with tools, one prompt per turn (the history up to it), instead of the first only:
   tool_call   the first assistant turn makes calls: greedy reply scored by `toolscore` (exact match + breakdown)
   no_call     a row with tools whose first assistant turn makes no call: did the model refrain
   bfcl        a BFCL question file (+ --bfcl-answers): BFCL's AST rules per category (`bfcl`)
@@ -12,6 +13,7 @@ Each row is scored by its kind, found with the same format detection and officia
               rendered and collated as training does, and exact match of the greedy reply on short answers
               (`evalvision`); with a text-only model they are skipped (`images_need_a_vision_model`). Preference
               rows with images are not scored yet (skipped, `images_not_supported`).
+With `pairs` (`--pairs OUT.jsonl`), every wrong tool-call / no-call reply becomes a DPO preference pair (`pairs`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import BadRow, QwentuneError
 from ..files import atomic_write_text
 from ..rows import ChatTemplate, ImageFile, convert, detect_format, load_template, row_images
 from .bfcl import BfclCase, check_case, is_bfcl_row, read_bfcl
+from .pairs import PAIRABLE, Miss, check_mining, mine_pairs
 from .table import EvalResult
 from .toolscore import parse_tool_calls, reference_calls, score_tool_calls
 from .vision import NEEDS_VISION, score_vl_rows, summarize_vl, vision_inputs
@@ -45,6 +48,8 @@ class Item:
     raw: dict | None = None  # the canonical row (sft: messages + tools; preference: prompt/chosen/rejected/tools)
     sample: bool = False  # an sft row that also gets a greedy sample
     images: list[ImageFile] = field(default_factory=list)  # vl: every image of the row, in template order
+    turn: int = 1  # which assistant turn of the row is the reference (1-based)
+    reply: dict | None = None  # tool_call / no_call: the expected assistant message (a pair's `chosen`)
 
 
 @dataclass
@@ -63,8 +68,10 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise QwentuneError(f"not valid JSON: {exc.msg}", where=f"{path} line {exc.lineno}") from None
-        return list(enumerate(data if isinstance(data, list) else [data], 1))
+            if exc.msg != "Extra data":  # else JSON Lines in a .json file, as BFCL ships its files: read line by line
+                raise QwentuneError(f"not valid JSON: {exc.msg}", where=f"{path} line {exc.lineno}") from None
+        else:
+            return list(enumerate(data if isinstance(data, list) else [data], 1))
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -79,8 +86,19 @@ def _has_images(messages: list[dict]) -> bool:
     return any(isinstance(m.get("content"), list) for m in messages)
 
 
-def _item(file: str, n: int, raw: Any) -> Item:
-    """The scoreable item of one data row; raises BadRow with the reason it is not."""
+TURNS = ("first", "all")
+
+
+def _after_a_question(messages: list[dict], i: int) -> bool:
+    """Message i is an assistant turn that training trains, answering a user message or tool results."""
+    m = messages[i]
+    return m["role"] == "assistant" and i > 0 and messages[i - 1]["role"] in ("user", "tool") and m.get("train", True)
+
+
+def _items(file: str, n: int, raw: Any, turns: str = "first") -> list[Item]:
+    """The scoreable items of one data row: its first assistant turn, or with turns="all" one item per assistant
+    turn of a row with tools (the history up to the turn as its prompt; loss, image and preference rows stay one
+    item: their loss covers every trained turn). Raises BadRow with the reason there is none."""
     fmt = detect_format(raw)
     if fmt is None:
         raise BadRow("unknown_format", "no messages/conversations/instruction/prompt+completion/chosen+rejected keys")
@@ -88,7 +106,7 @@ def _item(file: str, n: int, raw: Any) -> Item:
     if fmt == "preference":
         if _has_images(row["prompt"]):
             raise BadRow("images_not_supported")
-        return Item(file, n, "preference", row["prompt"], row.get("tools"), raw=row)
+        return [Item(file, n, "preference", row["prompt"], row.get("tools"), raw=row)]
     messages = row["messages"]
     turn = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
     if turn is None or turn == 0:
@@ -96,22 +114,36 @@ def _item(file: str, n: int, raw: Any) -> Item:
     prompt, reply = messages[:turn], messages[turn]
     if _has_images(messages):  # opened and sized now: a missing image is a skipped row, as in training's report
         images = row_images(row, str(Path(file).parent))
-        return Item(file, n, "vl", prompt, row.get("tools"), reply.get("content"), raw=row, images=images)
-    if row.get("tools"):
-        calls = reference_calls(reply)
-        return Item(file, n, "tool_call" if calls else "no_call", prompt, row["tools"], calls)
-    return Item(file, n, "sft", prompt, None, reply.get("content"), raw=row)
+        return [Item(file, n, "vl", prompt, row.get("tools"), reply.get("content"), raw=row, images=images)]
+    if not row.get("tools"):
+        return [Item(file, n, "sft", prompt, None, reply.get("content"), raw=row)]
+    picked = [turn] if turns == "first" else [i for i in range(len(messages)) if _after_a_question(messages, i)]
+    if not picked:
+        raise BadRow("no_expected_turn", "no trained assistant turn answers a user message or tool results")
+    out = []
+    for i in picked:
+        calls = reference_calls(messages[i])
+        k = sum(m["role"] == "assistant" for m in messages[: i + 1])
+        out.append(Item(file, n, "tool_call" if calls else "no_call", messages[:i], row["tools"], calls, turn=k,
+                        reply=messages[i]))  # fmt: skip
+    return out
 
 
-def collect(data: list[str | Path], *, bfcl_answers: str | Path | None = None, limit: int | None = None):
-    """(items, skipped) from the eval files: at most `limit` scoreable rows per file. Raises QwentuneError when no
-    file holds anything scoreable."""
+def collect(data: list[str | Path], *, bfcl_answers: str | Path | None = None, limit: int | None = None,
+            turns: str = "first", mining: bool = False):  # fmt: skip
+    """(items, skipped) from the eval files: at most `limit` scoreable rows per file, each its first assistant turn
+    or (turns="all") one item per assistant turn. Raises QwentuneError when no file holds anything scoreable, and
+    when `mining` (pairs) on a BFCL file."""
+    if turns not in TURNS:
+        raise QwentuneError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}", where="turns")
     items: list[Item] = []
     skipped: list[Skipped] = []
     for path in map(Path, data):
         rows = _read_rows(path)
         if rows and is_bfcl_row(rows[0][1]):
-            cases = read_bfcl(path, bfcl_answers)[:limit]
+            if mining:
+                raise QwentuneError("BFCL is an evaluation set: no pairs are mined from it", where=str(path))
+            cases = read_bfcl(path, bfcl_answers, limit=limit)
             items += [Item(str(path), k, "bfcl", c.messages, c.tools, c) for k, c in enumerate(cases, 1)]
             continue
         taken = sft = 0
@@ -119,14 +151,15 @@ def collect(data: list[str | Path], *, bfcl_answers: str | Path | None = None, l
             if limit is not None and taken >= limit:
                 break
             try:
-                item = _item(str(path), n, raw)
+                row_items = _items(str(path), n, raw, turns)
             except BadRow as bad:
                 reason = "no_expected_turn" if bad.reason == "no_assistant_turn" else bad.reason
                 skipped.append(Skipped(str(path), n, reason))
                 continue
-            if item.kind == "sft":
-                item.sample, sft = sft < SFT_SAMPLES, sft + 1
-            items.append(item)
+            for item in row_items:
+                if item.kind == "sft":
+                    item.sample, sft = sft < SFT_SAMPLES, sft + 1
+            items += row_items
             taken += 1
     if not items:
         _nothing_scoreable(skipped, data)
@@ -180,9 +213,10 @@ def _score_model(
 
     chat = template if isinstance(template, ChatTemplate) else load_template(template, tokenizer)
     records: list[dict] = [
-        {"file": it.file, "row": it.row, "kind": it.kind, "prompt": it.prompt[-1].get("content") if it.prompt else ""}
+        {"file": it.file, "row": it.row, "turn": it.turn, "kind": it.kind,
+         "prompt": it.prompt[-1].get("content") if it.prompt else ""}
         for it in items
-    ]
+    ]  # fmt: skip
     gen = [i for i, it in enumerate(items) if it.kind in ("tool_call", "no_call", "bfcl") or it.sample]
     outputs = greedy_generate(
         model, tokenizer, [_prompt_ids(items[i], tokenizer, chat.text) for i in gen],
@@ -195,6 +229,7 @@ def _score_model(
         if isinstance(expected, BfclCase):
             expected = expected.ground_truth
         records[i].update(expected=expected, got=text, verdict=verdict.pop("ok"), why=verdict.pop("why"), **verdict)
+        records[i]["_ids"] = ids  # the reply's tokens, for mining pairs; never written out
     sft = [i for i, it in enumerate(items) if it.kind == "sft"]
     rendered = render_batch([items[i].raw for i in sft], tokenizer, chat, train_on=train_on)
     pairs = [i for i, it in enumerate(items) if it.kind == "preference"]
@@ -269,14 +304,50 @@ def summarize(records: list[dict]) -> dict[str, dict]:
     return out | summarize_vl(records)
 
 
+def _misses(model: Any, tokenizer: Any, items: list[Item], records: list[dict], chat: ChatTemplate, *, samples: int,
+            temperature: float, seed: int, max_new_tokens: int, progress: bool) -> tuple[list[Miss], int]:  # fmt: skip
+    """The wrong replies of the tool-call / no-call turns: the greedy ones, and with `samples` that many sampled
+    replies per turn (prompt i seeded with seed + i). Returns (misses, turns generated for)."""
+    from .generate import sample_generate
+
+    turns = [i for i, it in enumerate(items) if it.kind in PAIRABLE]
+    prompts = {i: _prompt_ids(items[i], tokenizer, chat.text) for i in turns}
+    misses = []
+    for i in turns:
+        r = records[i]
+        if r["verdict"] is False:
+            misses.append(
+                Miss(items[i], r["got"], r["_ids"], r["why"], prompts[i], cut=len(r["_ids"]) >= max_new_tokens)
+            )
+    if samples:
+        sampled = sample_generate(model, tokenizer, [prompts[i] for i in turns], samples=samples,
+                                  temperature=temperature, seed=seed, max_new_tokens=max_new_tokens,
+                                  progress=progress)  # fmt: skip
+        for k, (i, replies) in enumerate(zip(turns, sampled)):
+            for j, ids in enumerate(replies):
+                text = tokenizer.decode(ids, skip_special_tokens=False)
+                verdict = _score_generation(items[i], text)
+                if not verdict["ok"]:
+                    how = {"temperature": temperature, "seed": seed + k}
+                    misses.append(Miss(items[i], text, ids, verdict["why"], prompts[i], sample=j, meta=how,
+                                       cut=len(ids) >= max_new_tokens))  # fmt: skip
+    return misses, len(turns)
+
+
 def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, limit: int | None = None,
              batch_size: int = 8, max_new_tokens: int = 256, output: str | Path | None = None,
              bfcl_answers: str | Path | None = None, template: str | ChatTemplate = "model", progress: bool = True,
-             labels: list[str] | None = None) -> EvalResult:  # fmt: skip
+             labels: list[str] | None = None, turns: str = "first", pairs: str | Path | None = None,
+             samples: int = 0, temperature: float | None = None, seed: int = 0) -> EvalResult:  # fmt: skip
     """Score each model on the same rows of `data`; with `output`, write eval.json and eval.md there (atomically).
     A model is anything `inference.resolve_trained` opens (run dir, adapter dir, model dir, hub id, .gguf, offline:…)
     or a TrainResult (its run dir).
-    `template`: the chat template rows are rendered with ('model': each model's own; a ChatTemplate: that one)."""
+    `template`: the chat template rows are rendered with ('model': each model's own; a ChatTemplate: that one).
+    `turns`: "first" scores each row's first assistant turn, "all" every assistant turn of a row with tools (one
+    prompt per turn: the history up to it).
+    `pairs`: write every wrong tool-call / no-call reply of the (one) model as a DPO pair to this jsonl (see
+    `eval.pairs`; training rows only, never an eval split); `samples` K also samples K replies per turn at
+    `temperature` (default 1.0), seeded from `seed`, one pair per distinct wrong reply."""
     from ..serve import load_for_inference, resolve_trained  # here: it imports torch (keeps `import qwentune` fast)
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
@@ -284,7 +355,14 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
     data = [data] if isinstance(data, (str, Path)) else list(data)
     if not models:
         raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL --data FILE")
-    items, skipped = collect(data, bfcl_answers=bfcl_answers, limit=limit)
+    check_mining(models, data, pairs=pairs, samples=samples, temperature=temperature)
+    items, skipped = collect(data, bfcl_answers=bfcl_answers, limit=limit, turns=turns, mining=pairs is not None)
+    if pairs is not None and not any(it.kind in PAIRABLE for it in items):
+        raise QwentuneError(
+            "no turn to mine pairs from",
+            where=", ".join(map(str, data)),
+            hint="pairs come from rows with tools and the expected assistant turns (tool-call and no-call turns)",
+        )
     trained = [resolve_trained(str(m)) for m in models]  # every MODEL resolves before minutes of scoring start
     if not all(t.is_vision for t in trained):  # a text model cannot see images; every model scores the same rows
         skipped += [Skipped(it.file, it.row, NEEDS_VISION) for it in items if it.kind == "vl"]
@@ -292,18 +370,33 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
         if not items:
             _nothing_scoreable(skipped, data)
     names = labels or [str(m) for m in models]
-    result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped])
+    result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped], turns=turns,
+                        scored=_scored(data, items))  # fmt: skip
     for name, spec in zip(names, trained):
         model, tokenizer = load_for_inference(spec)
         vision = vision_inputs(spec.model_path, spec.adapter_path, tokenizer) if spec.is_vision else None
-        records = _score_model(model, tokenizer, items, label=name, template=template, batch_size=batch_size,
+        chat = template if isinstance(template, ChatTemplate) else load_template(template, tokenizer)
+        records = _score_model(model, tokenizer, items, label=name, template=chat, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress, vision=vision)  # fmt: skip
+        if pairs is not None:
+            misses, n_turns = _misses(model, tokenizer, items, records, chat, samples=samples, seed=seed,
+                                      temperature=temperature or 1.0, max_new_tokens=max_new_tokens,
+                                      progress=progress)  # fmt: skip
+            result.pairs = mine_pairs(pairs, misses, n_turns, tokenizer, chat, model=str(models[0]))
+        for record in records:
+            record.pop("_ids", None)
         result.rows[name] = records
         result.metrics[name] = summarize(records)
         del model
     if output is not None:
         result.write(Path(output))
     return result
+
+
+def _scored(data: list, items: list[Item]) -> list[dict]:
+    """Per data file: rows and turns scored."""
+    return [{"file": str(d), "rows": len({it.row for it in items if it.file == str(d)}),
+             "turns": sum(it.file == str(d) for it in items)} for d in data]  # fmt: skip
 
 
 def evaluate_after_training(run_dir: str | Path, eval_section: Any, base_source: str, data_files: list[str | Path],

@@ -9,6 +9,8 @@ Each prompt but its last token is run alone first and the keys and values are le
 padded batch forward of long prompts costs more than the same prompts one by one on a CPU (padding and SDPA's
 masked path: ~1.4× for 16 tool prompts of ~400 tokens on 2 cores), while decoding, one token per row per step,
 gains from the batch. The prompt-only forwards keep the logits of the last position only (`logits_to_keep=1`).
+
+`sample_generate` samples several replies per prompt (for mining preference pairs), seeded per prompt.
 """
 
 from __future__ import annotations
@@ -99,6 +101,39 @@ def greedy_generate(
     return out
 
 
+@torch.no_grad()
+def sample_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    samples: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> list[list[list[int]]]:
+    """`samples` sampled continuations (token ids, without the stop token) of each prompt at `temperature` (no top-k,
+    no top-p). Prompt i is sampled with the seed `seed + i`, its samples in one batch of the one prompt (no padding):
+    the same prompts and seed give the same tokens whatever else is sampled; the global RNG is left as it was."""
+    from tqdm.auto import tqdm
+
+    stops = stop_token_ids(tokenizer)
+    config = greedy_config(tokenizer, max_new_tokens)
+    config.do_sample, config.temperature, config.top_k, config.top_p = True, float(temperature), 0, 1.0
+    config.num_return_sequences = samples
+    device = next(model.parameters()).device
+    out: list[list[list[int]]] = []
+    for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=not progress, leave=False)):
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + i)
+            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        out.append([cut_at_stop(row, stops) for row in generated[:, ids.shape[1] :].tolist()])
+    return out
+
+
 def _cache_name() -> str:
     """transformers renamed `past_key_values` to `cache` (model outputs and generate's keyword; 5.24 has both, the
     old one deprecated until 6.0): the name this version has."""
@@ -169,6 +204,7 @@ __all__ = [
     "greedy_config",
     "greedy_generate",
     "labelled_logprobs",
+    "sample_generate",
     "sequence_logprobs",
     "stop_token_ids",
 ]

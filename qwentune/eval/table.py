@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..export import public_path
 from ..files import atomic_write_json, atomic_write_text
@@ -38,6 +39,9 @@ class EvalResult:
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # model → metric → {correct,total}|{value,total}
     rows: dict[str, list[dict]] = field(default_factory=dict)  # model → one record per scored row
     skipped: list[dict] = field(default_factory=list)  # {file, row, reason}
+    turns: str = "first"  # which assistant turns of a row were scored: its first, or all
+    scored: list[dict] = field(default_factory=list)  # {file, rows, turns}: per data file, rows and turns scored
+    pairs: Any = None  # eval.pairs.MinedPairs when --pairs mined the misses
 
     def metric_names(self) -> list[str]:
         names: list[str] = []
@@ -61,7 +65,20 @@ class EvalResult:
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines + self.skip_lines())
+        return "\n".join(lines + self.scored_lines() + self.skip_lines())
+
+    def scored_lines(self) -> list[str]:
+        """Per data file: `FILE: 3 rows, 14 turns scored (every assistant turn)`, or `FILE: 40 rows scored (the
+        first assistant turn of each)`."""
+        lines = []
+        for s in self.scored:
+            rows = f"{s['rows']} row{'' if s['rows'] == 1 else 's'}"
+            if self.turns == "all":
+                lines.append(f"{s['file']}: {rows}, {s['turns']} turn{'' if s['turns'] == 1 else 's'} scored "
+                             "(every assistant turn)")  # fmt: skip
+            else:
+                lines.append(f"{s['file']}: {rows} scored (the first assistant turn of each)")
+        return lines
 
     def skip_lines(self) -> list[str]:
         by: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -79,6 +96,9 @@ class EvalResult:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         data = ", ".join(f"`{public_path(d)}`" for d in self.data)
+        if self.turns == "all":
+            rows, turns = sum(s["rows"] for s in self.scored), sum(s["turns"] for s in self.scored)
+            data += f" ({rows} rows, {turns} turns: every assistant turn)"
         return f"## Evaluation\n\nData: {data}\n\n" + "\n".join(lines) + "\n"
 
     def summary(self, *, held_out: bool = False) -> str:
@@ -116,8 +136,9 @@ class EvalResult:
         return f"{what}: " + " → ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"models": self.models, "data": self.data, "metrics": self.metrics, "skipped": self.skipped,
-                "rows": self.rows}  # fmt: skip
+        out = {"models": self.models, "data": self.data, "turns": self.turns, "scored": self.scored,
+               "metrics": self.metrics, "skipped": self.skipped, "rows": self.rows}  # fmt: skip
+        return out | ({"pairs": self.pairs.to_dict()} if self.pairs is not None else {})
 
     def write(self, directory: Path) -> tuple[Path, Path]:
         """eval.json (every row: prompt, expected, got, verdict, why) and eval.md, each written atomically."""
