@@ -4,6 +4,17 @@ no mask) and against TRL's own SFT dataset preparation, on ~1000 generated tool-
     python benchmarks/preprocess.py [--rows 1000] [--repeat 3] [--no-trl]
 
 Prints the best of `--repeat` runs of each, and the ratios (timings on a shared 2-core machine are noisy).
+
+At scale, the whole pipeline as a user runs it, against TRL 1.16's SFTTrainer dataset preparation of the same rows:
+
+    python benchmarks/preprocess.py --scale 20000,200000,1000000 [--num-proc 1,2] [--workdir DIR] [--no-trl]
+
+writes N unique rows (the bundled tool sessions and instructions, each user turn tagged with its row number; kept in
+--workdir between runs), then runs `qwentune preprocess` on them (the Qwen2.5 tokenizer and official template, masks
+verified) and TRL's `_prepare_dataset` on `datasets.load_dataset("json")` of the same file (ids only: TRL refuses
+masks with the official template), each in a fresh process with an empty cache. Per run: wall seconds, rows per
+second, rows per CPU-second (the process and its `num_proc` workers), peak anonymous memory summed over the process
+tree (RssAnon sampled every 50 ms; memory-mapped Arrow pages are file-backed and do not count), and the cache's size.
 """
 
 from __future__ import annotations
@@ -117,7 +128,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's SFT dataset preparation")
+    parser.add_argument("--scale", default=None, help="row counts for the whole-pipeline runs, e.g. 20000,200000")
+    parser.add_argument("--num-proc", default="1,2", help="data.num_proc values for --scale (comma-separated)")
+    parser.add_argument("--workdir", type=Path, default=None, help="--scale: keep the row files here")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return _trl_child(*args.child)
+    if args.scale:
+        from scale import run_scale
+
+        return run_scale(args, [int(n) for n in args.scale.split(",")], [int(p) for p in args.num_proc.split(",")])
 
     from transformers import AutoTokenizer
 
@@ -185,6 +206,30 @@ def _trl_prep_seconds(rows: list[dict], tok, repeat: int) -> tuple[float, float]
 
     datasets.disable_caching()
     return _best(prep, repeat)
+
+
+def _trl_child(path: str, num_proc: str) -> None:
+    """TRL's SFTTrainer dataset preparation of a jsonl file, in this (measured) process, as before training."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from qwentune.rows.template import load_template
+
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(ROOT / "tests" / "assets" / "qwen2.5-tokenizer")
+    tok.chat_template = load_template("qwen2.5-instruct").text
+    ds = datasets.load_dataset("json", data_files=path, split="train")
+    trainer = object.__new__(SFTTrainer)
+    trainer._tokenizer = tok
+    trainer.processor = tok
+    trainer.chat_template = None
+    trainer.completion_only_loss = False
+    args = SFTConfig(
+        output_dir=os.devnull, report_to=[], max_length=None, use_cpu=True, bf16=False, dataset_num_proc=int(num_proc)
+    )
+    out = trainer._prepare_dataset(ds, tok, args, packing=False, formatting_func=None, dataset_name="train")
+    print(len(out))
 
 
 if __name__ == "__main__":

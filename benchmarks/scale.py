@@ -1,0 +1,141 @@
+"""The whole data pipeline at scale (`preprocess.py --scale`): qwentune's `preprocess` against TRL's dataset
+preparation of the same rows, each in a fresh measured process (see preprocess.py's docstring)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = (ROOT / "data" / "tool_calls.jsonl", ROOT / "data" / "instructions.jsonl")
+
+
+def make_rows(path: Path, n: int) -> None:
+    """`n` unique rows: the bundled rows in turn, each first user turn tagged with the row's number."""
+    if path.exists():
+        return
+    base = [line for source in SOURCES for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, line in zip(range(n), itertools.cycle(base)):
+            row = json.loads(line)
+            user = next(m for m in row["messages"] if m["role"] == "user")
+            user["content"] = f"{user['content']} (#{i})"
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.rename(path)
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [q for child in f.read().split() for q in _tree(int(child))]
+    except OSError:
+        pass
+    return out
+
+
+def _anon_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
+
+
+def measure(cmd: list[str], env: dict) -> dict:
+    """Wall seconds and peak RssAnon summed over the process tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, sum(_anon_kb(p) for p in set(_tree(proc.pid))))
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return {"wall": wall, "peak_anon_mb": peak / 1024}
+
+
+def _cpu_of(cmd: list[str], env: dict) -> dict:
+    """`measure`, with the CPU seconds of the run read from RUSAGE_CHILDREN before and after (this process waits for
+    nothing else meanwhile)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = measure(cmd, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return out
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
+
+
+def run_scale(args, counts: list[int], procs: list[int]) -> None:
+    work = args.workdir or Path(tempfile.gettempdir()) / "qwentune-scale"
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "tokenizer-only"
+    if not (model / "config.json").exists():
+        from qwentune.model.shapes import tiny_config
+
+        model.mkdir(exist_ok=True)
+        for f in (ROOT / "tests" / "assets" / "qwen2.5-tokenizer").glob("tokenizer*"):
+            shutil.copy(f, model)
+        tiny_config("qwen2.5-0.5b-instruct").save_pretrained(model)
+    print(
+        f"{'rows':>9} {'arm':<22} {'wall s':>8} {'rows/s':>8} {'rows/CPU-s':>10} {'peak anon MB':>12} {'cache MB':>9}"
+    )
+    for n in counts:
+        rows = work / f"rows-{n}.jsonl"
+        make_rows(rows, n)
+        for p in procs:
+            results = {}
+            arms = [("qwentune", p)] + ([] if args.no_trl else [("trl", p)])
+            for arm, num_proc in arms:
+                cache = work / f"cache-{arm}"
+                shutil.rmtree(cache, ignore_errors=True)
+                env = dict(os.environ, HF_DATASETS_CACHE=str(cache), QWENTUNE_DATA_CACHE=str(cache / "qwentune"),
+                           HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+                if arm == "qwentune":
+                    recipe = work / "recipe.yaml"
+                    recipe.write_text(
+                        f"model: {{source: {model}}}\ndata:\n  train: [{rows}]\n  template: qwen2.5-instruct\n"
+                        f"  max_length: 4096\n  num_proc: {num_proc}\n",
+                        encoding="utf-8",
+                    )
+                    cmd = [sys.executable, "-m", "qwentune", "preprocess", str(recipe), "--output", str(work / "out")]
+                else:
+                    cmd = [
+                        sys.executable,
+                        str(Path(__file__).with_name("preprocess.py")),
+                        "--child",
+                        str(rows),
+                        str(num_proc),
+                    ]
+                r = _cpu_of(cmd, env)
+                r["cache_mb"] = _size_mb(cache)
+                results[arm] = r
+                label = f"{arm} (num_proc {num_proc})"
+                print(
+                    f"{n:>9,} {label:<22} {r['wall']:>8.1f} {n / r['wall']:>8.0f} {n / r['cpu']:>10.0f} "
+                    f"{r['peak_anon_mb']:>12.0f} {r['cache_mb']:>9.0f}",
+                    flush=True,
+                )
+            if "trl" in results:
+                q, t = results["qwentune"], results["trl"]
+                print(
+                    f"{'':>9} {'qwentune / TRL':<22} {t['wall'] / q['wall']:>7.2f}x {'':>8} "
+                    f"{t['cpu'] / q['cpu']:>9.2f}x {q['peak_anon_mb'] / t['peak_anon_mb']:>11.2f}x",
+                    flush=True,
+                )
