@@ -115,10 +115,12 @@ def preview(
     return render_preview(recipe, tokenizer, rows=rows, color=color, flagged=flagged, images=images)
 
 
-def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None) -> Run:
-    """Everything before training, as objects: `run.trainer` (the configured TRL SFTTrainer / DPOTrainer),
-    `run.model`, `run.tokenizer`, `run.data`, `run.run_dir`, `run.recipe`. `run.train()` trains, saves, merges and
-    reports (a TrainResult). The run dir is held until `train()` ends or `run.close()` (or `with ... as run:`)."""
+def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None, rewards=None) -> Run:
+    """Everything before training, as objects: `run.trainer` (the configured TRL SFTTrainer / DPOTrainer /
+    GRPOTrainer), `run.model`, `run.tokenizer`, `run.data`, `run.run_dir`, `run.recipe`. `run.train()` trains, saves,
+    merges and reports (a TrainResult). The run dir is held until `train()` ends or `run.close()` (or `with ... as
+    run:`). `rewards` (method grpo): {name: function(completion, reference, tools)} used where grpo.rewards names
+    them (weight 1.0 where it does not), docs/grpo.md."""
     import contextlib
 
     from .logs import is_main_process
@@ -127,6 +129,13 @@ def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
 
     quiet_library_noise()
     recipe = _recipe(recipe, overrides, train_data, eval_data)
+    if rewards and recipe.method != "grpo":
+        raise QwentuneError(f"rewards= is for method: grpo; this recipe's method is {recipe.method}", where="rewards")
+    if rewards:  # a function passed from Python and not named in grpo.rewards counts with weight 1.0
+        import dataclasses
+
+        weights = {**recipe.grpo.rewards, **{n: 1.0 for n in rewards if n not in recipe.grpo.rewards}}
+        recipe = dataclasses.replace(recipe, grpo=dataclasses.replace(recipe.grpo, rewards=weights))
     held = contextlib.ExitStack()
     try:
         held.enter_context(owned_run_dir(run_dir_for(recipe), is_main=is_main_process()))  # one process per dir
@@ -134,6 +143,10 @@ def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
             from .training import setup_dpo
 
             return setup_dpo(recipe, held)
+        if recipe.method == "grpo":
+            from .training import setup_grpo
+
+            return setup_grpo(recipe, held, rewards)
         from .training import setup_sft
 
         return setup_sft(recipe, held)
@@ -142,9 +155,12 @@ def setup(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
         raise
 
 
-def train(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None) -> TrainResult:
-    """Run the recipe's method (sft or dpo) end to end: adapter, metrics, merged model. `setup(...).train()`, except
-    that `--resume` on a run killed after training (adapter/ saved, no metrics.json) finishes it without training."""
+def train(
+    recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None, eval_data=None, rewards=None
+) -> TrainResult:
+    """Run the recipe's method (sft, dpo or grpo) end to end: adapter, metrics, merged model. `setup(...).train()`,
+    except that `--resume` on a run killed after training (adapter/ saved, no metrics.json) finishes it without
+    training. `rewards`: GRPO reward functions from Python (see `setup`)."""
     from .logs import is_main_process
     from .training import owned_run_dir, run_dir_for, run_state
 
@@ -155,7 +171,7 @@ def train(recipe: Recipe | str | Path | dict, overrides=None, *, train_data=None
 
         with owned_run_dir(run_dir, is_main=is_main_process()):
             return finish_trained_run(recipe)
-    return setup(recipe).train()
+    return setup(recipe, rewards=rewards).train()
 
 
 def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, **kwargs):

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-color", action="store_true", help="mark trained spans as [[...]] instead of colour")
     p.set_defaults(func=cmd_preview)
 
-    p = sub.add_parser("train", help="train (SFT or DPO per the recipe's method), save the adapter and merge")
+    p = sub.add_parser("train", help="train (SFT, DPO or GRPO per the recipe's method), save the adapter and merge")
     p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
     p.add_argument("--resume", action="store_true", help="continue the run dir's newest checkpoint (same recipe)")
     p.set_defaults(func=cmd_train)

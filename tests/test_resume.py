@@ -1,5 +1,6 @@
-"""Resume after preemption: SIGTERM finishes the step, saves a checkpoint and exits non-zero saying how to resume;
-`--resume` continues to exactly the adapter an uninterrupted run ends with, and refuses a changed recipe."""
+"""Resume after preemption: SIGTERM finishes the step, saves a checkpoint and exits non-zero saying how to resume,
+with nothing else after the checkpoint (no evaluation, merge or sample); `--resume` continues to exactly the adapter
+an uninterrupted run ends with, and refuses a changed recipe."""
 
 from __future__ import annotations
 
@@ -24,15 +25,23 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_P
 
 
 def write_recipe(tmp_path: Path, model_dir: Path) -> Path:
-    """Shuffled rows and LoRA dropout on purpose: the resumed run must restore the data order and the RNG too."""
+    """Shuffled rows and LoRA dropout on purpose: the resumed run must restore the data order and the RNG too. An
+    eval split (evaluated at the end of the epoch: it would fire right after a stop), merge and sample: all of which
+    a stopped run must skip."""
     recipe = {
         "model": {"source": str(model_dir)},
-        "data": {"train": [str(ROOT / "data/instructions.jsonl")], "limit": 16, "max_length": 256},
+        "data": {
+            "train": [str(ROOT / "data/instructions.jsonl")],
+            "limit": 16,
+            "max_length": 256,
+            "eval": [str(ROOT / "data/instructions.jsonl")],
+            "eval_limit": 4,
+        },
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "train_new_tokens": "off"},
         "training": tiny_training(
             lr_scheduler="cosine", warmup_ratio=0.1, max_steps=10, per_device_batch_size=1, seed=3
         ),
-        "output": {"merge": False},
+        "output": {"merge": True, "sample_tokens": 4},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -43,11 +52,12 @@ def train(recipe: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "qwentune", "train", str(recipe), *args]
 
 
-def steps(run_dir: Path) -> list[int]:
+def steps(run_dir: Path, key: str = "loss") -> list[int]:
+    """The steps of metrics.jsonl's rows that hold `key` (loss: training steps; eval_loss: evaluations)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if f'"{key}"' in line]
 
 
 @pytest.mark.slow
@@ -71,13 +81,22 @@ def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path):
     while not [s for s in steps(cut) if s >= 3] and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
     _, stderr = proc.communicate(timeout=600)
+    took = time.monotonic() - sent
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped = max(steps(cut))
     assert 3 <= stopped < 10
-    assert f"stopped after step {stopped}" in stderr and "--resume" in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"stopped after step {stopped} (no evaluation, merge or sample)" in errors[0]
+    assert f"checkpoint saved in {cut / 'checkpoints' / f'checkpoint-{stopped}'}" in errors[0]
+    assert "--resume" in errors[0]
     assert latest_checkpoint(cut).name == f"checkpoint-{stopped}"
-    assert not (cut / "adapter").exists()
+    # nothing after the checkpoint: the end-of-epoch evaluation did not run, nor the merge or the sample
+    assert steps(cut, "eval_loss") == [0]  # the evaluation before training only
+    assert not [p for p in ("adapter", "merged", "sample.txt", "metrics.json") if (cut / p).exists()]
+    print(f"SIGTERM after step {stopped} → exit {proc.returncode} in {took:.2f} s")
+    assert took < 30  # torchrun's window; one tiny step, a checkpoint and the interpreter's exit take ~1-2 s
 
     # a changed recipe is refused, naming what changed, before anything loads or is written
     recorded = (cut / "recipe.yaml").read_text()
@@ -98,6 +117,8 @@ def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {cut / 'checkpoints' / f'checkpoint-{stopped}'}" in resumed.stderr
     assert steps(cut) == list(range(1, 11))  # every step logged once
+    assert steps(cut, "eval_loss")[-2:] == [10, 10] == steps(whole, "eval_loss")[-2:]  # end of epoch, after training
+    assert (cut / "merged").is_dir() and (cut / "sample.txt").read_text() == (whole / "sample.txt").read_text()
 
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))

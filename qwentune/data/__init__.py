@@ -11,6 +11,7 @@ __all__, __getattr__, __dir__ = exports(
     {
         "highlight": ("preview",),
         "pipeline": ("PreparedData", "prepare_data"),
+        "raw": ("read_split",),
         "sources": ("read_source", "resolve_sources", "take_rows"),
     },
 )

@@ -1,6 +1,6 @@
 """`qwentune eval`: models side by side on the same rows (`evaluation`), tool-call and BFCL scoring (`toolscore`,
-`bfcl`), Qwen2-VL rows (`vision`), batched generation (`generate`), the result table (`table`) and preference
-pairs mined from a model's misses (`pairs`).
+`bfcl`), Qwen2-VL rows (`vision`), batched generation (`generate`), the result table (`table`), preference
+pairs mined from a model's misses (`pairs`) and GRPO's rewards made of the same scoring rules (`rewards`).
 """
 
 from ..lazy import exports
@@ -16,10 +16,14 @@ __all__, __getattr__, __dir__ = exports(
             "collect",
             "evaluate",
             "evaluate_after_training",
+            "expected_turns",
             "preference_margin",
+            "prompt_text",
             "summarize",
             "tool_call_accuracy",
         ),
+        "generate": ("stop_token_ids",),
         "pairs": ("MinedPairs",),
+        "rewards": ("BUILTIN", "Reward", "as_reward", "reward_functions"),
     },
 )

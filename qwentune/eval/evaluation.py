@@ -117,14 +117,23 @@ def _items(file: str, n: int, raw: Any, turns: str = "first") -> list[Item]:
         return [Item(file, n, "vl", prompt, row.get("tools"), reply.get("content"), raw=row, images=images)]
     if not row.get("tools"):
         return [Item(file, n, "sft", prompt, None, reply.get("content"), raw=row)]
-    picked = [turn] if turns == "first" else [i for i in range(len(messages)) if _after_a_question(messages, i)]
-    if not picked:
+    return expected_turns(file, n, row, turns)
+
+
+def expected_turns(file: str, n: int, row: dict, turns: str = "all") -> list[Item]:
+    """The tool_call / no_call items of a canonical conversation row: its first assistant turn, or (turns="all")
+    every trained assistant turn answering a user message or tool results, each with the history up to it as its
+    prompt and the turn as its reference (`--turns all`, and GRPO's prompts). Raises BadRow when there is none."""
+    messages = row["messages"]
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
+    picked = [first] if turns == "first" else [i for i in range(len(messages)) if _after_a_question(messages, i)]
+    if not picked or not picked[0]:
         raise BadRow("no_expected_turn", "no trained assistant turn answers a user message or tool results")
     out = []
     for i in picked:
         calls = reference_calls(messages[i])
         k = sum(m["role"] == "assistant" for m in messages[: i + 1])
-        out.append(Item(file, n, "tool_call" if calls else "no_call", messages[:i], row["tools"], calls, turn=k,
+        out.append(Item(file, n, "tool_call" if calls else "no_call", messages[:i], row.get("tools"), calls, turn=k,
                         reply=messages[i]))  # fmt: skip
     return out
 
@@ -176,11 +185,16 @@ def _nothing_scoreable(skipped: list[Skipped], data: list) -> None:
     raise QwentuneError(reason, where=where, hint=hint)
 
 
-def _prompt_ids(item: Item, tokenizer: Any, template_text: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
+def prompt_text(item: Item, tokenizer: Any, template_text: str) -> str:
+    """The item's prompt as the model sees it, as inference renders it: its history and tools through the template,
+    with the generation prompt (its ids: the text tokenized without special tokens added, `_prompt_ids`)."""
+    return tokenizer.apply_chat_template(
         item.prompt, tools=item.tools, chat_template=template_text, add_generation_prompt=True, tokenize=False
     )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prompt_ids(item: Item, tokenizer: Any, template_text: str) -> list[int]:
+    return tokenizer(prompt_text(item, tokenizer, template_text), add_special_tokens=False)["input_ids"]
 
 
 def _score_generation(item: Item, text: str) -> dict:

@@ -87,7 +87,7 @@ def data_lines(reports: Iterable[Mapping]) -> list[str]:
     for r in reports:
         name = public_path(str(r.get("source", "?")))
         text = f"`{name}` ({r.get('split', 'train')}, format {r.get('detected_format')}): "
-        text += f"{r.get('kept', 0)} of {r.get('total', 0)} rows kept"
+        text += f"{r.get('kept', 0)} of {r.get('total', 0)} {r.get('unit', 'rows')} kept"
         skipped = r.get("skipped") or {}
         if skipped:
             text += "; skipped " + ", ".join(
@@ -132,7 +132,7 @@ class CardInputs:
 
     title: str
     base: str  # as the user wrote it: hub id, offline:…, a path (shown by name only)
-    method: str = "sft"  # sft | dpo
+    method: str = "sft"  # sft | dpo | grpo
     peft: str = "lora"  # lora | qlora
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     data: list[dict] = field(default_factory=list)  # data_report.json rows
@@ -162,9 +162,9 @@ def build_card(inputs: CardInputs) -> str:
         front["license_name"] = licence_name
     front["pipeline_tag"] = "image-text-to-text" if inputs.vision else "text-generation"
     front["tags"] = tags
-    method = {"sft": "supervised fine-tuning (SFT)", "dpo": "preference tuning (DPO)"}.get(
-        inputs.method, inputs.method
-    )
+    methods = {"sft": "supervised fine-tuning (SFT)", "dpo": "preference tuning (DPO)",
+               "grpo": "reinforcement learning with verifiable rewards (GRPO)"}  # fmt: skip
+    method = methods.get(inputs.method, inputs.method)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(),
@@ -289,6 +289,11 @@ def _hyperparameters(recipe: Mapping, metrics: Mapping) -> dict[str, Any]:
     out["chat template"] = public_path(str(data.get("template", "model")))
     if recipe.get("method") == "dpo":
         out["beta"] = recipe.get("dpo", {}).get("beta")
+    if recipe.get("method") == "grpo":
+        g = recipe.get("grpo", {})
+        out["rewards"] = " + ".join(f"{w} × {n}" for n, w in (g.get("rewards") or {}).items())
+        out["group size / completion tokens"] = f"{g.get('num_generations')} / {g.get('max_completion_length')}"
+        out["loss / beta / temperature"] = f"{g.get('loss_type')} / {g.get('beta')} / {g.get('temperature')}"
     return out
 
 
@@ -300,6 +305,11 @@ def _headline(metrics: Mapping) -> dict[str, Any]:
         for key, value in (metrics.get(f"eval_{when}") or {}).items():
             if isinstance(value, (int, float)):
                 out[f"eval {key} {when}"] = value
+    for key, value in ((metrics.get("grpo") or {}).get("measured") or {}).items():  # rewards, parts, zero variance
+        if isinstance(value, (int, float)):
+            out[f"GRPO {key}"] = value
+        elif isinstance(value, list) and len(value) == 2:
+            out[f"GRPO {key}, first → last step"] = f"{value[0]:.4g} → {value[1]:.4g}"
     return out
 
 

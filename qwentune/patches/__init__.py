@@ -1,6 +1,7 @@
-"""Every reach into a library's internals (TRL, PEFT, transformers' GGUF loader) in one place (`internals`), each a
-scoped context manager that checks the release it was written for and puts back what was there; the machinery
-(`machinery`) and the math the patches run (`lean_fold`, `token_rows`). Imports only errors/logs.
+"""Every reach into a library's internals (TRL, PEFT, transformers' GGUF loader) in one place (`internals`, and its
+GRPO part `grpo`), each a scoped context manager that checks the release it was written for and puts back what was
+there; the machinery (`machinery`) and the math the patches run (`lean_fold`, `token_rows`). Imports only
+errors/logs.
 """
 
 from ..lazy import exports
@@ -27,10 +28,12 @@ __all__, __getattr__, __dir__ = exports(
             "one_gguf_read",
             "peft_output_bias",
             "pretokenized_dpo_trainer",
+            "settle_reference_adapter",
             "trl_dpo_loss_types",
             "trl_for_dpo",
             "trl_for_sft",
         ),
+        "grpo": ("grpo_trainer", "trl_for_grpo"),
         "lean_fold": ("CPU_VOCAB_CHUNK",),
     },
 )

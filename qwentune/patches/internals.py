@@ -8,7 +8,8 @@ raises `LibraryChanged` naming the internal and both versions. The exceptions ar
 changed, `lean_cpu_fold` leaves TRL's own (slower, equal) CPU path running, and where transformers' GGUF loader
 changed, `one_gguf_read` leaves its reads as they are; each says so once.
 
-sft.py and dpo.py each enter one block: `with trl_for_sft(model):` / `with trl_for_dpo(model) as DPOTrainer:`.
+sft.py and dpo.py each enter one block: `with trl_for_sft(model):` / `with trl_for_dpo(model) as DPOTrainer:`;
+grpo.py's block, `trl_for_grpo`, is in `grpo.py` beside this module (this one is at the module size limit).
 """
 
 from __future__ import annotations
@@ -305,45 +306,50 @@ def pretokenized_dpo_trainer():
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _settle_reference(self) -> None:
-            """The one place where TRL's reference adapter is fixed up.
-
-            Given a PeftModel and no ref_model, TRL 1.16 adds an adapter "ref" and copies every parameter whose name
-            contains ".default." into it; the reference forward then runs with "ref" active.
-            - Fresh adapter: the copy is zero-initialised LoRA (B = 0) and trainable-token rows equal to the base
-              rows, i.e. exactly the base, which the policy with its adapter disabled already is. We delete it:
-              the reference is the adapter-disabled model, with no copy kept.
-            - Continued adapter: PEFT trainable tokens are named `…trainable_tokens_delta.default` (no trailing
-              dot), so TRL leaves "ref" with the *base* token rows and the reference would be neither the base nor
-              the adapter it continues. We copy every "default" tensor into "ref", frozen."""
-            if self._reference_settled:
-                return
-            self._reference_settled = True
-            from peft import PeftModel
-
-            model = self.accelerator.unwrap_model(self.model)
-            if self.ref_model is not None or not isinstance(model, PeftModel) or "ref" not in model.peft_config:
-                return
-            if not self._continuing:
-                model.delete_adapter("ref")
-                model.set_adapter("default")
-                return
-            named = dict(model.named_parameters())
-            for name, param in named.items():
-                parts = name.split(".")
-                if "default" not in parts:
-                    continue
-                parts[parts.index("default")] = "ref"
-                ref = named.get(".".join(parts))
-                if ref is None:
-                    raise QwentuneError(
-                        f"TRL's reference adapter has no copy of {name}",
-                        where="dpo reference",
-                        hint="set dpo.reference to the merged model of the adapter you continue",
-                    )
-                ref.data = param.data.detach().clone()
-                ref.requires_grad_(False)
+            if not self._reference_settled:
+                self._reference_settled = True
+                settle_reference_adapter(self, continuing=self._continuing, where="dpo reference")
 
     return PretokenizedDPOTrainer
+
+
+def settle_reference_adapter(trainer, *, continuing: bool, where: str) -> None:
+    """The one place where TRL's reference adapter is fixed up (DPOTrainer, and GRPOTrainer with beta > 0).
+
+    Given a PeftModel and no ref_model, TRL 1.16 adds an adapter "ref" and copies every parameter whose name
+    contains ".default." into it; the reference forward then runs with "ref" active.
+    - Fresh adapter: the copy is zero-initialised LoRA (B = 0) and trainable-token rows equal to the base rows, i.e.
+      exactly the base, which the policy with its adapter disabled already is. We delete it: the reference is the
+      adapter-disabled model, with no copy kept.
+    - Continued adapter: PEFT trainable tokens are named `…trainable_tokens_delta.default` (no trailing dot), so TRL
+      leaves "ref" with the *base* token rows and the reference would be neither the base nor the adapter it
+      continues. We copy every "default" tensor into "ref", frozen."""
+    from peft import PeftModel
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.ref_model is not None or not isinstance(model, PeftModel) or "ref" not in model.peft_config:
+        return
+    if not continuing:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+        return
+    named = dict(model.named_parameters())
+    for name, param in named.items():
+        parts = name.split(".")
+        if "default" not in parts:
+            continue
+        parts[parts.index("default")] = "ref"
+        ref = named.get(".".join(parts))
+        if ref is None:
+            raise QwentuneError(
+                f"TRL's reference adapter has no copy of {name}",
+                where=where,
+                hint="set dpo.reference to the merged model of the adapter you continue"
+                if where.startswith("dpo")
+                else "set grpo.beta: 0 (no reference), or merge the adapter and train a new one on the merged model",
+            )
+        ref.data = param.data.detach().clone()
+        ref.requires_grad_(False)
 
 
 def trl_dpo_loss_types() -> tuple[str, ...]:
@@ -463,6 +469,7 @@ __all__ = [
     "one_gguf_read",
     "peft_output_bias",
     "pretokenized_dpo_trainer",
+    "settle_reference_adapter",
     "trl_dpo_loss_types",
     "trl_for_dpo",
     "trl_for_sft",

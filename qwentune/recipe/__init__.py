@@ -14,6 +14,7 @@ __all__, __getattr__, __dir__ = exports(
             "DPOSection",
             "DataSection",
             "EvalSection",
+            "GRPOSection",
             "LoggingSection",
             "ModelSection",
             "OutputSection",

@@ -42,6 +42,9 @@ MINIMUMS: dict[str, tuple[float, str]] = {
     "output.sample_tokens": (0, "128 (0: no sample)"),
     "dpo.label_smoothing": (0, "0.0"),
     "dpo.rpo_alpha": (0, "1.0"),
+    "grpo.num_generations": (2, "8 (a group needs two completions to compare)"),
+    "grpo.max_completion_length": (1, "256"),
+    "grpo.beta": (0, "0.0"),
     "eval.limit": (1, "40 (or null for every row)"),
     "eval.max_new_tokens": (1, "256"),
     "eval.batch_size": (1, "8"),
@@ -109,6 +112,8 @@ def check_recipe(recipe: Any, where: str) -> None:
         fail("dpo.label_smoothing", f"must be below 0.5, got {d.label_smoothing}", "e.g. 0.0")
     if d.loss_weights is not None and len(d.loss_weights) != len(d.loss_type):
         fail("dpo.loss_weights", f"needs one weight per loss_type ({len(d.loss_type)})", "e.g. [1.0, 0.5]")
+    if recipe.grpo.temperature <= 0:
+        fail("grpo.temperature", f"must be > 0, got {recipe.grpo.temperature}", "e.g. 1.0 (completions are sampled)")
     if recipe.method == "sft" and recipe.data.format == "preference":
         fail("data.format", "is 'preference' but method is sft", "use method: dpo, or a conversation format")
     if recipe.eval.enabled and not (recipe.eval.data or recipe.data.eval):

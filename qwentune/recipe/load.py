@@ -77,9 +77,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(key, value, tp, where)
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:  # a free mapping (trainer:): its keys are checked where their meaning is known
+    if origin is dict:  # a mapping (trainer:, grpo.rewards): its keys are checked where their meaning is known
         if not isinstance(value, dict):
             raise _type_error(key, value, tp, where)
+        if args and args[1] is not Any:  # typed values (grpo.rewards: name → weight)
+            return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):

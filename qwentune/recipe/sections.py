@@ -114,6 +114,35 @@ class DPOSection:
     rpo_alpha: float | None = key(None, help="RPO: weight of an NLL loss on the chosen answers; empty: none")
 
 
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPO loss_type
+
+
+@dataclass
+class GRPOSection:
+    rewards: dict[str, float] = key(
+        factory=lambda: {"tool_call": 1.0, "no_call": 1.0},
+        help="reward name: weight; built in: tool_call, no_call, format (docs/grpo.md), or a name passed with "
+        "rewards= from Python",
+    )
+    num_generations: int = key(
+        8, help="completions sampled per prompt (the group, ≥ 2); the effective batch (completions) is a multiple"
+    )
+    max_completion_length: int = key(
+        256, help="most tokens generated per completion; a prompt over data.max_length minus it is skipped, never cut"
+    )
+    temperature: float = key(1.0, help="sampling temperature of the completions")
+    beta: float = key(
+        0.0, help="KL penalty to the reference (0, TRL's default: none); the base, or a frozen copy of model.adapter"
+    )
+    loss_type: str = key("dapo", choices=GRPO_LOSSES, help="TRL's GRPO loss variant (dr_grpo: Dr. GRPO, ...)")
+    scale_rewards: str = key(
+        "group",
+        choices=("group", "batch", "none"),
+        help="advantages divided by the reward std of the group, of the batch, or not at all (Dr. GRPO: none)",
+    )
+    use_vllm: bool = key(False, help="generate with vLLM (installed, on a GPU, colocated), not transformers' generate")
+
+
 @dataclass
 class QuantSection:
     bits: int = key(4, choices=(4, 8), help="bits per base weight (bitsandbytes)")
@@ -219,9 +248,10 @@ class EvalSection:
 class Recipe:
     model: ModelSection = key(factory=ModelSection, help="the base model and how it loads")
     data: DataSection = key(factory=DataSection, help="the rows: files, format, template, lengths")
-    method: str = key("sft", choices=("sft", "dpo"), help="training method")
+    method: str = key("sft", choices=("sft", "dpo", "grpo"), help="training method")
     sft: SFTSection = key(factory=SFTSection, help="settings of method: sft")
     dpo: DPOSection = key(factory=DPOSection, help="settings of method: dpo")
+    grpo: GRPOSection = key(factory=GRPOSection, help="settings of method: grpo (docs/grpo.md)")
     peft: PeftSection = key(factory=PeftSection, help="the adapter: LoRA or QLoRA")
     training: TrainingSection = key(factory=TrainingSection, help="the optimisation loop")
     output: OutputSection = key(factory=OutputSection, help="the run dir and what is saved after training")
@@ -230,8 +260,8 @@ class Recipe:
     # Checked by trainer_fields against the installed TRL.
     trainer: dict[str, Any] = key(
         factory=dict,
-        help="fields of the installed TRL SFTConfig/DPOConfig that qwentune does not set, passed through as they are "
-        "(e.g. neftune_noise_alpha)",
+        help="fields of the installed TRL SFTConfig/DPOConfig/GRPOConfig that qwentune does not set, passed through "
+        "as they are (e.g. neftune_noise_alpha)",
     )
     # Where the recipe came from (not a recipe key): relative data paths resolve against its directory.
     path: Path | None = field(default=None, metadata={"internal": True}, compare=False)

@@ -1,4 +1,5 @@
-"""The recipe's `trainer:` section: fields of the installed TRL SFTConfig / DPOConfig passed through as they are.
+"""The recipe's `trainer:` section: fields of the installed TRL SFTConfig / DPOConfig / GRPOConfig passed through as
+they are.
 
 Checked up front against the dataclass of the recipe's method: unknown fields fail with a did-you-mean, fields
 qwentune sets itself fail naming the recipe key to use instead, values are checked against the field's type. TRL is
@@ -17,8 +18,8 @@ from typing import Any
 
 from ..errors import QwentuneError, did_you_mean
 
-# Every SFTConfig/DPOConfig field qwentune sets (run.trainer_arguments, sft.py, dpo.py) or replaces with its own
-# pipeline (data rendering, model loading, the reference, checkpoints, hub pushes) → what to write instead.
+# Every SFTConfig/DPOConfig/GRPOConfig field qwentune sets (steps.trainer_arguments, sft/dpo/grpo.py) or replaces with
+# its own pipeline (data rendering, model loading, the reference, checkpoints, hub pushes) → what to write instead.
 OWNED: dict[str, str] = {
     "output_dir": "use output.dir",
     "per_device_train_batch_size": "use training.per_device_batch_size",
@@ -82,20 +83,32 @@ OWNED_DPO: dict[str, str] = {
     "label_smoothing": "use dpo.label_smoothing",
     "precompute_ref_log_probs": "use dpo.precompute_ref_log_probs",
 }
+OWNED_GRPO: dict[str, str] = {
+    "num_generations": "use grpo.num_generations",
+    "max_completion_length": "use grpo.max_completion_length",
+    "temperature": "use grpo.temperature",
+    "beta": "use grpo.beta",
+    "loss_type": "use grpo.loss_type",
+    "scale_rewards": "use grpo.scale_rewards",
+    "use_vllm": "use grpo.use_vllm",
+    "reward_weights": "use grpo.rewards (name: weight)",
+    "shuffle_dataset": "use training.shuffle",
+    "chat_template_kwargs": "use data.template (qwentune renders the prompts itself)",
+}
+CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}  # the TRL config of each method
 
 
 def owned_fields(method: str) -> dict[str, str]:
     """The fields a `trainer:` section may not set for `method`, each with what to write instead."""
-    return {**OWNED, **(OWNED_SFT if method == "sft" else OWNED_DPO)}
+    return {**OWNED, **{"sft": OWNED_SFT, "dpo": OWNED_DPO, "grpo": OWNED_GRPO}[method]}
 
 
 @functools.cache
 def config_fields(method: str) -> dict[str, Any]:
-    """Field name → type annotation of the installed TRL config for `method` (SFTConfig or DPOConfig)."""
+    """Field name → type annotation of the installed TRL config for `method` (SFTConfig, DPOConfig, GRPOConfig)."""
     import trl
 
-    cls = trl.SFTConfig if method == "sft" else trl.DPOConfig
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(getattr(trl, CONFIGS[method]))
 
 
 def check_trainer_section(
@@ -108,7 +121,7 @@ def check_trainer_section(
     overrides = overrides or {}
     owned = owned_fields(method)
     known = config_fields(method)
-    config, other_config = ("SFTConfig", "DPOConfig") if method == "sft" else ("DPOConfig", "SFTConfig")
+    config = CONFIGS[method]
     checked = {}
     for name, value in values.items():
         key = f"trainer.{name}"
@@ -120,9 +133,9 @@ def check_trainer_section(
             instead = owned[name]
             raise QwentuneError(f"'{key}' is set by qwentune{suffix}", where=at, hint=instead)
         if name not in known:
-            other = "dpo" if method == "sft" else "sft"
-            if name in config_fields(other) and name not in owned_fields(other):
-                hint = f"it is a {other_config} field; this recipe's method is {method}"
+            other = next((m for m in CONFIGS if m != method and _settable(name, m)), None)
+            if other is not None:
+                hint = f"it is a {CONFIGS[other]} field; this recipe's method is {method}"
             else:
                 candidates = [f for f in known if f not in owned]
                 hint = did_you_mean(str(name), candidates) or f"a field of the installed TRL {config}"
@@ -143,6 +156,10 @@ def check_trainer_section(
             hint="pip install liger-kernel",
         )
     return checked
+
+
+def _settable(name: str, method: str) -> bool:
+    return name in config_fields(method) and name not in owned_fields(method)
 
 
 class _Mismatch(Exception):

@@ -1,4 +1,5 @@
-"""Training runs: one script per method (`sft`, `dpo`), what they share (`steps`), the configured Run of
+"""Training runs: one script per method (`sft`, `dpo`, `grpo` with its prompts and rewards: `grpo_prompts`,
+`grpo_rewards`), what they share (`steps`), the configured Run of
 `qwentune.setup` (`run`), the run dir and its lock (`rundir`), resume after preemption (`resume`), metrics,
 results, the inputs every job starts from (`inputs`), `qwentune validate` and `qwentune estimate`
 (`memory_estimate`).
@@ -10,6 +11,7 @@ __all__, __getattr__, __dir__ = exports(
     __name__,
     {
         "dpo": ("setup_dpo",),
+        "grpo": ("check_grpo_recipe", "setup_grpo"),
         "inputs": ("prepare_inputs",),
         "memory_estimate": ("estimate",),
         "results": ("TrainResult",),

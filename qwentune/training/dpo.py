@@ -34,9 +34,18 @@ from ..model import (
 from ..recipe import Recipe, build_config, resolve_path
 from .metrics import MetricsFile
 from .results import TrainResult
-from .resume import train_until_stopped
 from .run import Run
-from .steps import effective_batch, finish_run, parity_rows_of, prompt_of, sample_row_of, start_run, trainer_arguments
+from .steps import (
+    effective_batch,
+    evaluate_before,
+    finish_run,
+    parity_rows_of,
+    prompt_of,
+    sample_row_of,
+    start_run,
+    trainer_arguments,
+)
+from .stopping import GracefulStop, train_until_stopped
 
 # Our pre-tokenized columns (as `qwentune preprocess` writes them) → the names TRL 1.16's DPO collator reads.
 TRL_COLUMNS = {
@@ -212,15 +221,23 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 
     def train_run() -> TrainResult:
-        with patched:  # construct, evaluate and train inside the patches; restored before saving and merging
-            if evals is not None:
-                metrics["eval_before"] = _eval_summary(trainer.evaluate())
-            train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
-            metrics.update(train_output.metrics, global_step=train_output.global_step)
-            if evals is not None:
-                after = _final_eval(trainer, train_output.global_step) or trainer.evaluate()
-                metrics["eval_after"] = _eval_summary(after)
-        if evals is not None:
+        # SIGTERM/SIGINT: a step finishes and is checkpointed, an evaluation stops at its next batch, then the run
+        # exits saying what is resumable (stopping.py)
+        with GracefulStop(recipe, run_dir).guard() as stop:
+            with patched:  # construct, evaluate and train inside the patches; restored before saving and merging
+                before = evaluate_before(trainer, stop) if evals is not None else lambda: None
+                train_output = train_until_stopped(trainer, stop, checkpoint)
+                metrics.update(train_output.metrics, global_step=train_output.global_step)
+                if evals is not None:
+                    metrics["eval_before"] = _eval_summary(before())
+                    after = _final_eval(trainer, train_output.global_step)
+                    metrics["eval_after"] = _eval_summary(
+                        after or stop.evaluate(trainer, "the evaluation after training")
+                    )
+            return _finish(stop)
+
+    def _finish(stop) -> TrainResult:
+        if evals is not None and stop.signum is None:
             log(
                 "eval reward accuracy {:.3f} → {:.3f}, mean margin {:.4f} → {:.4f}".format(
                     metrics["eval_before"].get("rewards/accuracies", float("nan")),
@@ -235,8 +252,8 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
             trainer.model.set_adapter("default")
         sample_row = sample_row_of(data)
         return finish_run(
-            recipe, trainer, run_dir, source=source, tokenizer=tokenizer, template=data.template, metrics=metrics,
-            reports=reports, parity_rows=parity_rows_of(data), precision=precision,
+            recipe, trainer, run_dir, stop=stop, source=source, tokenizer=tokenizer, template=data.template,
+            metrics=metrics, reports=reports, parity_rows=parity_rows_of(data), precision=precision,
             sample_prompt=prompt_of(sample_row), sample_images=sample_row.get("image_files"),
         )  # fmt: skip
 
@@ -254,5 +271,6 @@ def _final_eval(trainer, step: int) -> dict | None:
     return None
 
 
-def _eval_summary(metrics: dict) -> dict:
-    return {k: metrics[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in metrics}
+def _eval_summary(metrics: dict | None) -> dict:
+    """The eval keys of `metrics` ({} where a signal stopped the evaluation)."""
+    return {k: metrics[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in (metrics or {})}

@@ -26,6 +26,10 @@ def prepare_inputs(recipe: Recipe, *, data: bool = True, limit: int | None = Non
     images = image_settings(source.path, tokenizer, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
     if not data:
         return Inputs(source, tokenizer, images, None)
+    if recipe.method == "grpo":  # prompts, one per expected turn, rendered as eval renders them
+        from .grpo_prompts import prepare_prompts
+
+        return Inputs(source, tokenizer, images, prepare_prompts(recipe, tokenizer, limit=limit))
     prepared = prepare_data(recipe.data, recipe.method, recipe.base_dir, tokenizer, limit=limit, images=images)
     return Inputs(source, tokenizer, images, prepared)
 

@@ -57,7 +57,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: training loss per step, eval loss where measured. Drawn on a bare Figure, not pyplot: the
+    """loss.png: training loss per step, eval loss where measured; for GRPO a second panel with the mean reward, each
+    reward's mean and the share of groups with zero reward variance. Drawn on a bare Figure, not pyplot: the
     notebook's (or script's) matplotlib backend is left as it was."""
     from matplotlib.figure import Figure
 
@@ -66,8 +67,16 @@ def plot_losses(run_dir: Path) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and _finite(r["eval_loss"])]
     if not train and not evals:
         return None
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
+    rewards = _reward_curves(rows)
+    fig = Figure(figsize=(7, 7 if rewards else 4))
+    ax, *below = fig.subplots(2, 1, sharex=True) if rewards else [fig.subplots()]
+    if below:
+        for label, points in rewards.items():
+            below[0].plot(*zip(*points), "--" if label.startswith("zero") else "-", label=label)
+        below[0].set_ylabel("reward")
+        below[0].grid(alpha=0.3)
+        below[0].legend(fontsize="small")
+        below[0].set_xlabel("optimizer step")
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -96,6 +105,18 @@ def show_in_notebook(path: Path | None) -> None:
     from IPython.display import Image, display
 
     display(Image(filename=str(path)))
+
+
+def _reward_curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """GRPO's logged rewards by step: the weighted total, each reward's mean, the zero-variance share of groups."""
+    if not any("reward" in r for r in rows):
+        return {}
+    names = {"reward": "reward (weighted sum)", "frac_reward_zero_std": "zero-variance groups (share)"}
+    names |= {k: k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}
+    curves = {
+        shown: [(r["step"], r[k]) for r in rows if "step" in r and _finite(r.get(k))] for k, shown in names.items()
+    }
+    return {shown: points for shown, points in curves.items() if points}
 
 
 def _finite(x: Any) -> bool:

@@ -1,12 +1,9 @@
-"""Resume after preemption: checkpoints on SIGTERM/SIGINT, and `training.resume` continuing from the newest complete
-checkpoint of the run dir — refused when the recipe changed. Used by sft.py and dpo.py around `trainer.train()`."""
+"""Resume after preemption: checkpoints marked complete once saved, and `training.resume` continuing from the newest
+complete checkpoint of the run dir — refused when the recipe changed. (Stopping on SIGTERM/SIGINT: stopping.py.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +11,7 @@ from transformers import TrainerCallback
 
 from ..errors import QwentuneError
 from ..files import atomic_write_json, atomic_write_text, public_tree
-from ..logs import is_main_process, log
+from ..logs import log
 from ..recipe import Recipe, dump_recipe
 from .metrics import read_metrics
 from .rundir import run_dir_for, run_state
@@ -22,16 +19,8 @@ from .rundir import run_dir_for, run_state
 # may differ between the first run and its resumption; output.dir: the recorded recipe is read from the run dir
 # itself, so a run dir that was moved (another absolute path) is still the same run
 RESUME_IGNORED = ("training.resume", "output.overwrite", "output.dir")
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+CHECKPOINT_FILES = ("adapter_model.safetensors", "scheduler.pt", "trainer_state.json")  # and the optimizer's state
 COMPLETE_MARKER = "qwentune-complete.json"  # written last, by CheckpointMarker: the checkpoint is whole
-
-
-class TrainingInterrupted(QwentuneError):
-    """SIGTERM / SIGINT during training: the step finished, a checkpoint was saved, the run stops unfinished."""
-
-    def __init__(self, message: str, *, signum: int, **kwargs):
-        super().__init__(message, **kwargs)
-        self.exit_code = 128 + signum
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -55,7 +44,7 @@ def recipe_changes(recorded_yaml: str, recipe: Recipe) -> list[str]:
     ]
 
 
-def _step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
@@ -68,22 +57,36 @@ def is_complete(checkpoint: Path) -> bool:
         return False
     return (
         isinstance(marker, dict)
-        and marker.get("step") == _step(checkpoint)
+        and marker.get("step") == checkpoint_step(checkpoint)
         and all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
+        and optimizer_saved(checkpoint)
     )
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/checkpoint-N`; newer incomplete ones are skipped with a note."""
+def optimizer_saved(checkpoint: Path) -> bool:
+    """Trainer's optimizer.pt, or under DeepSpeed its own layout: `latest` names a dir (global_stepN) holding each
+    process's `*optim_states.pt`."""
+    if (checkpoint / "optimizer.pt").is_file():
+        return True
+    try:
+        tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    return bool(tag) and any((checkpoint / tag).glob("*optim_states.pt"))
+
+
+def latest_checkpoint(run_dir: Path, *, note: bool = True) -> Path | None:
+    """The newest complete `checkpoints/checkpoint-N`; newer incomplete ones are skipped (with a note)."""
     found = sorted(
         (d for d in (run_dir / "checkpoints").glob("checkpoint-*") if d.name.rsplit("-", 1)[-1].isdigit()),
-        key=_step,
+        key=checkpoint_step,
         reverse=True,
     )
     for checkpoint in found:
         if is_complete(checkpoint):
             return checkpoint
-        log(f"{checkpoint}: skipped, it was not saved completely (no {COMPLETE_MARKER}: killed while saving?)")
+        if note:
+            log(f"{checkpoint}: skipped, it was not saved completely (no {COMPLETE_MARKER}: killed while saving?)")
     return None
 
 
@@ -146,79 +149,8 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
     return checkpoint
 
 
-class GracefulStop(TrainerCallback):
-    """On SIGTERM or SIGINT: finish the current optimizer step, save a checkpoint, stop. All processes agree on the
-    step (the flag is all-reduced), so DDP ranks never wait on each other. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.stopped_at: int | None = None
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _agreed_signal(self) -> int:
-        import torch
-        import torch.distributed as dist
-
-        signum = self.signum or 0
-        if dist.is_available() and dist.is_initialized():
-            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([signum], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
-        return signum
-
-    def on_step_end(self, args, state, control, **kwargs):
-        signum = self._agreed_signal()
-        if signum:
-            self.signum = signum
-            self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
-
-
-def _trim_metrics(run_dir: Path, step: int) -> None:
+def trim_metrics(run_dir: Path, step: int) -> None:
     """Log lines after the checkpoint's step are logged again by the resumed run: drop them."""
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     if (run_dir / "metrics.jsonl").exists():
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def train_until_stopped(trainer, recipe: Recipe, run_dir: Path, checkpoint: Path | None):
-    """`trainer.train()`, resumed from `checkpoint` when given, stopping cleanly on SIGTERM/SIGINT (then raises
-    TrainingInterrupted, which says how to resume)."""
-    stop = GracefulStop()
-    trainer.add_callback(stop)
-    trainer.add_callback(CheckpointMarker())
-    if checkpoint is not None and is_main_process():
-        _trim_metrics(run_dir, _step(checkpoint))
-    with stop.installed():
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stop.stopped_at is None:
-        return output
-    trainer.accelerator.wait_for_everyone()
-    name = signal.Signals(stop.signum).name
-    command = f"qwentune train {recipe.path or 'RECIPE'} [the same overrides] --resume"
-    raise TrainingInterrupted(
-        f"{name}: stopped after step {stop.stopped_at}; checkpoint saved in "
-        f"{run_dir / 'checkpoints' / f'checkpoint-{stop.stopped_at}'}",
-        signum=stop.signum,
-        where=str(run_dir),
-        hint=f"resume with: {command} (notebooks: qwentune.train(recipe, ['training.resume=true']))",
-    )

@@ -23,9 +23,18 @@ from ..model import (
 from ..recipe import Recipe, build_config
 from .metrics import MetricsFile
 from .results import TrainResult
-from .resume import train_until_stopped
 from .run import Run
-from .steps import effective_batch, finish_run, parity_rows_of, prompt_of, sample_row_of, start_run, trainer_arguments
+from .steps import (
+    effective_batch,
+    evaluate_before,
+    finish_run,
+    parity_rows_of,
+    prompt_of,
+    sample_row_of,
+    start_run,
+    trainer_arguments,
+)
+from .stopping import GracefulStop, train_until_stopped
 
 
 def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
@@ -102,29 +111,34 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
 
     def train() -> TrainResult:
-        with patched:  # construct, evaluate and train inside the patches; restored before saving and merging
-            if data.eval is not None:
-                metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-            train_output = train_until_stopped(trainer, recipe, run_dir, checkpoint)  # SIGTERM: checkpoint, exit
-            metrics.update(train_output.metrics, global_step=train_output.global_step)
-            if data.eval is not None:
-                metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
-
-        sample_row = sample_row_of(data)
-        return finish_run(
-            recipe,
-            trainer,
-            run_dir,
-            source=source,
-            tokenizer=tokenizer,
-            template=data.template,
-            metrics=metrics,
-            reports=reports,
-            parity_rows=parity_rows_of(data),  # the first train rows, as text
-            precision=precision,
-            sample_prompt=prompt_of(sample_row),
-            sample_images=sample_row.get("image_files"),
-        )
+        # SIGTERM/SIGINT: a step finishes and is checkpointed, an evaluation stops at its next batch, then the run
+        # exits saying what is resumable (stopping.py)
+        with GracefulStop(recipe, run_dir).guard() as stop:
+            with patched:  # construct, evaluate and train inside the patches; restored before saving and merging
+                before = evaluate_before(trainer, stop) if data.eval is not None else lambda: None
+                train_output = train_until_stopped(trainer, stop, checkpoint)
+                metrics.update(train_output.metrics, global_step=train_output.global_step)
+                if before() is not None:
+                    metrics["eval_loss_before"] = before()["eval_loss"]
+                after = stop.evaluate(trainer, "the evaluation after training") if data.eval is not None else None
+                if after is not None:
+                    metrics["eval_loss_after"] = after["eval_loss"]
+            sample_row = sample_row_of(data)
+            return finish_run(
+                recipe,
+                trainer,
+                run_dir,
+                stop=stop,
+                source=source,
+                tokenizer=tokenizer,
+                template=data.template,
+                metrics=metrics,
+                reports=reports,
+                parity_rows=parity_rows_of(data),  # the first train rows, as text
+                precision=precision,
+                sample_prompt=prompt_of(sample_row),
+                sample_images=sample_row.get("image_files"),
+            )
 
     return Run(
         recipe=recipe, run_dir=run_dir, trainer=trainer, model=model, tokenizer=tokenizer, data=data, held=held,

@@ -3,9 +3,11 @@ adapter and merging at the end. Plain functions, so each method's script stays r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +30,7 @@ from .metrics import plot_losses, read_metrics, show_in_notebook
 from .results import TrainResult
 from .resume import resume_checkpoint
 from .rundir import prepare_run_dir, run_dir_for
+from .stopping import GracefulStop
 
 
 def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -152,6 +155,7 @@ def finish_run(
     trainer,
     run_dir: Path,
     *,
+    stop: GracefulStop,
     source,
     tokenizer,
     template,
@@ -162,17 +166,81 @@ def finish_run(
     sample_prompt: list[int] | None = None,
     sample_images: list[str] | None = None,
 ) -> TrainResult:
-    """Save the adapter, then what follows training (main process only); every process returns together."""
+    """Save the adapter, then what follows training (main process only); every process returns together. After a
+    signal (`stop`: during the evaluation at the end of training, or before the save) only the adapter is saved, then
+    TrainingInterrupted says `--resume` finishes the run."""
     result = TrainResult(run_dir=run_dir, metrics=metrics, data_reports=reports)
+    with stop.during("the adapter save"), whole_trainables(trainer):  # a signal waits for the save
+        if is_main_process():
+            sidecar = adapter_sidecar(recipe, source, template, precision)
+            result.adapter_dir = save_adapter(trainer.model, run_dir, sidecar)
+            tokenizer.save_pretrained(result.adapter_dir)
+    if stop.agreed():
+        raise stop.interrupted()
     if is_main_process():
-        result.adapter_dir = save_adapter(trainer.model, run_dir, adapter_sidecar(recipe, source, template, precision))
-        tokenizer.save_pretrained(result.adapter_dir)
-        result.merged_dir = after_training(
-            recipe, run_dir, source=source, template=template, metrics=metrics, parity_rows=parity_rows,
-            sample_prompt=sample_prompt, sample_images=sample_images,
-        )  # fmt: skip
+        with without_zero3_init(trainer):  # the main process alone loads models now
+            result.merged_dir = after_training(
+                recipe, run_dir, stop=stop, source=source, template=template, metrics=metrics,
+                parity_rows=parity_rows, sample_prompt=sample_prompt, sample_images=sample_images,
+            )  # fmt: skip
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+@contextlib.contextmanager
+def without_zero3_init(trainer):
+    """Models loaded inside load whole, as in a process without DeepSpeed. While the trainer's DeepSpeed ZeRO-3
+    config is alive, transformers builds every model under `deepspeed.zero.Init` (it keeps the config in a global),
+    whose parameter broadcasts are collectives: the merge, its parity check and the sample, run by the main process
+    alone while the others wait at the end of the run, hung there. Inside, the global is unset (transformers'
+    `unset_hf_deepspeed_config`), and set back to the trainer's config on exit. Elsewhere nothing is done."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if getattr(plugin, "hf_ds_config", None) is not None:
+            set_hf_deepspeed_config(plugin.hf_ds_config)
+
+
+@contextlib.contextmanager
+def whole_trainables(trainer):
+    """Under DeepSpeed ZeRO-3 each process holds a slice of each parameter (parameters under ZeRO-3's persistence
+    threshold excepted), and PEFT's save_pretrained would write the empty slices of the main process. Inside this
+    block the trainable parameters are whole on every process (`deepspeed.zero.GatheredParameters`, a collective:
+    every process enters it), so the adapter is saved complete. Elsewhere nothing is done."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not (getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled()):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in trainer.model.parameters() if p.requires_grad]):
+        yield
+
+
+def evaluate_before(trainer, stop: GracefulStop) -> Callable[[], dict | None]:
+    """The evaluation before training; call what it returns after `train_until_stopped` for its metrics (None where
+    a signal stopped it). With several processes or DeepSpeed it runs at the start of `trainer.train()`
+    (`eval_on_start`), on the model prepared for training: an evaluation before train() prepares the model for
+    evaluation only, and train() then keeps it so (accelerate 1.16 counts it as prepared and never wraps it in DDP:
+    every rank trained alone on its own rows; DeepSpeed's engine has no optimizer: the first backward fails with
+    "'NoneType' object has no attribute 'backward'" on every rank)."""
+    if trainer.accelerator.num_processes == 1 and not getattr(trainer, "is_deepspeed_enabled", False):
+        before = stop.evaluate(trainer, "the evaluation before training")
+        return lambda: before
+    trainer.args.eval_on_start = True
+    return lambda: next((row for row in trainer.state.log_history if any(k.startswith("eval_") for k in row)), None)
 
 
 def eval_files(recipe: Recipe) -> list[str]:
@@ -195,6 +263,7 @@ def after_training(
     recipe: Recipe,
     run_dir: Path,
     *,
+    stop: GracefulStop,
     source,
     template,
     metrics: dict,
@@ -203,7 +272,42 @@ def after_training(
     sample_images: list[str] | None = None,
 ) -> Path | None:
     """Once adapter/ is saved: loss plot, merge with parity, sample generation, eval (`eval.enabled`), metrics.json
-    (the run is finished once it exists), model card, push. Returns the merged dir (None without `output.merge`)."""
+    (the run is finished once it exists), model card, push. Returns the merged dir (None without `output.merge`).
+    A signal stops each of these at once (`stop`): they write atomically, and the saved adapter is resumable."""
+    with stop.during("the merge and sample", at_once=True):
+        merged_dir = _merge_and_sample(
+            recipe, run_dir, source=source, template=template, metrics=metrics, parity_rows=parity_rows,
+            sample_prompt=sample_prompt, sample_images=sample_images,
+        )  # fmt: skip
+    if recipe.eval.enabled:
+        with stop.during("the eval.enabled scoring", at_once=True):
+            metrics["eval"] = evaluate_run(recipe, run_dir, base=str(source.path), template=template)
+    with stop.during("the metrics and model card", at_once=True):
+        atomic_write_json(run_dir / "metrics.json", _plain(metrics))
+        if merged_dir is not None:  # after metrics.json and eval.md: the card shows both; base by name
+            from ..export import card_for_run
+
+            atomic_write_text(merged_dir / "README.md", card_for_run(run_dir))
+    if recipe.output.push_to_hub and merged_dir is not None:
+        from ..serve import push_after_training
+
+        with stop.during("the push", at_once=True):
+            push_after_training(run_dir, recipe.output.push_to_hub)
+    return merged_dir
+
+
+def _merge_and_sample(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    source,
+    template,
+    metrics: dict,
+    parity_rows: list[list[int]],
+    sample_prompt: list[int] | None,
+    sample_images: list[str] | None,
+) -> Path | None:
+    """The loss plot, then (`output.merge`) the merge with parity and the sample generation; merged/ or None."""
     adapter_dir = run_dir / "adapter"
     merged_dir = None
     show_in_notebook(plot_losses(run_dir))  # inline in a notebook cell; a file either way
@@ -240,24 +344,15 @@ def after_training(
                 "sample generation from the merged model (plain transformers, greedy):\n"
                 + metrics["sample"]["completion"]
             )
-    if recipe.eval.enabled:
-        metrics["eval"] = evaluate_run(recipe, run_dir, base=str(source.path), template=template)
-    atomic_write_json(run_dir / "metrics.json", _plain(metrics))
-    if merged_dir is not None:  # after metrics.json and eval.md: the card shows both; base by name
-        from ..export import card_for_run
-
-        atomic_write_text(merged_dir / "README.md", card_for_run(run_dir))
-    if recipe.output.push_to_hub and merged_dir is not None:
-        from ..serve import push_after_training
-
-        push_after_training(run_dir, recipe.output.push_to_hub)
     return merged_dir
 
 
 def parity_rows_of(data, count: int = 3) -> list[list[int]]:
-    """The merge's parity rows: the first train rows as text ids (SFT: the row; DPO: prompt + chosen; no pixels)."""
+    """The merge's parity rows: the first train rows as text ids (SFT: the row; DPO: prompt + chosen; GRPO: the
+    prompt; no pixels)."""
     rows = data.train.select(range(min(count, len(data.train))))
-    ids = [r["prompt_input_ids"] + r["chosen_input_ids"] if "prompt_input_ids" in r else r["input_ids"] for r in rows]
+    ids = [r["prompt_input_ids"] + r.get("chosen_input_ids", []) if "prompt_input_ids" in r else r["input_ids"]
+           for r in rows]  # fmt: skip
     return ids if data.images is None else [text_only(row, data.images) for row in ids]
 
 
@@ -277,23 +372,27 @@ def finish_trained_run(recipe: Recipe) -> TrainResult:
     if not is_main_process():
         return result
     log(f"{run_dir}: training had ended (adapter/ saved); finishing the run without retraining: plot, merge, metrics")
-    source, _, _, data = prepare_inputs(recipe)
-    result.data_reports = [r.to_dict() for r in data.reports]
-    metrics = result.metrics = {"finished_by_resume": True, **_trained_metrics(run_dir)}
-    sample = sample_row_of(data)
-    result.merged_dir = after_training(
-        recipe, run_dir, source=source, template=data.template, metrics=metrics, parity_rows=parity_rows_of(data),
-        sample_prompt=prompt_of(sample), sample_images=sample.get("image_files"),
-    )  # fmt: skip
+    with GracefulStop(recipe, run_dir).guard() as stop:  # a signal: stopped at once, still resumable this way
+        source, _, _, data = prepare_inputs(recipe)
+        result.data_reports = [r.to_dict() for r in data.reports]
+        metrics = result.metrics = {"finished_by_resume": True, **_trained_metrics(run_dir)}
+        sample = sample_row_of(data)
+        result.merged_dir = after_training(
+            recipe, run_dir, stop=stop, source=source, template=data.template, metrics=metrics,
+            parity_rows=parity_rows_of(data), sample_prompt=prompt_of(sample), sample_images=sample.get("image_files"),
+        )  # fmt: skip
     return result
 
 
 def _trained_metrics(run_dir: Path) -> dict:
-    """What the trainer reported at the end of training (its last log row: train_runtime, train_loss, ...)."""
-    for row in reversed(read_metrics(run_dir)):
+    """What the trainer reported at the end of training (its last log row: train_runtime, train_loss, ...); where a
+    signal stopped the evaluation at the end of training before that row, the last step logged."""
+    rows = read_metrics(run_dir)
+    for row in reversed(rows):
         if "train_runtime" in row:
             return {**{k: v for k, v in row.items() if k not in ("step", "epoch")}, "global_step": row.get("step")}
-    return {}
+    steps = [row["step"] for row in rows if "loss" in row and "step" in row]
+    return {"global_step": max(steps)} if steps else {}
 
 
 def prompt_of(row: dict) -> list[int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import BadRow, QwentuneError, read_json_file
 from ..model import is_vl
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, load_recipe, resolve_path
 
 SAMPLE_ROWS = 5
 
@@ -100,8 +100,17 @@ def _combination_lines(recipe: Recipe) -> list[str]:
 
         check_dpo_recipe(recipe, str(recipe.path or "recipe"))
         lines.append(f"dpo: loss {'+'.join(recipe.dpo.loss_type)}, beta {recipe.dpo.beta}")
+    if recipe.method == "grpo":
+        from .grpo import check_grpo_recipe
+
+        g = recipe.grpo
+        check_grpo_recipe(recipe, str(recipe.path or "recipe"), adapter_made_later=True)  # Python rewards: at setup
+        rewards = " + ".join(f"{w}×{n}" for n, w in g.rewards.items())
+        lines.append(f"grpo: rewards {rewards}, {g.num_generations} generations, loss {g.loss_type}, beta {g.beta}")
+        if recipe.model.adapter is not None and not resolve_path(recipe, recipe.model.adapter).exists():
+            lines.append(f"note: model.adapter {recipe.model.adapter} is not there yet (train the run that makes it)")
     if recipe.trainer:
-        config = "SFTConfig" if recipe.method == "sft" else "DPOConfig"
+        config = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}[recipe.method]
         lines.append(f"trainer: {', '.join(f'{k}={v!r}' for k, v in recipe.trainer.items())} (passed to TRL {config})")
     if recipe.peft.method == "qlora" and recipe.peft.use_dora:
         lines.append("note: DoRA on a 4-bit base merges only through the in-memory path")
