@@ -10,7 +10,7 @@ __all__, __getattr__, __dir__ = exports(
     __name__,
     {
         "highlight": ("preview",),
-        "pipeline": ("PreparedData", "prepare_data"),
+        "pipeline": ("PreparedData", "default_tools", "prepare_data"),
         "raw": ("read_split",),
         "sources": ("read_source", "resolve_sources", "take_rows"),
     },

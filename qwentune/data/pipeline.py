@@ -48,7 +48,8 @@ class PreparedData:
 # ---------------------------------------------------------------- the pipeline
 
 
-def _default_tools(data: DataSection, base_dir: Path) -> list | None:
+def default_tools(data: DataSection, base_dir: Path) -> list | None:
+    """data.tools: the tools offered to every row that has none (a JSON list of function schemas), or None."""
     if not data.tools:
         return None
     path = data_path(base_dir, data.tools)
@@ -81,7 +82,7 @@ def prepare_data(
     d = data
     template = load_template(d.template, tokenizer)
     limit = smallest(limit, d.limit)
-    tools = _default_tools(d, base_dir)
+    tools = default_tools(d, base_dir)
     opened: list[RawRows] = []
     try:
         train_raw = read_split(d, method, base_dir, "train", limit)
@@ -287,4 +288,4 @@ def _mixed(
     return np.concatenate(drawn)
 
 
-__all__ = ["PreparedData", "prepare_data"]
+__all__ = ["PreparedData", "default_tools", "prepare_data"]

@@ -20,11 +20,11 @@ from typing import Any
 
 import datasets
 
-from ..data import PreparedData, read_split
+from ..data import PreparedData, default_tools, read_split
 from ..errors import BadRow, QwentuneError, json_error_text
 from ..eval import expected_turns, prompt_text
-from ..recipe import DataSection, Recipe, resolve_path
-from ..rows import ChatTemplate, convert, has_images, load_template, needs_tools, normalize_tools
+from ..recipe import DataSection, Recipe
+from ..rows import ChatTemplate, convert, has_images, load_template, needs_tools
 
 COLUMNS = ("prompt", "prompt_input_ids", "reference", "tools")  # what the GRPO trainer and its rewards read
 FEATURES = datasets.Features(
@@ -92,7 +92,7 @@ def prepare_prompts(recipe: Recipe, tokenizer: Any, *, limit: int | None = None,
     reports to stderr unless `quiet`. Raises QwentuneError when a split gives no prompt."""
     d = recipe.data
     template = load_template(d.template, tokenizer)
-    tools = _default_tools(recipe)
+    tools = default_tools(recipe.data, recipe.base_dir)
     budget = d.max_length - recipe.grpo.max_completion_length
     out: dict[str, datasets.Dataset] = {}
     reports: list[PromptReport] = []
@@ -184,23 +184,6 @@ def _refuse_empty(reports: list[PromptReport], split: str) -> None:
         hint="GRPO needs conversation rows whose assistant turns answer a user message or tool results; "
         "over_length: raise data.max_length or lower grpo.max_completion_length",
     )
-
-
-def _default_tools(recipe: Recipe) -> list | None:
-    """data.tools: the tools offered to every row that has none (read as the data pipeline reads it)."""
-    if not recipe.data.tools:
-        return None
-    path = resolve_path(recipe, recipe.data.tools)
-    if not path.is_file():
-        raise QwentuneError(
-            f"tools file not found: {recipe.data.tools}", where="data.tools", hint=f"looked for {path}"
-        )
-    try:
-        return normalize_tools(path.read_text(encoding="utf-8"))
-    except BadRow as bad:
-        raise QwentuneError(
-            f"{path}: {bad.detail}", where="data.tools", hint="a JSON list of function schemas"
-        ) from None
 
 
 __all__ = ["COLUMNS", "PromptReport", "prepare_prompts"]
