@@ -274,9 +274,8 @@ def _mixed(
     by_entry = [kept[entry_of[kept_src] == e] for e in entries]
     weights = [next(x.source.weight for x in loaded if x.source.entry == e) for e in entries]
     drawn, total = mix(by_entry, weights, d.mix_rows, d.seed, [f"data.train[{e}]" for e in entries])
-    source_of = dict(zip(kept.tolist(), kept_src.tolist()))
     for picks in drawn:
-        srcs = np.asarray([source_of[p] for p in picks.tolist()], dtype=np.int64)
+        srcs = kept_src[np.searchsorted(kept, picks)]  # kept is ascending: each drawn row's place in it
         for s in np.unique(srcs).tolist():
             mine = picks[srcs == s]
             reports[s].drawn = len(mine)

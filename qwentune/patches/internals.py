@@ -20,7 +20,16 @@ import re
 
 from ..errors import QwentuneError
 from .lean_fold import CPU_VOCAB_CHUNK, lean_backward_fold, lean_forward_fold
-from .machinery import LibraryChanged, _changed, _mark, _ours, _problem, _replaced, _say_once, _version
+from .machinery import (
+    LibraryChanged,  # noqa: F401 - what these patches raise, caught by their callers
+    _changed,
+    _mark,
+    _ours,
+    _problem,
+    _replaced,
+    _say_once,
+    _version,
+)
 
 TRL = "1.16"  # the TRL release the TRL patches below were written for
 PEFT = "0.21"  # the PEFT release peft_output_bias was written for
@@ -458,19 +467,3 @@ def trl_for_dpo(peft_model):
     trainer_class = pretokenized_dpo_trainer()
     with compact_head_on_cpu(), lean_cpu_fold(), lean_token_rows(peft_model):
         yield trainer_class
-
-
-__all__ = [
-    "LibraryChanged",
-    "compact_head_on_cpu",
-    "lean_cpu_fold",
-    "lean_token_rows",
-    "lora_input_cast_off",
-    "one_gguf_read",
-    "peft_output_bias",
-    "pretokenized_dpo_trainer",
-    "settle_reference_adapter",
-    "trl_dpo_loss_types",
-    "trl_for_dpo",
-    "trl_for_sft",
-]
