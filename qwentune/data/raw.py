@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..errors import BadRow, QwentuneError
 from ..recipe import DataSection
-from ..rows import detect_source_format
+from ..rows import DETECT_ROWS, detect_source_format
 from .sources import Source, check_columns, read_source, resolve_sources, smallest, take_rows
 
 BATCH_ROWS = 1024  # rows per Arrow record batch written (a few MB of JSON text at most)
@@ -64,8 +64,8 @@ class RawRows:
             self.path.parent.rmdir()
 
 
-def _detect(source: Source, forced: str, method: str, limit: int | None) -> str:
-    texts = (text for _, text in take_rows(read_source(source), limit) if isinstance(text, str))
+def _detect(source: Source, forced: str, method: str, texts: list[str]) -> str:
+    """The source's format from its first rows' texts (collected while it is read: the file is read once)."""
     fmt = detect_source_format(texts, forced, label=source.label, where=source.key)
     if method == "dpo" and fmt not in ("preference", "unknown"):
         raise QwentuneError(
@@ -82,7 +82,9 @@ def _detect(source: Source, forced: str, method: str, limit: int | None) -> str:
     return fmt
 
 
-def _rows(s: int, read: ReadSource, limit: int | None, digest) -> Iterator[tuple[str, int, int, str, str]]:
+def _rows(
+    s: int, read: ReadSource, limit: int | None, digest, first: list[str]
+) -> Iterator[tuple[str, int, int, str, str]]:
     for index, text in take_rows(read_source(read.source), limit):
         if text is None:
             read.blank_lines += 1
@@ -91,6 +93,8 @@ def _rows(s: int, read: ReadSource, limit: int | None, digest) -> Iterator[tuple
         if isinstance(text, BadRow):
             yield "", s, index, text.reason, text.detail
             continue
+        if len(first) < DETECT_ROWS:
+            first.append(text)
         digest.update(f"{s}:{index}:".encode())
         digest.update(text.encode())
         digest.update(b"\0")
@@ -117,10 +121,11 @@ def read_split(data: DataSection, method: str, base_dir: Path, which: str, limit
                 forced = source.format or data.format
                 check_columns(source, forced)
                 source_limit = smallest(limit, source.limit)
-                read = ReadSource(source, _detect(source, forced, method, source_limit), 0)
+                read = ReadSource(source, "", 0)
                 reads.append(read)
                 batch: list[tuple] = []
-                for row in _rows(s, read, source_limit, digest):
+                first: list[str] = []
+                for row in _rows(s, read, source_limit, digest, first):
                     batch.append(row)
                     if len(batch) == BATCH_ROWS:
                         writer.write_batch(_batch(batch))
@@ -129,6 +134,7 @@ def read_split(data: DataSection, method: str, base_dir: Path, which: str, limit
                     writer.write_batch(_batch(batch))
                 if not read.rows:
                     raise QwentuneError(f"{source.label} has no rows", where=source.key, hint="check the file")
+                read.fmt = _detect(source, forced, method, first)
         dataset = datasets.Dataset.from_file(str(path))
     except BaseException:
         path.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ __all__, __getattr__, __dir__ = exports(
     {
         "canonical": ("image_reference", "is_image_part", "needs_tools", "normalize_tools"),
         "fit": ("LENGTH_REASONS", "fit_image_row", "fit_pair", "fit_row", "length_bound"),
-        "formats": ("FORMATS", "convert", "detect_format", "detect_source_format"),
+        "formats": ("DETECT_ROWS", "FORMATS", "convert", "detect_format", "detect_source_format"),
         "images": (
             "IMAGE_COLUMNS",
             "ImageFile",
