@@ -10,18 +10,27 @@
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --shape tiny    # the same steps on the tiny shape, few steps: a CPU dry run
 #
+# Several GPUs (issue 29), instead of the above: every launch/ config (DDP, FSDP2, DeepSpeed ZeRO-2/3 with and without
+# offload) × LoRA/QLoRA on N GPUs against one GPU with accumulation N, each stopped by SIGTERM after a checkpoint and
+# resumed (benchmarks/multi_process.py; 0.5B shape; one table: config, tokens/s, peak memory per GPU, adapter and
+# merged difference vs one GPU, adapter complete, resumed from):
+#   bash benchmarks/gpu_check.sh --gpus N
+#   bash benchmarks/gpu_check.sh --shape tiny --gpus 2   # its CPU dry run: FSDP LoRA on 2 CPU processes (gloo),
+#                                                        # ~1.5 min on 2 cores (tests/test_sharded.py runs it)
+#
 # The GPU machine has torch/transformers/peft/accelerate but not trl, bitsandbytes, datasets (+ dill, multiprocess)
 # or liger-kernel: carry them as wheels in .whl/ (see the device notes); this script installs a .whl/ dir it finds
 # into /tmp/site and puts it first on PYTHONPATH. Results (json, logs) go to $OUT/gpu_check or a temp dir.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-SHAPE=3b SMALL=0.5b SEQ=2048 STEPS=8 BATCH=4 DEVICE=cuda LIMIT=300
+SHAPE=3b SMALL=0.5b SEQ=2048 STEPS=8 BATCH=4 DEVICE=cuda LIMIT=300 GPUS=
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) shift; [ "${1:-}" = tiny ] || { echo "--shape takes: tiny (the CPU dry run)"; exit 2; }
              SHAPE=tiny SMALL=tiny SEQ=512 STEPS=3 BATCH=2 DEVICE=cpu LIMIT=600 ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [--shape tiny]"; exit 2 ;;
+    --gpus) shift; [[ "${1:-}" =~ ^[1-9][0-9]*$ ]] || { echo "--gpus takes a number of GPUs"; exit 2; }; GPUS=$1 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--shape tiny] [--gpus N]"; exit 2 ;;
   esac
   shift
 done
@@ -41,7 +50,7 @@ if [ "$DEVICE" = cuda ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.
 fi
 $PY - <<'EOF'
 import importlib.metadata as m, torch
-names = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets", "liger-kernel")
+names = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets", "liger-kernel", "deepspeed")
 def version(n):
     try:
         return m.version(n)
@@ -50,6 +59,20 @@ def version(n):
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
       "|", ", ".join(f"{n} {version(n)}" for n in names))
 EOF
+
+if [ -n "$GPUS" ]; then  # the multi-GPU part only (or its CPU dry run)
+  if [ "$DEVICE" = cpu ]; then
+    MULTI=(--shape tiny --device cpu --processes "$GPUS" --configs fsdp --peft lora)
+  else
+    MULTI=(--shape 0.5b --device cuda --processes "$GPUS" --resume --steps 6)
+    $PY -c "import deepspeed" 2>/dev/null || MULTI+=(--configs ddp fsdp)  # ZeRO rows need deepspeed
+  fi
+  echo "== several processes: multi_process.py ${MULTI[*]}"
+  nice -n 10 $PY benchmarks/multi_process.py "${MULTI[@]}" --out "$RES/multi" --json-out "$RES/multi.json"
+  STATUS=$?
+  echo "results: $RES ($((SECONDS - START)) s)"
+  exit $STATUS
+fi
 
 bench() {  # bench NAME ARGS...: one train_throughput.py run, its json in $RES/NAME.json
   local name=$1; shift

@@ -11,6 +11,7 @@ Running it twice gives byte-identical files. One module per dataset kind lives i
     gen/instructions.py (+ tasks_math.py, tasks_text.py)  instructions.jsonl
     gen/tools.py (+ tool_catalog.py, eval_catalog.py)     tool_calls.jsonl, tool_calls_eval.jsonl, tools.json
     gen/preferences.py (+ pref_tools.py)                  preferences.jsonl, preferences_eval.jsonl
+    gen/decisions.py (+ decision_catalog.py)              tool_calls_decisions{,_eval,_pairs}.jsonl
 
     python data/make_data.py              # regenerate the files next to this script
     python data/make_data.py --out DIR    # write the files into DIR instead
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gen import tools as tool_rows  # noqa: E402
 from gen.common import convert, dumps, safe_eval  # noqa: E402,F401 (tests check results with these)
+from gen.decisions import held_out_decisions, mining_decisions  # noqa: E402
 from gen.instructions import make_instructions  # noqa: E402
 from gen.preferences import make_preferences  # noqa: E402
 from gen.tool_catalog import TRAIN_BY_NAME  # noqa: E402
@@ -48,6 +50,9 @@ FILES = (
     "tool_calls_eval.jsonl",
     "preferences.jsonl",
     "preferences_eval.jsonl",
+    "tool_calls_decisions.jsonl",
+    "tool_calls_decisions_eval.jsonl",
+    "tool_calls_decisions_pairs.jsonl",
     "tools.json",
 )
 
@@ -74,7 +79,10 @@ def build() -> dict[str, list[dict]]:
     seen = prompt_keys(instructions + tool_train + pref_train)
     tool_eval = tool_rows.make_tool_rows(random.Random(SEED + 2), "eval", N_TOOL_EVAL, seen)
     pref_eval = make_preferences(random.Random(SEED + 4), "eval", N_PREF_EVAL, seen)
-    files = [instructions, tool_train, tool_eval, pref_train, pref_eval]
+    # training tools: a tuned model's misses on them become DPO pairs; the scripted pairs start before any are mined
+    mine, mine_pairs = mining_decisions(random.Random(SEED + 5), set())
+    decisions_eval = held_out_decisions(random.Random(SEED + 6), seen | prompt_keys(mine))
+    files = [instructions, tool_train, tool_eval, pref_train, pref_eval, mine, decisions_eval, mine_pairs]
     return dict(zip(FILES[:-1], files, strict=True))
 
 

@@ -11,7 +11,7 @@ scores = qwentune.evaluate(["offline:qwen2.5-coder-0.5b-instruct", result.merged
 print(scores.table())                    # models as columns, with deltas
 """
 
-from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, setup, train
+from .api import evaluate, export_gguf, merge, prepare, preprocess, preview, setup, start_server, train
 from .errors import BadRow, QwentuneError
 from .recipe import Recipe, load_recipe
 from .training import Run, TrainResult
@@ -27,6 +27,7 @@ __all__ = [
     "merge",
     "export_gguf",
     "evaluate",
+    "start_server",
     "Run",
     "TrainResult",
     "QwentuneError",

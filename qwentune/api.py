@@ -182,23 +182,68 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
 
 
 def export_gguf(
-    model: str | Path, output: str | Path, *, type: str = "f16", ollama: bool = False, force: bool = False
+    model: str | Path,
+    output: str | Path,
+    *,
+    type: str = "f16",
+    ollama: bool = False,
+    force: bool = False,
+    check_data: list[str | Path] | str | Path | None = None,
+    check_limit: int | None = None,
 ):
-    """Write a GGUF (f16, bf16 or q8_0) for llama.cpp / Ollama from a merged dir, run dir or model source, verified
-    against the source (logits, greedy tokens, tokenizer ids); `ollama` also writes a Modelfile. Returns GgufReport."""
+    """Write a GGUF (f16, bf16, q8_0; q4_k_m, q5_k_m, q6_k through llama.cpp's quantizer) for llama.cpp / Ollama from
+    a merged dir, run dir or model source, verified against the source (logits, greedy tokens, tokenizer ids; greedy
+    tokens in llama.cpp when installed); `ollama` also writes a Modelfile. `check_data`: eval files scored on the
+    written file in llama.cpp's server next to the source (`check_limit` rows), into export_report.json and
+    `report.extra["check_data"]`. Returns GgufReport."""
     from .serve import export_gguf as _export_gguf
 
-    return _export_gguf(model, output, type=type, ollama=ollama, force=force)
+    report = _export_gguf(model, output, type=type, ollama=ollama, force=force)
+    if check_data is not None:
+        from .eval import add_to_report, score_gguf
+
+        data = [check_data] if isinstance(check_data, (str, Path)) else list(check_data)
+        report.extra["check_data"] = score_gguf(report.path, report.source, data, limit=check_limit)
+        add_to_report(report.path.parent / "export_report.json", report.extra["check_data"])
+    return report
 
 
 def evaluate(models, data, **kwargs):
     """Score one or more models side by side on eval files (tool calls, BFCL, loss, preferences): EvalResult with
     .table(), .markdown(), .metrics, .rows. `turns="all"` scores every assistant turn of a row with tools (one prompt
     per turn); `pairs="OUT.jsonl"` writes the model's misses on training rows as DPO pairs (`samples=K`,
-    `temperature=T`, `seed=S` to sample more replies); see `qwentune.eval.evaluation.evaluate` for every keyword."""
+    `temperature=T`, `seed=S` to sample more replies). A model may be an OpenAI-compatible server's URL
+    (`http://127.0.0.1:8080/v1`, `served_model="NAME"` when it lists several): the same rows over its API, greedy.
+    See `qwentune.eval.evaluation.evaluate` for every keyword."""
     from .eval import evaluate as run_eval
 
     return run_eval(models, data, **kwargs)
 
 
-__all__ = ["load_recipe", "prepare", "preprocess", "preview", "setup", "train", "merge", "evaluate", "export_gguf"]
+def start_server(model: str | Path, *, backend: str = "auto", host: str = "127.0.0.1", port: int = 8080,
+                 wait: float = 600.0, log: str | Path | None = None, extra_args: tuple[str, ...] = ()):  # fmt: skip
+    """`qwentune serve` from Python: start an existing OpenAI-compatible server for a run dir / merged dir
+    (transformers serve, or vLLM where installed) or a .gguf (llama.cpp) and wait until it answers. Returns a
+    RunningServer (.url, .model, .stop(); a context manager):
+    `with qwentune.start_server(run_dir) as s: qwentune.evaluate([s.url], data)`.
+    `log`: a file for the server's output (default: this process's)."""
+    from .serve import plan_server
+    from .serve import start_server as _start
+
+    model = getattr(model, "run_dir", model)  # a TrainResult stands for its run dir (its merged/)
+    plan = plan_server(model, backend=backend, host=host, port=port, extra_args=extra_args)
+    return _start(plan, wait=wait, log=log)
+
+
+__all__ = [
+    "load_recipe",
+    "prepare",
+    "preprocess",
+    "preview",
+    "setup",
+    "train",
+    "merge",
+    "evaluate",
+    "export_gguf",
+    "start_server",
+]

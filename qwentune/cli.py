@@ -8,14 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import cli_args
 from .errors import QwentuneError
-
-EPILOG = """\
-overrides: any recipe key as section.key=value anywhere after the command (before or after options), e.g.
-  qwentune train recipes/qwen2.5-0.5b-instruct/sft_lora.yaml training.max_steps=20 data.limit=64
-  qwentune preprocess recipes/qwen2.5-0.5b-instruct/sft_lora.yaml --output rows.jsonl data.limit=64
-Values are typed like YAML (ints, floats, bools, [lists]); unknown keys are errors.
-Multi-GPU: accelerate launch --config_file launch/ddp.yaml -m qwentune train RECIPE"""
 
 
 def _split(items: list[str]) -> tuple[list[str], list[str]]:
@@ -94,11 +88,24 @@ def cmd_train(args) -> int:
 def cmd_estimate(args) -> int:
     import json
 
-    from .training import estimate
+    from .model import estimate, estimate_for_launch, host_phases, model_shape, render_host
 
     recipe = _one_recipe(args.items)
-    result = estimate(recipe, device=args.device, seq_len=args.seq_len, trainable_token_rows=args.token_rows)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
+    shape = model_shape(recipe.model.source)
+    result = estimate(recipe, device=args.device, seq_len=args.seq_len, trainable_token_rows=args.token_rows,
+                      shape=shape)  # fmt: skip
+    if args.launch:  # per process of a multi-process launch config (FSDP, ZeRO, DDP)
+        result = estimate_for_launch(result, args.launch, args.processes)
+    parts = result.parts
+    host = host_phases(
+        params=parts["params"], checkpoint_bytes=shape.checkpoint_bytes, trained_weights=parts["weights"],
+        train_tensors=result.total, device=args.device, largest_matrix=shape.vocab * shape.hidden,
+        merge=recipe.output.merge, evaluate=recipe.eval.enabled,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict() | {"host": [vars(p) for p in host]}, indent=2))
+    else:
+        print(result.render() + render_host(host))
     return 0
 
 
@@ -141,14 +148,23 @@ def cmd_push(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .serve import export_gguf
+    from .api import export_gguf
 
-    report = export_gguf(args.model, args.gguf, type=args.type, ollama=args.ollama, force=args.force)
-    p = report.parity
+    report = export_gguf(args.model, args.gguf, type=args.type, ollama=args.ollama, force=args.force,
+                         check_data=args.check_data, check_limit=args.check_limit)  # fmt: skip
+    p = report.extra.get("verified_f16", report.__dict__)["parity"]
+    kquant = "verified_f16" in report.extra
+    checked = f" (on the f16 file it was quantized from; types {report.tensor_types})" if kquant else ""
     print(
         f"wrote {report.path} ({report.type}, {report.size_bytes / 2**20:.1f} MiB); parity max |Δlogit| = "
-        f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.2g}), greedy agreement {report.greedy['agreement']:.0%}"
+        f"{p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.2g}){checked}"
     )
+    llama = report.extra.get("llama_cpp", {})
+    print(
+        f"llama.cpp: greedy agreement {llama['agreement']:.0%}" if llama.get("ran") else f"llama.cpp: {llama['why']}"
+    )
+    if "check_data" in report.extra:
+        print(report.extra["check_data"]["table"])
     if report.modelfile is not None:
         print(f"Modelfile: {report.modelfile} (ollama create NAME -f {report.modelfile})")
     return 0
@@ -174,11 +190,25 @@ def _recipe_eval(target: str):
     return models, labels, data, recipe.data.template, recipe.eval, run_dir
 
 
+def cmd_serve(args) -> int:
+    import shlex
+
+    from .serve import serve
+
+    return serve(args.model, backend=args.backend, host=args.host, port=args.port, wait=args.wait,
+                 extra_args=shlex.split(args.server_args))  # fmt: skip
+
+
 def cmd_eval(args) -> int:
     from .eval import evaluate
 
     labels, template, output = None, "model", args.output
-    models, data = args.models, args.data
+    models, data = args.models + args.endpoint, args.data
+    if not models:
+        raise QwentuneError("no model given", where="command line", hint="qwentune eval MODEL|--endpoint URL --data F")
+    if args.served_model and not any(m.startswith(("http://", "https://")) for m in models):
+        raise QwentuneError("--served-model names a model of an endpoint", where="--served-model",
+                            hint="qwentune eval --endpoint URL --served-model NAME --data FILE")  # fmt: skip
     limit, batch_size, max_new_tokens = args.limit, args.batch_size, args.max_new_tokens
     one = Path(models[0])
     if not data and len(models) == 1 and (one.suffix in (".yaml", ".yml") or (one / "recipe.yaml").is_file()):
@@ -198,7 +228,7 @@ def cmd_eval(args) -> int:
     result = evaluate(models, data, limit=limit, batch_size=batch_size or 8, max_new_tokens=max_new_tokens or 256,
                       output=output, bfcl_answers=args.bfcl_answers, template=template, labels=labels,
                       turns=args.turns, pairs=args.pairs, samples=args.samples or 0, temperature=args.temperature,
-                      seed=args.seed)  # fmt: skip
+                      seed=args.seed, served_model=args.served_model)  # fmt: skip
     print(result.table())
     print(result.summary())
     if output:
@@ -208,170 +238,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+COMMANDS = {
+    "validate": cmd_validate,
+    "preprocess": cmd_preprocess,
+    "preview": cmd_preview,
+    "train": cmd_train,
+    "estimate": cmd_estimate,
+    "merge": cmd_merge,
+    "chat": cmd_chat,
+    "push": cmd_push,
+    "export": cmd_export,
+    "eval": cmd_eval,
+    "serve": cmd_serve,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="qwentune",
-        description="Fine-tune Qwen2.5 / Qwen2 / Qwen2-VL with LoRA or QLoRA: exact chat-template masks, SFT and DPO, "
-        "merged checkpoints that plain transformers loads.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
-
-    p = sub.add_parser("validate", help="check recipes: schema, model source, data files, template (no weights)")
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("preprocess", help="render and mask the data exactly as training will; write jsonl")
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.add_argument("--output", "-o", required=True, help="output .jsonl (input_ids/labels, or DPO id columns)")
-    p.add_argument("--limit", type=_at_least(1, "limit"), default=None, help="only the first N rows of each data file")
-    p.set_defaults(func=cmd_preprocess)
-
-    p = sub.add_parser("preview", help="show tokens with the trained ones highlighted")
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.add_argument("--rows", type=_at_least(1, "number of rows"), default=3)
-    p.add_argument("--no-color", action="store_true", help="mark trained spans as [[...]] instead of colour")
-    p.set_defaults(func=cmd_preview)
-
-    p = sub.add_parser("train", help="train (SFT, DPO or GRPO per the recipe's method), save the adapter and merge")
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.add_argument("--resume", action="store_true", help="continue the run dir's newest checkpoint (same recipe)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("estimate", help="peak memory per process from the model's config (nothing loads)")
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_OVERRIDE")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (default cuda)")
-    p.add_argument(
-        "--seq-len",
-        type=_at_least(16, "sequence length"),
-        default=None,
-        help="tokens per row (default: data.max_length)",
-    )
-    p.add_argument(
-        "--token-rows",
-        type=_at_least(0, "number of token rows"),
-        default=None,
-        help="trainable token rows (default: 2 if auto, else 0)",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_estimate)
-
-    p = sub.add_parser("merge", help="merge an adapter dir into its base, shard by shard, with a parity check")
-    p.add_argument("adapter_dir")
-    p.add_argument("--output", "-o", required=True)
-    p.add_argument("--base", default=None, help="base model source (default: the one the adapter was trained on)")
-    p.add_argument(
-        "--qlora-merge",
-        choices=("dequantized", "original"),
-        default="dequantized",
-        help="QLoRA adapters: merge onto the dequantized 4-bit base (as trained) or the original weights",
-    )
-    p.add_argument("--no-parity", action="store_true", help="skip the logits parity check (big models)")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser(
-        "chat",
-        help="talk to a trained model (run dir, adapter, merged dir, hub id, .gguf, offline:…) with its template",
-        description="Interactive chat that streams tokens; tool calls are shown as structured calls. Commands: "
-        "/tool RESULT answers the open call, /reset, /save FILE.jsonl (a training row), /exit. With --prompt or a "
-        "pipe on stdin: one reply (calls as 'tool_call: {json}' lines), then exit.",
-    )
-    p.add_argument("model", metavar="MODEL", help="run dir, adapter dir, merged/model dir, hub id, .gguf, offline:…")
-    p.add_argument("--tools", default=None, help="JSON file: a list of tool definitions passed to the template")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--image", action="append", default=None, help="image for the first turn (Qwen2-VL; repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--prompt", default=None, help="one message, print the reply and exit")
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser(
-        "push",
-        help="upload a run's merged model (or adapter) with its model card to the Hugging Face Hub",
-        description="Token from HF_TOKEN or `hf auth login`; never printed. --dry-run lists the files and the card.",
-    )
-    p.add_argument("target", metavar="RUN_OR_MODEL_DIR")
-    p.add_argument("repo_id", metavar="OWNER/NAME")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--adapter-only", action="store_true", help="upload the run's adapter/ instead of merged/")
-    p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; upload nothing")
-    p.set_defaults(func=cmd_push)
-
-    p = sub.add_parser("export", help="write a GGUF for llama.cpp / Ollama, verified against the model it came from")
-    p.add_argument("model", help="merged model dir, run dir (its merged/), hub id, .gguf or offline:NAME")
-    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    p.add_argument("--type", default="f16", metavar="TYPE", help="f16 (default), bf16 or q8_0")
-    p.add_argument("--ollama", action="store_true", help="also write a Modelfile beside the GGUF")
-    p.add_argument("--force", action="store_true", help="replace an existing GGUF / Modelfile")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser(
-        "eval",
-        help="score models side by side: tool calls (incl. BFCL files), no-call, loss, preferences",
-        description="qwentune eval MODEL [MODEL ...] --data FILE ..., or qwentune eval RECIPE_OR_RUN_DIR (base and "
-        "tuned on the recipe's eval split). MODEL: hub id, dir, .gguf, offline:..., a run dir (its merged/), or an "
-        "adapter dir (base + adapter, not merged).",
-    )
-    p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--data", action="append", default=[], help="eval file (jsonl/json, any training format, or BFCL)")
-    p.add_argument("--bfcl-answers", default=None, help="BFCL possible-answer file for a BFCL question file")
-    p.add_argument("--limit", type=int, default=None, help="only the first N scoreable rows of each file")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts generated together (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens per reply (default 256)")
-    p.add_argument("--output", "-o", default=None, help="write eval.json and eval.md into this dir")
-    p.add_argument("--turns", choices=("first", "all"), default="first",
-                   help="score each row's first assistant turn (default) or every one: a prompt per turn, the "
-                   "history up to it")  # fmt: skip
-    p.add_argument("--pairs", default=None, metavar="OUT.jsonl",
-                   help="write every wrong tool-call / no-call reply as a DPO pair (chosen: the expected turn, "
-                   "rejected: the reply); mine training rows, never the eval split")  # fmt: skip
-    p.add_argument("--samples", type=_at_least(1, "number of samples"), default=None, metavar="K",
-                   help="with --pairs: also sample K replies per turn to find more misses")  # fmt: skip
-    p.add_argument("--temperature", type=float, default=None, help="for --samples (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="for --samples: turn i is sampled with seed+i (default 0)")
-    p.set_defaults(func=cmd_eval)
-    return parser
-
-
-def _at_least(minimum: int, what: str):
-    """argparse type for a count (--limit, --rows, ...): a whole number ≥ `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not a valid {what} (must be ≥ {minimum})")
-        return value
-
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error in one line (like every other error) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message} (hint: {self.prog} --help)\n")
-
-
-class _CommandParser(_Parser):
-    """A subcommand's parser: positionals (recipe, overrides, models) may sit before, between or after its options,
-    as `parse_intermixed_args` reads them: `train R --resume training.max_steps=5` is `train R training.max_steps=5
-    --resume`. The top-level parser cannot parse intermixed (it has subparsers); its subparsers action calls this
-    parse_known_args, which parses intermixed, whose own two passes come back here and parse plainly."""
-
-    _intermixing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._intermixing:  # parse_known_intermixed_args's own passes (on Pythons where it calls parse_known_args)
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
+    return cli_args.build_parser(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = os.environ.get("QWENTUNE_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        return globals()[f"cmd_{args.command}"](args)  # looked up now: what replaced cmd_NAME is what runs
     except QwentuneError as e:
         if debug:
             traceback.print_exc()

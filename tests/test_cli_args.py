@@ -13,7 +13,7 @@ import pytest
 from cli_in_process import run_main
 from tiny_models import tiny_model_dir
 
-from qwentune import cli
+from qwentune import cli, cli_args
 from qwentune.recipe import dump_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,20 @@ OTHER_COMMANDS = {
         ],
         {"models": ["m1", "m2"], "data": ["f.jsonl"]},
     ),
+    "serve": (
+        [
+            ["serve", "run", "--port", "8090", "--backend", "transformers", "--server-args=--dtype bfloat16"],
+            ["serve", "--port", "8090", "run", "--backend", "transformers", "--server-args=--dtype bfloat16"],
+            ["serve", "--port", "8090", "--backend", "transformers", "--server-args=--dtype bfloat16", "run"],
+        ],
+        {
+            "model": "run",
+            "port": 8090,
+            "host": "127.0.0.1",
+            "backend": "transformers",
+            "server_args": "--dtype bfloat16",
+        },
+    ),
 }
 
 
@@ -165,7 +179,7 @@ def test_help_says_where_overrides_go_and_its_examples_parse(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "anywhere after the command" in text and "after the recipe" not in text
-    examples = [shlex.split(line)[1:] for line in cli.EPILOG.splitlines() if line.startswith("  qwentune ")]
+    examples = [shlex.split(line)[1:] for line in cli_args.EPILOG.splitlines() if line.startswith("  qwentune ")]
 
     def override_after_an_option(argv: list[str]) -> bool:
         options = [i for i, word in enumerate(argv) if word.startswith("--")]

@@ -24,11 +24,11 @@ import torch
 from tiny_models import tiny_model_dir
 
 from qwentune.model.loading import resolve_precision
+from qwentune.model.memory_estimate import estimate
 from qwentune.model.shapes import SHAPES, build_model, param_count, tiny_config
 from qwentune.model.sizes import model_shape
 from qwentune.patches.internals import lora_input_cast_off
 from qwentune.recipe.load import load_recipe
-from qwentune.training.memory_estimate import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_shapes_come_from_config_only(tmp_path):
 
 def test_estimate_reads_config_only_without_importing_torch():
     """`qwentune estimate` answers before torch loads: estimate and the 4-bit settings (quantspec) import no torch."""
-    code = "import sys, qwentune.training.memory_estimate, qwentune.model.quantspec; print('torch' in sys.modules)"
+    code = "import sys, qwentune.model.memory_estimate, qwentune.model.quantspec; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 

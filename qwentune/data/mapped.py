@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 
 from ..errors import BadRow, json_error_text
+from ..recipe import DataSection
 from ..rows import (
     IMAGE_COLUMNS,
     ChatTemplate,
@@ -29,13 +30,14 @@ from ..rows import (
     fit_pair,
     fit_row,
     has_images,
+    length_bound,
     needs_tools,
     render_batch,
     render_preference_batch,
     row_images,
     trained_spans,
 )
-from .sources import dump_row
+from .sources import Source, dump_row
 
 # The modules whose code decides the mapped rows (part of the cache fingerprint).
 # The code whose output the cache holds (paths under qwentune/): a change to any of them is a new cache entry.
@@ -65,11 +67,36 @@ class Options:
     dedupe: bool = False  # give each row a `_key`: a hash of its canonical row (data.dedupe)
 
 
+def row_options(
+    d: DataSection,
+    method: str,
+    sources: list[tuple[str, Source]],
+    tools: list | None,
+    images: ImageSettings | None,
+    tokenizer: Any,
+) -> Options:
+    """What the mapped step (and the stream) needs to turn each source's rows into ids: `sources` as (format,
+    source), in the split's source order."""
+    return Options(
+        method=method,
+        formats=tuple((fmt, source.arrow) for fmt, source in sources),
+        tools=tools,
+        system_prompt=d.system_prompt,
+        max_length=d.max_length,
+        overlong=d.overlong,
+        train_on=d.train_on,
+        bases=tuple(source.base_dir for _, source in sources),
+        images=images,
+        max_bytes=length_bound(tokenizer, d.max_length),
+        dedupe=d.dedupe,
+    )
+
+
 def _bad_cols(reason: str = "", detail: str = "") -> dict:
     return {"_bad_reason": reason, "_bad_detail": detail}
 
 
-def _process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: ChatTemplate) -> dict:
+def process_batch(batch: dict, *, opts: Options, tokenizer: Any, template: ChatTemplate) -> dict:
     """Raw JSON rows → id columns plus _bad_reason/_bad_detail/_truncated; one result row per input row."""
     n = len(batch["_raw"])
     results: list[Any] = [None] * n
@@ -245,7 +272,7 @@ def map_rows(
     num_proc: int,
     split: str,
 ) -> datasets.Dataset:
-    """`base` (raw rows: `raw.SCHEMA`) rendered by `_process_batch` into a cached Arrow file of its own."""
+    """`base` (raw rows: `raw.SCHEMA`) rendered by `process_batch` into a cached Arrow file of its own."""
     fingerprint = _fingerprint(digest, opts, tokenizer, template)
     cache_file = None
     if datasets.is_caching_enabled():
@@ -253,7 +280,7 @@ def map_rows(
         folder.mkdir(parents=True, exist_ok=True)
         cache_file = str(folder / f"{opts.method}-{fingerprint}.arrow")
     return base.map(
-        _process_batch,
+        process_batch,
         batched=True,
         batch_size=256,
         num_proc=num_proc if num_proc > 1 and len(base) > 1 else None,
@@ -267,4 +294,4 @@ def map_rows(
     )
 
 
-__all__ = ["DPO_COLUMNS", "SFT_COLUMNS", "Options", "cache_dir", "map_rows"]
+__all__ = ["DPO_COLUMNS", "SFT_COLUMNS", "Options", "cache_dir", "map_rows", "process_batch", "row_options"]

@@ -21,17 +21,24 @@ import numpy as np
 from ..errors import BadRow, QwentuneError
 from ..recipe import DataSection
 from ..rows import (
-    LENGTH_REASONS,
     ChatTemplate,
     ImageSettings,
-    length_bound,
     load_template,
     normalize_tools,
 )
-from .mapped import Options, map_rows
+from .eval_parts import by_entry_parts
+from .mapped import map_rows, row_options
 from .mix import mix
 from .raw import RawRows, ReadSource, read_split
-from .report import DUPLICATE, EXAMPLES_PER_REASON, DataReport, refuse_empty, refuse_image_rows, refuse_tool_rows
+from .report import (
+    DUPLICATE,
+    DataReport,
+    count_skipped,
+    new_report,
+    refuse_empty,
+    refuse_image_rows,
+    refuse_tool_rows,
+)
 from .sources import data_path, smallest
 
 
@@ -43,6 +50,14 @@ class PreparedData:
     template: ChatTemplate
     method: str = "sft"
     images: ImageSettings | None = None  # a vision model's: rows carry image_files / image_sizes
+    stream: Any = None  # data.streaming: the Stream behind `train` (an IterableDataset), its counters and place
+    first: datasets.Dataset | None = None  # data.streaming: the first train rows (token check, parity, sample)
+    eval_parts: dict[str, datasets.Dataset] | None = None  # data.eval with several entries: each one's rows, by name
+
+    @property
+    def head(self) -> datasets.Dataset:
+        """Train rows at hand: every mapped row, or a stream's first rows."""
+        return self.first if self.first is not None else self.train
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -73,20 +88,28 @@ def prepare_data(
     quiet: bool = False,
     keep_origin: bool = False,
     images: ImageSettings | None = None,
+    streaming: bool = False,
 ) -> PreparedData:
     """Load, convert, render and length-fit data.train (and data.eval, or an eval_fraction of train) for `method`
     (sft | dpo); relative paths resolve against the current dir, then `base_dir` (the recipe's dir).
     `limit` (and data.limit) keeps the first N rows of each file. Prints the per-file reports to stderr unless
     `quiet`. `keep_origin` keeps the `_src`/`_row` columns (preview uses them to name rows). `images`: a vision
-    model's image settings (`vision.image_settings`); rows then keep their image files and expanded image pads."""
+    model's image settings (`vision.image_settings`); rows then keep their image files and expanded image pads.
+    `streaming` (training) with data.streaming: train is an endless IterableDataset read as training goes
+    (`streamed`); eval is mapped."""
     d = data
     template = load_template(d.template, tokenizer)
     limit = smallest(limit, d.limit)
     tools = default_tools(d, base_dir)
+    stream = None
+    if streaming and d.streaming:
+        from .streamed import stream_train
+
+        stream = stream_train(d, method, base_dir, tokenizer, template, tools, images, limit)
     opened: list[RawRows] = []
     try:
-        train_raw = read_split(d, method, base_dir, "train", limit)
-        opened.append(train_raw)
+        train_raw = read_split(d, method, base_dir, "train", limit) if stream is None else None
+        opened += [train_raw] if train_raw is not None else []
         if d.eval:
             eval_raw = read_split(d, method, base_dir, "eval", smallest(limit, d.eval_limit))
             opened.append(eval_raw)
@@ -96,13 +119,20 @@ def prepare_data(
             splits = {"train": (train_raw, np.flatnonzero(~is_eval)), "eval": (train_raw, np.flatnonzero(is_eval))}
         else:
             splits = {"train": (train_raw, None)}
-        out: dict[str, datasets.Dataset] = {}
+        out: dict[str, Any] = {}
         reports: list[DataReport] = []
+        if stream is not None:
+            splits.pop("train")
+            out["train"], reports = stream.dataset(), list(stream.reports)
+        parts = None
         for name, (raw, rows) in splits.items():
             mixed = name == "train" and _weighted(raw)
+            by_entry = name == "eval" and len(d.eval) > 1
             ds, split_reports = _prepare_split(
-                name, raw, rows, d, method, tokenizer, template, tools, keep_origin, images, mixed
+                name, raw, rows, d, method, tokenizer, template, tools, keep_origin or by_entry, images, mixed
             )
+            if by_entry:
+                ds, parts = by_entry_parts(ds, raw, keep_origin)
             out[name] = ds
             reports += [r for r in split_reports if r.total]  # an eval_fraction may take no row of a file
     finally:
@@ -110,8 +140,15 @@ def prepare_data(
             raw.close()
     if not quiet:
         for report in reports:
-            print(report.summary(), file=sys.stderr)
-    return PreparedData(out["train"], out.get("eval"), reports, template, method, images)
+            if report.streamed:
+                what = f"{report.source} [train] format {report.detected_format}: streamed"
+                print(f"{what}, rows counted as training reads them (data_report.json)", file=sys.stderr)
+            else:
+                print(report.summary(), file=sys.stderr)
+    prepared = PreparedData(out["train"], out.get("eval"), reports, template, method, images, stream, None, parts)
+    if stream is not None:
+        prepared.first = stream.head()
+    return prepared
 
 
 def _weighted(raw: RawRows) -> bool:
@@ -160,25 +197,8 @@ def _prepare_split(
 ) -> tuple[datasets.Dataset, list[DataReport]]:
     """Map `raw`'s rows (`rows`: the positions of this split, None: all) and account for each: kept, or skipped by
     reason at its line. The mapped rows are read back in batches from their memory-mapped file."""
-    opts = Options(
-        method=method,
-        formats=tuple((x.fmt, x.source.arrow) for x in raw.sources),
-        tools=tools,
-        system_prompt=d.system_prompt,
-        max_length=d.max_length,
-        overlong=d.overlong,
-        train_on=d.train_on,
-        bases=tuple(x.source.base_dir for x in raw.sources),
-        images=images,
-        max_bytes=length_bound(tokenizer, d.max_length),
-        dedupe=d.dedupe,
-    )
-    reports = [
-        DataReport(
-            x.source.label, x.fmt, split=split, index_kind=x.source.index_kind, fingerprint=x.source.fingerprint
-        )
-        for x in raw.sources
-    ]
+    opts = row_options(d, method, [(x.fmt, x.source) for x in raw.sources], tools, images, tokenizer)
+    reports = [new_report(x.source, x.fmt, split) for x in raw.sources]
     if split == "train":  # blank lines belong to the file, counted once
         for report, x in zip(reports, raw.sources):
             report.blank_lines = x.blank_lines
@@ -216,7 +236,7 @@ def _prepare_split(
                 kept.append(position + i)
                 kept_src.append(src)
                 continue
-            _count_skipped(report, row, reason, detail, d)
+            count_skipped(report, row, reason, detail, d)
         position += batch.num_rows
         kept_parts.append(np.asarray(kept, dtype=np.int64))
         src_parts.append(np.asarray(kept_src, dtype=np.int64))
@@ -242,26 +262,6 @@ def _first_with(table: Any, reason: str) -> tuple[int, int, int] | None:
         return None
     first = pc.index(hits, True).as_py()
     return count, table.column("_src")[first].as_py(), table.column("_row")[first].as_py()
-
-
-def _count_skipped(report: DataReport, row: int, reason: str, detail: str, d: DataSection) -> None:
-    """A skipped row counted by reason (its first lines kept as examples); an error where the policy says so."""
-    if reason in LENGTH_REASONS and d.overlong == "error":
-        raise QwentuneError(
-            f"row is too long ({reason}: {detail})",
-            where=report.where(row),
-            hint=f"raise data.max_length ({d.max_length}), or set data.overlong: drop | truncate",
-        )
-    if reason not in (*LENGTH_REASONS, DUPLICATE) and d.bad_rows == "error":
-        raise QwentuneError(
-            f"bad row ({reason}): {detail}",
-            where=report.where(row),
-            hint="fix the row, or set data.bad_rows: skip to count and skip such rows",
-        )
-    report.skipped[reason] = report.skipped.get(reason, 0) + 1
-    examples = report.examples.setdefault(reason, [])
-    if len(examples) < EXAMPLES_PER_REASON:
-        examples.append((row, detail))
 
 
 def _mixed(

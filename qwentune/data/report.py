@@ -4,8 +4,10 @@ numbers, truncated), and the errors that refuse a whole split before training on
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..errors import QwentuneError
+from ..recipe import DataSection
 from ..rows import LENGTH_REASONS, ChatTemplate
 
 EXAMPLES_PER_REASON = 3
@@ -36,6 +38,7 @@ class DataReport:
     weight: float | None = None  # a weighted train mix: the entry's weight
     drawn: int | None = None  # a weighted train mix: kept rows drawn into it (repeats included)
     repeated: int = 0  # drawn rows that repeat a row already drawn (the entry's quota is above its rows)
+    streamed: bool = False  # data.streaming: counts of the rows training read (first pass); drawn: rows trained on
 
     def where(self, index: int) -> str:
         return f"{self.source}:{index}" if self.index_kind == "line" else f"{self.source} row {index}"
@@ -46,7 +49,12 @@ class DataReport:
             head += f", {self.truncated} truncated to max_length"
         if self.blank_lines:
             head += f" ({self.blank_lines} blank line{'s' if self.blank_lines > 1 else ''} not counted as rows)"
-        if self.drawn is not None:
+        if self.streamed:
+            head += f" (streamed: the rows read so far); {self.drawn} trained on"
+            head += f" (weight {self.weight:g}: shares sampled, not exact)" if self.weight is not None else ""
+            if self.repeated:
+                head += f", {self.repeated} of them in a later pass"
+        elif self.drawn is not None:
             head += f"; {self.drawn} drawn into the mix (weight {self.weight:g})"
             if self.repeated:
                 head += f", {self.repeated} of them repeats (the quota is above the rows kept)"
@@ -63,6 +71,31 @@ class DataReport:
         d = asdict(self)
         d["examples"] = {k: [list(e) for e in v] for k, v in self.examples.items()}
         return d
+
+
+def new_report(source: Any, fmt: str, split: str) -> DataReport:
+    """An empty report for one source (`sources.Source`) of a split."""
+    return DataReport(source.label, fmt, split=split, index_kind=source.index_kind, fingerprint=source.fingerprint)
+
+
+def count_skipped(report: DataReport, row: int, reason: str, detail: str, d: DataSection) -> None:
+    """A skipped row counted by reason (its first lines kept as examples); an error where the policy says so."""
+    if reason in LENGTH_REASONS and d.overlong == "error":
+        raise QwentuneError(
+            f"row is too long ({reason}: {detail})",
+            where=report.where(row),
+            hint=f"raise data.max_length ({d.max_length}), or set data.overlong: drop | truncate",
+        )
+    if reason not in (*LENGTH_REASONS, DUPLICATE) and d.bad_rows == "error":
+        raise QwentuneError(
+            f"bad row ({reason}): {detail}",
+            where=report.where(row),
+            hint="fix the row, or set data.bad_rows: skip to count and skip such rows",
+        )
+    report.skipped[reason] = report.skipped.get(reason, 0) + 1
+    examples = report.examples.setdefault(reason, [])
+    if len(examples) < EXAMPLES_PER_REASON:
+        examples.append((row, detail))
 
 
 def refuse_tool_rows(
@@ -128,4 +161,4 @@ def refuse_empty(reports: list[DataReport], total: int, split: str, max_length: 
     )
 
 
-__all__ = ["DataReport", "refuse_empty", "refuse_image_rows", "refuse_tool_rows"]
+__all__ = ["DataReport", "count_skipped", "new_report", "refuse_empty", "refuse_image_rows", "refuse_tool_rows"]

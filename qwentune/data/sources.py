@@ -144,11 +144,12 @@ def dump_row(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, default=_json_default)
 
 
-def read_source(source: Source) -> Iterator[tuple[int, str | BadRow | None]]:
+def read_source(source: Source, *, streaming: bool = False) -> Iterator[tuple[int, str | BadRow | None]]:
     """(row index, the row as JSON text) for every row of a source, so that every line of a file is accounted for:
     a line that cannot be a row (not UTF-8, a malformed CSV record) comes as its BadRow, a blank line as None.
     jsonl lines are passed on unparsed. Indexes: the 1-based physical line of a .jsonl or .csv file (a CSV record's
-    first line), the 0-based row of any other source."""
+    first line), the 0-based row of any other source. `streaming`: a hub dataset is streamed (`load_dataset(...,
+    streaming=True)`), not downloaded and prepared first."""
     path = Path(source.path)
     if source.kind == "jsonl":
         yield from _read_jsonl_lines(path)
@@ -172,7 +173,7 @@ def read_source(source: Source) -> Iterator[tuple[int, str | BadRow | None]]:
                 yield i, dump_row(row)
                 i += 1
     elif source.kind in ("disk", "hub"):
-        ds = _load_arrow_dataset(source)
+        ds = _load_arrow_dataset(source, streaming=streaming)
         for i, row in enumerate(ds):
             yield i, dump_row(row)
     elif source.kind == "memory":
@@ -261,19 +262,19 @@ def _read_json(source: Source) -> Iterator[tuple[int, str | BadRow | None]]:
         yield i, dump_row(row)
 
 
-def _load_arrow_dataset(source: Source) -> datasets.Dataset:
+def _load_arrow_dataset(source: Source, *, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     try:
-        if source.kind == "disk":
+        if source.kind == "disk":  # memory-mapped: read row by row either way
             ds = datasets.load_from_disk(source.path)
         else:
-            ds = datasets.load_dataset(source.path, split=source.split)
+            ds = datasets.load_dataset(source.path, split=source.split, streaming=streaming)
     except Exception as e:  # network, missing split, unknown id: all a user's to fix
         raise QwentuneError(
             f"cannot load dataset {source.label}: {type(e).__name__}: {e}",
             where=source.key,
             hint="check the id / path and the split (data.split, or `id#split`); offline, point data.train at files",
         ) from None
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         names = list(ds)
         split = source.split or next((s for s in ("validation", "eval", "test") if s in ds), None)
         if split not in ds:

@@ -27,8 +27,11 @@ from typing import Any
 
 from ..errors import BadRow, QwentuneError
 from ..files import atomic_write_text
+from ..patches import release_host_memory
 from ..rows import ChatTemplate, ImageFile, convert, detect_format, load_template, row_images
 from .bfcl import BfclCase, check_case, is_bfcl_row, read_bfcl
+from .decisions import decision_field, summarize_decisions, tag_decisions
+from .endpoint import Endpoint, is_endpoint, open_endpoint
 from .pairs import PAIRABLE, Miss, check_mining, mine_pairs
 from .table import EvalResult
 from .toolscore import parse_tool_calls, reference_calls, score_tool_calls
@@ -50,6 +53,7 @@ class Item:
     images: list[ImageFile] = field(default_factory=list)  # vl: every image of the row, in template order
     turn: int = 1  # which assistant turn of the row is the reference (1-based)
     reply: dict | None = None  # tool_call / no_call: the expected assistant message (a pair's `chosen`)
+    decision: str | None = None  # the row's "decision" tag, on its first turn (`decisions`)
 
 
 @dataclass
@@ -117,7 +121,7 @@ def _items(file: str, n: int, raw: Any, turns: str = "first") -> list[Item]:
         return [Item(file, n, "vl", prompt, row.get("tools"), reply.get("content"), raw=row, images=images)]
     if not row.get("tools"):
         return [Item(file, n, "sft", prompt, None, reply.get("content"), raw=row)]
-    return expected_turns(file, n, row, turns)
+    return tag_decisions(expected_turns(file, n, row, turns), raw)
 
 
 def expected_turns(file: str, n: int, row: dict, turns: str = "all") -> list[Item]:
@@ -228,7 +232,7 @@ def _score_model(
     chat = template if isinstance(template, ChatTemplate) else load_template(template, tokenizer)
     records: list[dict] = [
         {"file": it.file, "row": it.row, "turn": it.turn, "kind": it.kind,
-         "prompt": it.prompt[-1].get("content") if it.prompt else ""}
+         "prompt": it.prompt[-1].get("content") if it.prompt else "", **decision_field(it)}
         for it in items
     ]  # fmt: skip
     gen = [i for i, it in enumerate(items) if it.kind in ("tool_call", "no_call", "bfcl") or it.sample]
@@ -315,7 +319,7 @@ def summarize(records: list[dict]) -> dict[str, dict]:
     if prefs:
         out["preference: accuracy"] = {"correct": sum(r["margin"] > 0 for r in prefs), "total": len(prefs)}
         out["preference: mean margin"] = {"value": sum(r["margin"] for r in prefs) / len(prefs), "total": len(prefs)}
-    return out | summarize_vl(records)
+    return out | summarize_decisions(records) | summarize_vl(records)
 
 
 def _misses(model: Any, tokenizer: Any, items: list[Item], records: list[dict], chat: ChatTemplate, *, samples: int,
@@ -352,10 +356,12 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
              batch_size: int = 8, max_new_tokens: int = 256, output: str | Path | None = None,
              bfcl_answers: str | Path | None = None, template: str | ChatTemplate = "model", progress: bool = True,
              labels: list[str] | None = None, turns: str = "first", pairs: str | Path | None = None,
-             samples: int = 0, temperature: float | None = None, seed: int = 0) -> EvalResult:  # fmt: skip
+             samples: int = 0, temperature: float | None = None, seed: int = 0,
+             served_model: str | None = None) -> EvalResult:  # fmt: skip
     """Score each model on the same rows of `data`; with `output`, write eval.json and eval.md there (atomically).
     A model is anything `inference.resolve_trained` opens (run dir, adapter dir, model dir, hub id, .gguf, offline:…)
-    or a TrainResult (its run dir).
+    or a TrainResult (its run dir), or the URL of an OpenAI-compatible server (http://…/v1; `served_model`: the name
+    it serves the model by, when it lists several), scored over its API (`eval.endpoint`; each request seeded `seed`).
     `template`: the chat template rows are rendered with ('model': each model's own; a ChatTemplate: that one).
     `turns`: "first" scores each row's first assistant turn, "all" every assistant turn of a row with tools (one
     prompt per turn: the history up to it).
@@ -377,7 +383,11 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
             where=", ".join(map(str, data)),
             hint="pairs come from rows with tools and the expected assistant turns (tool-call and no-call turns)",
         )
-    trained = [resolve_trained(str(m)) for m in models]  # every MODEL resolves before minutes of scoring start
+    if pairs is not None and any(map(is_endpoint, models)):
+        raise QwentuneError("pairs are mined from a model loaded here (they need its tokenizer), not an endpoint",
+                            where="--pairs", hint="mine with the model dir the server serves")  # fmt: skip
+    # every MODEL resolves (an endpoint answers) before minutes of scoring start
+    trained = [open_endpoint(m, served_model) if is_endpoint(m) else resolve_trained(str(m)) for m in models]
     if not all(t.is_vision for t in trained):  # a text model cannot see images; every model scores the same rows
         skipped += [Skipped(it.file, it.row, NEEDS_VISION) for it in items if it.kind == "vl"]
         items = [it for it in items if it.kind != "vl"]
@@ -387,6 +397,12 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
     result = EvalResult(models=names, data=[str(d) for d in data], skipped=[vars(s) for s in skipped], turns=turns,
                         scored=_scored(data, items))  # fmt: skip
     for name, spec in zip(names, trained):
+        if isinstance(spec, Endpoint):
+            result.rows[name] = spec.score(items, _score_generation, label=name, max_new_tokens=max_new_tokens,
+                                           seed=seed, progress=progress)  # fmt: skip
+            result.metrics[name] = summarize(result.rows[name])
+            result.notes.append(spec.note(name))
+            continue
         model, tokenizer = load_for_inference(spec)
         vision = vision_inputs(spec.model_path, spec.adapter_path, tokenizer) if spec.is_vision else None
         chat = template if isinstance(template, ChatTemplate) else load_template(template, tokenizer)
@@ -402,6 +418,7 @@ def evaluate(models: list[str] | str, data: list[str | Path] | str | Path, *, li
         result.rows[name] = records
         result.metrics[name] = summarize(records)
         del model
+        release_host_memory()  # the next model loads into what this one freed (glibc keeps it otherwise)
     if output is not None:
         result.write(Path(output))
     return result
@@ -478,15 +495,3 @@ def preference_margin(model_dir: str | Path, data_file: str | Path, *, limit: in
         "mean_margin": sum(margins) / max(len(margins), 1),
         "chosen_preferred": sum(m > 0 for m in margins) / max(len(margins), 1),
     }
-
-
-__all__ = [
-    "EvalResult",
-    "collect",
-    "evaluate",
-    "evaluate_after_training",
-    "parse_tool_calls",
-    "preference_margin",
-    "summarize",
-    "tool_call_accuracy",
-]

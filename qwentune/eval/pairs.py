@@ -115,6 +115,8 @@ def _pair(miss: Miss, model: str) -> dict:
             "reply": "greedy" if miss.sample is None else "sampled", "cut": miss.cut}  # fmt: skip
     if miss.sample is not None:
         meta |= {"sample": miss.sample, **miss.meta}
+    if getattr(it, "decision", None):  # the row's "decision" tag (data/tool_calls_decisions.jsonl)
+        meta["decision"] = it.decision
     return {
         "prompt": [_message(m) for m in it.prompt],
         "chosen": [_message(it.reply)],

@@ -42,6 +42,7 @@ class EvalResult:
     turns: str = "first"  # which assistant turns of a row were scored: its first, or all
     scored: list[dict] = field(default_factory=list)  # {file, rows, turns}: per data file, rows and turns scored
     pairs: Any = None  # eval.pairs.MinedPairs when --pairs mined the misses
+    notes: list[str] = field(default_factory=list)  # one line per endpoint: where its tool calls came from, ...
 
     def metric_names(self) -> list[str]:
         names: list[str] = []
@@ -65,7 +66,7 @@ class EvalResult:
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines + self.scored_lines() + self.skip_lines())
+        return "\n".join(lines + self.scored_lines() + self.skip_lines() + self.notes)
 
     def scored_lines(self) -> list[str]:
         """Per data file: `FILE: 3 rows, 14 turns scored (every assistant turn)`, or `FILE: 40 rows scored (the
@@ -138,6 +139,7 @@ class EvalResult:
     def to_dict(self) -> dict:
         out = {"models": self.models, "data": self.data, "turns": self.turns, "scored": self.scored,
                "metrics": self.metrics, "skipped": self.skipped, "rows": self.rows}  # fmt: skip
+        out |= {"notes": self.notes} if self.notes else {}
         return out | ({"pairs": self.pairs.to_dict()} if self.pairs is not None else {})
 
     def write(self, directory: Path) -> tuple[Path, Path]:

@@ -9,7 +9,6 @@ tied lm_head/embed_tokens into the other matrix)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import QwentuneError
 from ..model import QuantSpec, resolve_model
+from ..patches import release_host_memory
 from .adapter import check_adapter_config
 from .card import write_card
 from .checkpoint import config_dtype, load_model, read_json, untie_config_dict
@@ -156,7 +156,7 @@ def merge_peft_model(job: MergeJob, pm: Any, adapter_name: str, target: Path, *,
         cfg_dict.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
         del merged
-        gc.collect()
+        release_host_memory()  # glibc keeps freed pages: the next model would load beside them
         write_companions(job, tmp, cfg_dict, base_gen, [job.adapter_dir, job.base_dir])
         verify_output(tmp)
         diff, tol = parity_on_dir(job, tmp, ref, rows, save_dtype)

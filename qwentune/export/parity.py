@@ -6,7 +6,6 @@ A 16-bit model is held in 16 bits and each module upcast only while it runs (`lo
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from ..errors import QwentuneError
 from ..model import is_vl
+from ..patches import release_host_memory
 from .checkpoint import load_model, text_config
 from .job import MODE_QLORA_DEQUANTIZED, MergeJob
 from .shards import BaseCheckpoint, ShardReader
@@ -205,7 +205,7 @@ def parity_on_dir(job: MergeJob, tmp: Path, ref: list, rows: list, save_dtype: t
     model = load_model(tmp, job.parity_dtype)
     got = logits_of(model, rows, job.parity_image)
     del model
-    gc.collect()
+    release_host_memory()  # glibc keeps freed pages: the next model would load beside them
     return compare_logits(job, ref, got, save_dtype)
 
 

@@ -4,7 +4,6 @@ output shards of the same names (peak memory about one tensor plus the adapter).
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from ..errors import QwentuneError
 from ..model import QuantSpec
+from ..patches import release_host_memory
 from .adapter import KeyIndex, KeyOps, check_adapter_config, load_adapter_tensors, parse_adapter
 from .card import write_card
 from .checkpoint import config_dtype, load_model, meta_skeleton, read_json, text_config, untie_config_dict
@@ -142,7 +142,7 @@ def streaming_merge(job: MergeJob, target: Path) -> MergeResult:
                         del tensor
                 total += writer.nbytes
                 weight_map.update(dict.fromkeys(writer.keys, shard))
-            gc.collect()
+            release_host_memory()  # glibc keeps freed pages: the next model would load beside them
         missing = set(ops) - done
         if missing:
             raise QwentuneError(
@@ -174,7 +174,7 @@ def streaming_merge(job: MergeJob, target: Path) -> MergeResult:
         specials = list(parsed.token_ids)
         del facts, parsed
         ops.clear()  # the adapter tensors are not needed any more
-        gc.collect()
+        release_host_memory()
         if job.parity:
             vocab = emb_rows or text_config(cfg_out).get("vocab_size") or 0
             rows = choose_parity_rows(job, int(vocab), specials)
@@ -260,5 +260,5 @@ def _reference_logits(job: MergeJob, qnames: list[str], rows: list[list[int]]) -
     pm.eval()
     out = logits_of(pm, rows, job.parity_image)
     del pm, model
-    gc.collect()
+    release_host_memory()
     return out

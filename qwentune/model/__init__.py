@@ -1,6 +1,7 @@
 """Models: where they come from (`sources`, `offline`, `gguf_source`), their structure without weights (`shapes`,
 `sizes`), 4-bit settings (`quantspec`), loading with LoRA/QLoRA (`loading`), special-token rows (`tokens`) and
-whether a model sees images (`vision`). Imports recipe/ and data/ (image settings) only.
+whether a model sees images (`vision`); memory from the shape alone, `qwentune estimate` (`memory_estimate`: one
+training process; `host_memory`: host RAM per phase of a run). Imports recipe/, patches/ and data/ (image settings).
 """
 
 from ..lazy import exports
@@ -9,6 +10,8 @@ __all__, __getattr__, __dir__ = exports(
     __name__,
     {
         "gguf_source": ("MARKER",),
+        "host_memory": ("HostPhase", "host_phases", "render_host"),
+        "memory_estimate": ("Estimate", "estimate", "estimate_for_launch"),
         "loading": (
             "Precision",
             "add_adapter",

@@ -25,6 +25,7 @@ class Shape:
     tied: bool
     head_dim: int = 0
     vision: dict | None = None
+    checkpoint_bytes: int = 2  # bytes per parameter as stored: bf16 on the hub, fp32 for a converted GGUF
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden // self.heads
@@ -72,6 +73,7 @@ def _from_config(cfg: dict, origin: str) -> Shape:
         tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         head_dim=get("head_dim") or 0,
         vision=vision,
+        checkpoint_bytes=4 if str(cfg.get("dtype") or cfg.get("torch_dtype")) == "float32" else 2,
     )
 
 
@@ -95,6 +97,7 @@ def _from_gguf(path: Path) -> Shape:
         kv_heads=value(f"{arch}.attention.head_count_kv"),
         vocab=int(max(names["token_embd.weight"].shape)),
         tied="output.weight" not in names,
+        checkpoint_bytes=4,  # a GGUF source is converted to a float32 model dir
     )
 
 
@@ -107,7 +110,9 @@ def model_shape(source: str) -> Shape:
 
     if source.strip() == OFFLINE_MODEL:
         # Qwen2.5-Coder-0.5B-Instruct has the Qwen2.5-0.5B shape; its GGUF stores output.weight: untied.
-        return _from_facts(shape("qwen2.5-0.5b-instruct"), "Qwen2.5-0.5B shape, untied (offline GGUF)", tied=False)
+        facts = _from_facts(shape("qwen2.5-0.5b-instruct"), "Qwen2.5-0.5B shape, untied (offline GGUF)", tied=False)
+        facts.checkpoint_bytes = 4  # converted once from the GGUF to a float32 model dir (model.gguf_source)
+        return facts
     kind, payload = classify_source(source)
     if kind == "local":
         config = read_json_file(Path(payload) / "config.json", hint="the model dir is damaged: download it again")

@@ -1,6 +1,7 @@
 """Every reach into a library's internals (TRL, PEFT, transformers' GGUF loader) in one place (`internals`, and its
 GRPO part `grpo`), each a scoped context manager that checks the release it was written for and puts back what was
-there; the machinery (`machinery`) and the math the patches run (`lean_fold`, `token_rows`). Imports only
+there (`sharding`: FSDP on CPU ranks); the machinery (`machinery`) and the math the patches run (`lean_fold`,
+`token_rows`). Imports only
 errors/logs.
 """
 
@@ -35,5 +36,7 @@ __all__, __getattr__, __dir__ = exports(
         ),
         "grpo": ("grpo_trainer", "trl_for_grpo"),
         "lean_fold": ("CPU_VOCAB_CHUNK",),
+        "release": ("heap_trimmer", "release_host_memory", "release_trainer"),
+        "sharding": ("fsdp_on_cpu", "fsdp_requested"),
     },
 )

@@ -26,6 +26,7 @@ MINIMUMS: dict[str, tuple[float, str]] = {
     "data.eval_limit": (1, "64 (or null for every row)"),
     "data.num_proc": (1, "4"),
     "data.seed": (0, "42"),
+    "data.shuffle_buffer": (0, "10000 (0: file order)"),
     "peft.r": (1, "16"),
     "peft.alpha": (1, "32"),
     "training.learning_rate": (0, "2e-4"),
@@ -120,6 +121,7 @@ def check_recipe(recipe: Any, where: str) -> None:
         fail("eval.enabled", "is true but there is no eval data (eval.data and data.eval are empty)",
              "set eval.data: [data/tool_calls_eval.jsonl], or data.eval")  # fmt: skip
     _check_mix(recipe.data, fail)
+    _check_streaming(recipe, fail)
     _check_output_dir(recipe.output.dir, fail)
 
 
@@ -153,6 +155,37 @@ def _check_mix(data: Any, fail) -> None:
         if data.mix_rows < len(weights):
             fail("data.mix_rows", f"must be at least the number of data.train entries ({len(weights)}), "
                  f"got {data.mix_rows}", "each entry contributes at least one row")  # fmt: skip
+
+
+def _check_streaming(recipe: Any, fail) -> None:
+    """data.streaming: SFT text rows, one process (checked when the data is read), steps known up front; what needs
+    every row at hand first (an eval split, a seen-set, exact quotas, bins, lengths) is refused."""
+    d, t = recipe.data, recipe.training
+    if not d.streaming:
+        if d.shuffle_buffer:
+            fail("data.shuffle_buffer", "has no use without data.streaming", "set data.streaming: true, or remove it")
+        return
+    refused = [
+        (recipe.method != "sft", "method", f"is {recipe.method}; data.streaming works for sft only",
+         "set data.streaming: false (DPO and GRPO data are mapped)"),
+        (t.max_steps <= 0, "training.max_steps", "is required with data.streaming (a stream has no length)",
+         "e.g. max_steps: 1000"),
+        (d.eval_fraction > 0, "data.eval_fraction", "cannot split a stream",
+         "give data.eval files instead (eval data is not streamed)"),
+        (d.dedupe, "data.dedupe", "does not work with data.streaming (its seen-set grows with the rows)",
+         "dedupe the files first, or set data.streaming: false"),
+        (d.mix_rows is not None, "data.mix_rows", "sets exact quotas; a streamed mix samples its shares by weight",
+         "remove data.mix_rows, or set data.streaming: false"),
+        (recipe.sft.packing, "sft.packing", "does not work with data.streaming", "set sft.packing: false"),
+        (recipe.sft.group_by_length, "sft.group_by_length", "needs every row's length up front",
+         "set sft.group_by_length: false, or data.streaming: false"),
+        (t.dataloader_num_workers > 0, "training.dataloader_num_workers",
+         "must be 0 with data.streaming (the stream's position is saved in each checkpoint from the main process)",
+         "set training.dataloader_num_workers: 0"),
+    ]  # fmt: skip
+    for bad, key, message, hint in refused:
+        if bad:
+            fail(key, message, hint)
 
 
 def _check_output_dir(template: str, fail) -> None:

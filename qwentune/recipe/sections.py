@@ -67,6 +67,10 @@ class DataSection:
         None, help="weighted train entries: rows in the mix; empty: the most that repeats no row of any entry"
     )
     dedupe: bool = key(False, help="drop exact duplicate rows (same conversation), counted as duplicate")
+    streaming: bool = key(
+        False, help="SFT: read and render train rows as training reads them (memory flat); needs training.max_steps"
+    )
+    shuffle_buffer: int = key(0, help="streamed rows shuffled in a buffer of N (seeded by data.seed); 0: file order")
     eval_fraction: float = key(0.0, help="share of data.train held out for eval when data.eval is empty")
     format: str = key("auto", choices=FORMATS, help="row format of every data file; auto: detected per file")
     template: str = key(

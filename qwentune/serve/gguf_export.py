@@ -263,28 +263,56 @@ def export_gguf(
     model: str | Path, output: str | Path, *, type: str = "f16", ollama: bool = False, force: bool = False
 ) -> GgufReport:
     """Write `output` (.gguf) from `model` (merged dir, run dir, or any model source), verify it loads back in
-    transformers with matching logits, greedy tokens and tokenizer ids, then write export_report.json (and a
-    Modelfile with `ollama`) beside it. Raises QwentuneError (nothing left behind) on bad input or a failed check."""
+    transformers with matching logits, greedy tokens and tokenizer ids, run it in llama.cpp when installed (greedy
+    tokens against the source), then write export_report.json (and a Modelfile with `ollama`) beside it. A k-quant
+    (`q4_k_m`, `q5_k_m`, `q6_k`) is llama.cpp's quantizer applied to the verified f16 file. Raises QwentuneError
+    (nothing left behind) on bad input or a failed check."""
     from transformers import AutoTokenizer
 
+    from .gguf_llama import KQUANT_TYPES, compare_in_llama_cpp, quantize, require_quantizer
     from .gguf_verify import verify_gguf
 
     if importlib.util.find_spec("gguf") is None:
         raise QwentuneError("the gguf package is not installed", where="export", hint="pip install 'qwentune[gguf]'")
-    if type not in GGUF_TYPES:
-        hint = f"one of {', '.join(GGUF_TYPES)}"
+    if type not in GGUF_TYPES + tuple(KQUANT_TYPES):
+        hint = f"one of {', '.join(GGUF_TYPES + tuple(KQUANT_TYPES))}"
         raise QwentuneError(f"unknown GGUF type '{type}'", where="export --type", hint=hint)
+    kquant = type in KQUANT_TYPES
+    if kquant:
+        require_quantizer(type)  # before anything is written
     output = Path(output).expanduser().absolute()
     _check_output(output, force=force, ollama=ollama)
     model_dir, source = model_dir_for_export(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     start = time.monotonic()
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp.gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    temps: list[Path] = []
+
+    def temp(tag: str) -> Path:
+        fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.stem}.{tag}.", suffix=".tmp.gguf")
+        os.close(fd)
+        temps.append(Path(name))
+        return temps[-1]
+
     try:
-        counts = write_gguf(model_dir, tmp, tokenizer, gtype=type, name=Path(source).name or "model")
-        checks = verify_gguf(model_dir, tmp, tokenizer, gtype=type)
+        written = temp("f16" if kquant else type)
+        counts = write_gguf(model_dir, written, tokenizer, gtype="f16" if kquant else type,
+                            name=Path(source).name or "model")  # fmt: skip
+        checks = verify_gguf(model_dir, written, tokenizer, gtype="f16" if kquant else type)
+        extra: dict[str, Any] = {}
+        if kquant:  # llama.cpp's quantizer, from the f16 file just verified; its types as written
+            extra["verified_f16"] = {"parity": checks["parity"], "greedy": checks["greedy"]}
+            tmp = temp(type)
+            actual = quantize(written, tmp, type)
+            counts, extra["tensor_type_of"] = actual["counts"], actual["tensors"]
+            checks["parity"] = {"checked": "on the f16 file it was quantized from (verified_f16)"}
+        else:
+            tmp = written
+        stop = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")) if i is not None}
+        tol = checks["greedy"].get("tolerance", checks["parity"].get("tolerance", 0.0))
+        extra["llama_cpp"] = compare_in_llama_cpp(tmp, type, checks["greedy"], stop, tol)
+        if extra["llama_cpp"].get("ran"):
+            print(f"[qwentune export] llama.cpp greedy agreement {extra['llama_cpp']['agreement']:.0%} "
+                  f"over {len(extra['llama_cpp']['source'])} tokens")  # fmt: skip
         report = GgufReport(
             path=output,
             type=type,
@@ -293,6 +321,7 @@ def export_gguf(
             source_size_bytes=sum(p.stat().st_size for p in _weight_files(model_dir)),
             seconds=round(time.monotonic() - start, 1),
             tensor_types=counts,
+            extra=extra,
             **checks,
         )
         if ollama:
@@ -302,8 +331,8 @@ def export_gguf(
             atomic_write_text(report.modelfile, modelfile_text(output.name, default_system_prompt(tokenizer)))
         public_mode(tmp)  # mkstemp makes 0600: the GGUF gets the mode an ordinary create would
         os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
     atomic_write_json(output.parent / REPORT_NAME, report.to_dict())
     return report

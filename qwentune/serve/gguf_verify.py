@@ -172,6 +172,7 @@ def _verify(model_dir: Path, gguf_path: Path, tokenizer, *, gtype: str) -> dict[
             hint="no GGUF was written",
         )
     greedy_report = compare_greedy(ref_tokens, got_tokens, margins, tol)
+    greedy_report |= {"prompt": prompt, "margins": [round(m, 4) for m in margins], "tolerance": tol}
     print(f"[qwentune export] greedy agreement {greedy_report['agreement']:.0%} over {len(ref_tokens)} tokens")
     if gtype != "q8_0" and not greedy_report["same"] and not greedy_report["divergence_is_near_tie"]:
         raise QwentuneError(

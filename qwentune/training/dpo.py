@@ -35,6 +35,7 @@ from ..recipe import Recipe, build_config, resolve_path
 from .metrics import MetricsFile
 from .results import TrainResult
 from .run import Run
+from .sharding import check_4bit_after_wrapping
 from .steps import (
     effective_batch,
     evaluate_before,
@@ -69,7 +70,7 @@ EVAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", 
              "logps/chosen", "logps/rejected")  # fmt: skip
 
 
-def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
+def check_dpo_recipe(recipe: Recipe, where: str = "recipe", *, adapter_made_later: bool = False) -> None:
     """The dpo section against what the installed TRL supports (loss types, DPOConfig fields), and the adapter to
     continue, before any weights load. Raises QwentuneError naming the key."""
     from trl import DPOConfig
@@ -104,7 +105,7 @@ def check_dpo_recipe(recipe: Recipe, where: str = "recipe") -> None:
         )
     if recipe.model.adapter is not None:
         adapter = resolve_path(recipe, recipe.model.adapter)
-        if not (adapter / "adapter_config.json").is_file():
+        if not (adapter / "adapter_config.json").is_file() and not (adapter_made_later and not adapter.exists()):
             raise QwentuneError(
                 f"'model.adapter' is not a PEFT adapter dir (no adapter_config.json): {adapter}",
                 where=where,
@@ -203,6 +204,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
                 "precompute_ref_log_probs": d.precompute_ref_log_probs},
     }  # fmt: skip
     patched = held.enter_context(contextlib.ExitStack())
+    patched.enter_context(patches.fsdp_on_cpu())  # FSDP on CPU ranks is FSDP, not DDP (patches/sharding.py)
     DPOTrainer = patched.enter_context(patches.trl_for_dpo(model))  # noqa: N806 - TRL/PEFT patched for this trainer
     trainer = DPOTrainer(
         model=model,
@@ -216,6 +218,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         continuing=continuing,
     )
     keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
+    check_4bit_after_wrapping(trainer)  # FSDP + QLoRA: the 4-bit layers, once wrapped
     patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
     if d.precompute_ref_log_probs and ref_model is not None:
         trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model

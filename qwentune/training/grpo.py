@@ -38,6 +38,7 @@ from .grpo_rewards import measured, trl_rewards
 from .metrics import MetricsFile, read_metrics
 from .results import TrainResult
 from .run import Run
+from .sharding import check_4bit_after_wrapping
 from .steps import (
     effective_batch,
     evaluate_before,
@@ -183,6 +184,7 @@ def setup_grpo(recipe: Recipe, held: contextlib.ExitStack, rewards: dict[str, Ca
                  "prompts": len(data.train)},
     }  # fmt: skip
     patched = held.enter_context(contextlib.ExitStack())
+    patched.enter_context(patches.fsdp_on_cpu())  # FSDP on CPU ranks is FSDP, not DDP (patches/sharding.py)
     GRPOTrainer = patched.enter_context(patches.trl_for_grpo(model))  # noqa: N806 - TRL patched for this trainer
     trainer = GRPOTrainer(  # checks that TRL generates from exactly our prompt ids
         model=model,
@@ -195,6 +197,7 @@ def setup_grpo(recipe: Recipe, held: contextlib.ExitStack, rewards: dict[str, Ca
         continuing=continuing,
     )
     keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
+    check_4bit_after_wrapping(trainer)  # FSDP + QLoRA: the 4-bit layers, once wrapped
     patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
 
     def train_run() -> TrainResult:

@@ -18,8 +18,9 @@ class Inputs(NamedTuple):
     data: PreparedData | None  # None when not asked for
 
 
-def prepare_inputs(recipe: Recipe, *, data: bool = True, limit: int | None = None) -> Inputs:
-    """Resolve the recipe's model source, load its tokenizer and image settings, and (`data`) render its data."""
+def prepare_inputs(recipe: Recipe, *, data: bool = True, limit: int | None = None, streaming: bool = False) -> Inputs:
+    """Resolve the recipe's model source, load its tokenizer and image settings, and (`data`) render its data
+    (`streaming`, for training: data.streaming's train rows as a stream, not mapped)."""
     m = recipe.model
     source = resolve_model(m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(source.path, m)
@@ -30,7 +31,9 @@ def prepare_inputs(recipe: Recipe, *, data: bool = True, limit: int | None = Non
         from .grpo_prompts import prepare_prompts
 
         return Inputs(source, tokenizer, images, prepare_prompts(recipe, tokenizer, limit=limit))
-    prepared = prepare_data(recipe.data, recipe.method, recipe.base_dir, tokenizer, limit=limit, images=images)
+    prepared = prepare_data(
+        recipe.data, recipe.method, recipe.base_dir, tokenizer, limit=limit, images=images, streaming=streaming
+    )
     return Inputs(source, tokenizer, images, prepared)
 
 

@@ -19,7 +19,8 @@ from .rundir import run_dir_for, run_state
 # may differ between the first run and its resumption; output.dir: the recorded recipe is read from the run dir
 # itself, so a run dir that was moved (another absolute path) is still the same run
 RESUME_IGNORED = ("training.resume", "output.overwrite", "output.dir")
-CHECKPOINT_FILES = ("adapter_model.safetensors", "scheduler.pt", "trainer_state.json")  # and the optimizer's state
+CHECKPOINT_FILES = ("scheduler.pt", "trainer_state.json")  # and the adapter's and the optimizer's state
+MODEL_FILES = ("adapter_model.safetensors", "pytorch_model_fsdp_0/.metadata")  # the second: FSDP's sharded state
 COMPLETE_MARKER = "qwentune-complete.json"  # written last, by CheckpointMarker: the checkpoint is whole
 
 
@@ -59,14 +60,16 @@ def is_complete(checkpoint: Path) -> bool:
         isinstance(marker, dict)
         and marker.get("step") == checkpoint_step(checkpoint)
         and all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
+        and any((checkpoint / name).is_file() for name in MODEL_FILES)
         and optimizer_saved(checkpoint)
     )
 
 
 def optimizer_saved(checkpoint: Path) -> bool:
-    """Trainer's optimizer.pt, or under DeepSpeed its own layout: `latest` names a dir (global_stepN) holding each
+    """Trainer's optimizer.pt, under FSDP's sharded state dict `optimizer_0/` (a torch.distributed.checkpoint dir: its
+    `.metadata` is written last), or under DeepSpeed its own layout: `latest` names a dir (global_stepN) holding each
     process's `*optim_states.pt`."""
-    if (checkpoint / "optimizer.pt").is_file():
+    if (checkpoint / "optimizer.pt").is_file() or (checkpoint / "optimizer_0" / ".metadata").is_file():
         return True
     try:
         tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()

@@ -37,13 +37,16 @@ class Run:
         self._train = train
 
     def train(self) -> TrainResult:
-        """Train, save the adapter, merge, write the reports; then release the run dir and undo the patches."""
+        """Train, save the adapter, merge, write the reports; then release the run dir and undo the patches. Once the
+        adapter is saved the model, optimizer and their states are let go (`run.model` and `run.trainer.model` are
+        None): load `result.merged_dir` or `result.adapter_dir` to use the trained model."""
         if self._held is None:
             raise QwentuneError(
                 "this run was already trained or closed",
                 where=str(self.run_dir),
                 hint="call qwentune.setup(...) again for a new run",
             )
+        self.model = None  # the trainer holds it while it trains and lets go of it once the adapter is saved
         try:
             return self._train()
         finally:

@@ -9,6 +9,7 @@ import contextlib
 from transformers import set_seed
 
 from .. import patches
+from ..data import eval_callbacks, per_source, stream_callbacks
 from ..errors import QwentuneError
 from ..logs import is_main_process, log
 from ..model import (
@@ -24,6 +25,7 @@ from ..recipe import Recipe, build_config
 from .metrics import MetricsFile
 from .results import TrainResult
 from .run import Run
+from .sharding import check_4bit_after_wrapping
 from .steps import (
     effective_batch,
     evaluate_before,
@@ -58,7 +60,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     new_tokens = prepare_new_token_rows(  # flagged special-token rows: trainable, starting from their text
         model,
         tokenizer,
-        data.train,
+        data.head,  # a stream's first rows
         train_new_tokens=recipe.peft.train_new_tokens,
         init_from_text=True,
         run_dir=run_dir,
@@ -73,7 +75,8 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     log(
         f"effective batch {batch} = {recipe.training.per_device_batch_size} per device × "
         f"{recipe.training.grad_accum} accumulation × {processes} process(es); precision {precision.name}; "
-        f"{len(data.train)} train rows" + (f", {len(data.eval)} eval rows" if data.eval is not None else "")
+        + (f"{len(data.train)} train rows" if data.stream is None else "train rows streamed")
+        + (f", {len(data.eval)} eval rows" if data.eval is not None else "")
     )
 
     arguments = trainer_arguments(recipe, precision, run_dir, has_eval=data.eval is not None)
@@ -97,6 +100,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         collator = vision_collator(source.path, recipe.model, tokenizer, data.images)
     metrics: dict = {"effective_batch": batch, "processes": processes, "trainable_tokens": new_tokens.to_dict()}
     patched = held.enter_context(contextlib.ExitStack())
+    patched.enter_context(patches.fsdp_on_cpu())  # FSDP on CPU ranks is FSDP, not DDP (patches/sharding.py)
     patched.enter_context(patches.trl_for_sft(model))  # TRL/PEFT internals patched for this trainer only
     trainer = SFTTrainer(
         model=model,
@@ -105,9 +109,16 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+        callbacks=[
+            MetricsFile(run_dir / "metrics.jsonl"),
+            *stream_callbacks(data, run_dir, reports, checkpoint, batch),
+        ],
     )
+    eval_callbacks(trainer, data.eval_parts)  # data.eval with several entries: eval_<name>_loss each
+    if data.stream is not None:  # it starts at the checkpoint's row itself: no batch is read to be dropped
+        trainer.get_resumed_dataloader = lambda dataloader, num_batches: dataloader  # (streamed.py)
     keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
+    check_4bit_after_wrapping(trainer)  # FSDP + QLoRA: the 4-bit layers, once wrapped
     patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
 
     def train() -> TrainResult:
@@ -123,6 +134,8 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
                 after = stop.evaluate(trainer, "the evaluation after training") if data.eval is not None else None
                 if after is not None:
                     metrics["eval_loss_after"] = after["eval_loss"]
+                if data.eval_parts:
+                    metrics["eval_loss_per_source"] = per_source(before(), after, data.eval_parts)
             sample_row = sample_row_of(data)
             return finish_run(
                 recipe,

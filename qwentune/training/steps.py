@@ -3,7 +3,6 @@ adapter and merging at the end. Plain functions, so each method's script stays r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -11,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .. import patches
 from ..eval import collect, evaluate_after_training
 from ..export import merge_adapter, write_train_sidecar
 from ..files import (
@@ -30,6 +30,7 @@ from .metrics import plot_losses, read_metrics, show_in_notebook
 from .results import TrainResult
 from .resume import resume_checkpoint
 from .rundir import prepare_run_dir, run_dir_for
+from .sharding import refuse_unshardable, whole_trainables, without_zero3_init
 from .stopping import GracefulStop
 
 
@@ -77,13 +78,14 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
     )
 
 
-def save_adapter(model, run_dir: Path, sidecar: dict[str, Any]) -> Path:
-    """adapter/ in PEFT format plus qwentune_train.json (`sidecar`: write_train_sidecar's arguments). Atomic."""
+def save_adapter(model, run_dir: Path, sidecar: dict[str, Any], state_dict: dict | None = None) -> Path:
+    """adapter/ in PEFT format plus qwentune_train.json (`sidecar`: write_train_sidecar's arguments). Atomic.
+    `state_dict`: the trainable parameters whole, where the model holds slices of them (FSDP)."""
     target = run_dir / "adapter"
     remove_stale_staging(run_dir, "adapter")
     tmp = make_staging_dir(run_dir, staging_prefix("adapter"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         write_train_sidecar(tmp, **sidecar)
         public_tree(tmp)  # PEFT's adapter_model.safetensors comes out 0600 (safetensors writes via a temp file)
         if target.exists():
@@ -115,6 +117,7 @@ class RunStart(NamedTuple):
 def start_run(recipe: Recipe) -> RunStart:
     """Run dir, model source, tokenizer, and the data through the same code path as `qwentune preprocess`
     (official template, exact masks / prompt+completion ids, bad rows counted by reason)."""
+    refuse_unshardable(recipe)  # what FSDP cannot wrap, before anything is written or loaded
     checkpoint = resume_checkpoint(recipe)  # before the run dir records this recipe
     if recipe.output.push_to_hub:  # a missing token must stop the run before training, not after
         from ..serve import check_repo_id, require_token
@@ -124,7 +127,7 @@ def start_run(recipe: Recipe) -> RunStart:
     if recipe.eval.enabled:  # a missing or unscoreable eval file must stop the run before training, not after
         collect(eval_files(recipe), limit=recipe.eval.limit)
     run_dir = prepare_run_dir(recipe, is_main=is_main_process(), resuming=checkpoint is not None)
-    source, tokenizer, _, data = prepare_inputs(recipe)
+    source, tokenizer, _, data = prepare_inputs(recipe, streaming=True)
     tokenizer.chat_template = data.template.text  # the merged model must carry the template it was trained with
     reports = [r.to_dict() for r in data.reports]
     if is_main_process():
@@ -170,13 +173,14 @@ def finish_run(
     signal (`stop`: during the evaluation at the end of training, or before the save) only the adapter is saved, then
     TrainingInterrupted says `--resume` finishes the run."""
     result = TrainResult(run_dir=run_dir, metrics=metrics, data_reports=reports)
-    with stop.during("the adapter save"), whole_trainables(trainer):  # a signal waits for the save
+    with stop.during("the adapter save"), whole_trainables(trainer) as whole:  # a signal waits for the save
         if is_main_process():
             sidecar = adapter_sidecar(recipe, source, template, precision)
-            result.adapter_dir = save_adapter(trainer.model, run_dir, sidecar)
+            result.adapter_dir = save_adapter(trainer.model, run_dir, sidecar, state_dict=whole)
             tokenizer.save_pretrained(result.adapter_dir)
     if stop.agreed():
         raise stop.interrupted()
+    patches.release_trainer(trainer)  # the merge, sample and eval start from what a fresh process holds
     if is_main_process():
         with without_zero3_init(trainer):  # the main process alone loads models now
             result.merged_dir = after_training(
@@ -185,48 +189,6 @@ def finish_run(
             )  # fmt: skip
     trainer.accelerator.wait_for_everyone()
     return result
-
-
-@contextlib.contextmanager
-def without_zero3_init(trainer):
-    """Models loaded inside load whole, as in a process without DeepSpeed. While the trainer's DeepSpeed ZeRO-3
-    config is alive, transformers builds every model under `deepspeed.zero.Init` (it keeps the config in a global),
-    whose parameter broadcasts are collectives: the merge, its parity check and the sample, run by the main process
-    alone while the others wait at the end of the run, hung there. Inside, the global is unset (transformers'
-    `unset_hf_deepspeed_config`), and set back to the trainer's config on exit. Elsewhere nothing is done."""
-    from transformers.integrations.deepspeed import (
-        is_deepspeed_zero3_enabled,
-        set_hf_deepspeed_config,
-        unset_hf_deepspeed_config,
-    )
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if getattr(plugin, "hf_ds_config", None) is not None:
-            set_hf_deepspeed_config(plugin.hf_ds_config)
-
-
-@contextlib.contextmanager
-def whole_trainables(trainer):
-    """Under DeepSpeed ZeRO-3 each process holds a slice of each parameter (parameters under ZeRO-3's persistence
-    threshold excepted), and PEFT's save_pretrained would write the empty slices of the main process. Inside this
-    block the trainable parameters are whole on every process (`deepspeed.zero.GatheredParameters`, a collective:
-    every process enters it), so the adapter is saved complete. Elsewhere nothing is done."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if not (getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled()):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p for p in trainer.model.parameters() if p.requires_grad]):
-        yield
 
 
 def evaluate_before(trainer, stop: GracefulStop) -> Callable[[], dict | None]:
@@ -340,6 +302,7 @@ def _merge_and_sample(
                 merged.output_dir, sample_prompt, recipe.output.sample_tokens, images=sample_images
             )
             atomic_write_text(run_dir / "sample.txt", metrics["sample"]["prompt"] + metrics["sample"]["completion"])
+            patches.release_host_memory()  # the eval's models load into what the sample's model freed
             log(
                 "sample generation from the merged model (plain transformers, greedy):\n"
                 + metrics["sample"]["completion"]
@@ -350,7 +313,7 @@ def _merge_and_sample(
 def parity_rows_of(data, count: int = 3) -> list[list[int]]:
     """The merge's parity rows: the first train rows as text ids (SFT: the row; DPO: prompt + chosen; GRPO: the
     prompt; no pixels)."""
-    rows = data.train.select(range(min(count, len(data.train))))
+    rows = data.head.select(range(min(count, len(data.head))))  # a stream's first rows
     ids = [r["prompt_input_ids"] + r.get("chosen_input_ids", []) if "prompt_input_ids" in r else r["input_ids"]
            for r in rows]  # fmt: skip
     return ids if data.images is None else [text_only(row, data.images) for row in ids]
@@ -358,7 +321,7 @@ def parity_rows_of(data, count: int = 3) -> list[list[int]]:
 
 def sample_row_of(data) -> dict:
     """The row whose prompt the merged model answers after training: the first eval row, else the first train row."""
-    return (data.eval if data.eval is not None else data.train)[0]
+    return (data.eval if data.eval is not None else data.head)[0]
 
 
 def finish_trained_run(recipe: Recipe) -> TrainResult:
@@ -373,7 +336,7 @@ def finish_trained_run(recipe: Recipe) -> TrainResult:
         return result
     log(f"{run_dir}: training had ended (adapter/ saved); finishing the run without retraining: plot, merge, metrics")
     with GracefulStop(recipe, run_dir).guard() as stop:  # a signal: stopped at once, still resumable this way
-        source, _, _, data = prepare_inputs(recipe)
+        source, _, _, data = prepare_inputs(recipe, streaming=True)
         result.data_reports = [r.to_dict() for r in data.reports]
         metrics = result.metrics = {"finished_by_resume": True, **_trained_metrics(run_dir)}
         sample = sample_row_of(data)

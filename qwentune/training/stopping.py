@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .. import patches
 from ..errors import QwentuneError
 from ..logs import is_main_process, log
 from ..recipe import Recipe
@@ -234,6 +235,7 @@ def train_until_stopped(trainer, stop: GracefulStop, checkpoint: Path | None):
 
     stop.attach(trainer)
     trainer.add_callback(CheckpointMarker())
+    trainer.add_callback(patches.heap_trimmer())  # RSS stays at what a step holds (glibc keeps freed pages)
     if stop.agreed():  # a signal before training began (during the evaluation before it)
         raise stop.interrupted()
     if checkpoint is not None and is_main_process():

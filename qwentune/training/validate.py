@@ -53,7 +53,8 @@ def _data_lines(recipe: Recipe, template) -> list[str]:
     lines = []
     for which in ("train", "eval"):
         for source in resolve_sources(recipe.data, recipe.base_dir, which):
-            sample = [text for _, text in take_rows(read_source(source), SAMPLE_ROWS) if text is not None]
+            read = read_source(source, streaming=recipe.data.streaming)  # a streamed hub dataset: its first rows
+            sample = [text for _, text in take_rows(read, SAMPLE_ROWS) if text is not None]
             texts = [text for text in sample if isinstance(text, str)]  # not bad lines (bad_encoding, csv_malformed)
             rows = []
             for text in sample:
@@ -98,7 +99,7 @@ def _combination_lines(recipe: Recipe) -> list[str]:
     if recipe.method == "dpo":
         from .dpo import check_dpo_recipe
 
-        check_dpo_recipe(recipe, str(recipe.path or "recipe"))
+        check_dpo_recipe(recipe, str(recipe.path or "recipe"), adapter_made_later=True)  # checked again at setup
         lines.append(f"dpo: loss {'+'.join(recipe.dpo.loss_type)}, beta {recipe.dpo.beta}")
     if recipe.method == "grpo":
         from .grpo import check_grpo_recipe
@@ -107,8 +108,9 @@ def _combination_lines(recipe: Recipe) -> list[str]:
         check_grpo_recipe(recipe, str(recipe.path or "recipe"), adapter_made_later=True)  # Python rewards: at setup
         rewards = " + ".join(f"{w}×{n}" for n, w in g.rewards.items())
         lines.append(f"grpo: rewards {rewards}, {g.num_generations} generations, loss {g.loss_type}, beta {g.beta}")
-        if recipe.model.adapter is not None and not resolve_path(recipe, recipe.model.adapter).exists():
-            lines.append(f"note: model.adapter {recipe.model.adapter} is not there yet (train the run that makes it)")
+    adapter = recipe.model.adapter if recipe.method in ("dpo", "grpo") else None
+    if adapter is not None and not resolve_path(recipe, adapter).exists():
+        lines.append(f"note: model.adapter {adapter} is not there yet (train the run that makes it)")
     if recipe.trainer:
         config = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}[recipe.method]
         lines.append(f"trainer: {', '.join(f'{k}={v!r}' for k, v in recipe.trainer.items())} (passed to TRL {config})")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model import QuantSpec, Shape, model_shape, vision_lora_params, vision_params
 from ..patches import CPU_VOCAB_CHUNK
 from ..recipe import Recipe
+from .quantspec import QuantSpec
+from .sizes import Shape, model_shape, vision_lora_params, vision_params
 
-__all__ = ["Estimate", "Line", "Shape", "estimate", "model_shape"]
+__all__ = ["Estimate", "Line", "Shape", "estimate", "estimate_for_launch", "model_shape", "sharded"]
 
 GiB = 1024**3
 CARDS_GB = (4, 6, 8, 12, 16, 24, 40, 48, 80)  # GPU memory sizes (GiB) the verdict picks from
@@ -350,6 +351,13 @@ def estimate(
         "head": fused,
         "tokens": N,
         "head_tokens": n_head,
+        "params": total_params,
+        "weights": next(line.bytes for line in weights if line.counted),
+        # what FSDP / ZeRO-3 hold whole while in use (`sharded`): the root unit and one decoder layer's weights
+        "root_bytes": (compute_bytes if qlora else weight_bytes) * (heads_other + s.hidden),
+        "layer_bytes": (w4 / s.layers + compute_bytes * (norms_biases - s.hidden) / s.layers)
+        if qlora
+        else weight_bytes * (per_layer_linear + (norms_biases - s.hidden) / s.layers),
     }
     est = Estimate(title=title, setting=setting, lines=lines, device=device, parts=parts)
     if seq_len is None and trained_tokens is None:
@@ -360,3 +368,45 @@ def estimate(
         est.notes.append("DoRA's magnitude vectors counted; its extra activations (weight norms) are not")
     est.notes.append("DDP adds one fp32 copy of the gradients for its buckets; FSDP/ZeRO shard weights and states")
     return est
+
+
+def sharded(est: Estimate, kind: str, processes: int, offload: tuple[str, ...] = ()) -> Estimate:
+    """`est` per process of `processes` under `kind`: ddp (+ its fp32 gradient buckets), zero2 (gradients and
+    optimizer state split N ways), fsdp / zero3 (weights and LoRA parameters split too, plus what is whole while in
+    use: the root unit — embedding, head, final norm — and two decoder layers, the one running and the one
+    prefetched); `offload` ("optimizer", "param"): held in CPU RAM instead (shown, not counted)."""
+    n = processes
+    split = {"ddp": (), "zero2": ("gradients", "optimizer")}.get(kind, ("weights", "LoRA", "gradients", "optimizer"))
+    moved = tuple({"optimizer": "optimizer", "param": "weights"}[o] for o in offload)
+    for line in (line for line in est.lines if line.counted):
+        if line.name.startswith(split):
+            line.bytes /= n
+            line.formula += f"; / {n} processes ({kind})"
+        if line.name.startswith(moved):
+            line.formula += f"; offloaded: {gib(line.bytes)} of CPU RAM, not counted"
+            line.bytes = 0
+    if kind in ("fsdp", "zero3"):
+        whole = (est.parts["root_bytes"] + 2 * est.parts["layer_bytes"]) * (n - 1) / n
+        est.lines.append(Line("gathered while in use", whole, f"the other {n - 1}/{n} of the root unit (embedding, "
+                              "head, final norm) and of 2 decoder layers"))  # fmt: skip
+    if kind == "ddp" and n > 1:
+        grads = next(line for line in est.lines if line.name.startswith("gradients"))
+        est.lines.append(Line("DDP gradient buckets", grads.bytes, "one fp32 copy of the gradients"))
+    est.setting += f"; {kind} over {n} processes" + (f", {' and '.join(offload)} offloaded" if offload else "")
+    return est
+
+
+def estimate_for_launch(est: Estimate, path, processes: int | None = None) -> Estimate:
+    """`est` per process under an accelerate launch config (launch/*.yaml); `processes` replaces its num_processes."""
+    import yaml
+
+    from ..errors import QwentuneError
+
+    try:
+        config = yaml.safe_load(open(path)) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise QwentuneError(f"cannot read the launch config: {e}", where=str(path), hint="see launch/*.yaml") from None
+    ds = config.get("deepspeed_config") or {}
+    kind = {"FSDP": "fsdp", "DEEPSPEED": f"zero{ds.get('zero_stage', 2)}"}.get(config.get("distributed_type"), "ddp")
+    offload = tuple(o for o in ("optimizer", "param") if ds.get(f"offload_{o}_device", "none") != "none")
+    return sharded(est, kind, processes or int(config.get("num_processes", 1)), offload)
