@@ -5,11 +5,12 @@ and resumed ends at the uninterrupted adapter.
 
     python benchmarks/multi_process.py --shape tiny --device cpu --configs fsdp --peft lora     # 2 CPU ranks (gloo)
     python benchmarks/multi_process.py --shape 0.5b --device cuda --processes 4                # every config, 4 GPUs
+    python benchmarks/multi_process.py --configs zero3 --peft qlora --set peft.quant.compute_dtype=float32
 
 Peak memory per rank: on CPU the peak RSS of each rank's process (VmHWM: loading, training, the adapter save and
 the main rank's merge included), on CUDA the largest memory nvidia-smi showed for that process. Models are
 random-weight copies of the real structure (benchmarks/train_throughput.py's model_dir); rows come in file order
-(training.shuffle: false), so the two arms train exactly the same batches.
+(training.shuffle: false), so the two arms train exactly the same batches; --set KEY=VALUE: a recipe override, both.
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def main() -> int:
     parser.add_argument("--peft", nargs="+", choices=("lora", "qlora"), default=["lora", "qlora"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--resume", action="store_true", help="also: SIGTERM after a checkpoint, then --resume")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, both arms")
     parser.add_argument("--out", type=Path, help="where runs and logs go (default: a temp dir)")
     parser.add_argument("--json-out", type=Path)
     a = parser.parse_args()
@@ -224,13 +226,13 @@ def main() -> int:
         recipe = recipe_file(source, peft, steps, out, save_steps=2 if a.resume else 0)
         one = out / f"one-{peft}"
         single = run([sys.executable, "-m", "qwentune", "train", str(recipe), f"training.grad_accum={n}",
-                      f"output.dir={one}"], a.device, out / f"one-{peft}.log")  # fmt: skip
+                      f"output.dir={one}", *a.set], a.device, out / f"one-{peft}.log")  # fmt: skip
         print(f"1 process, {peft}: exit {single['rc']}, {single['wall_s']} s", file=sys.stderr, flush=True)
         for name in a.configs:
             many = out / f"{name}-{peft}"
             cmd = [str(ACCELERATE), "launch", "--config_file", str(launch_config(name, n, a.device, out))]
             cmd += ["--main_process_port", str(free_port()), "-m", "qwentune", "train", str(recipe)]
-            cmd += ["training.grad_accum=1", f"output.dir={many}"]
+            cmd += ["training.grad_accum=1", f"output.dir={many}", *a.set]
             row = {"config": name, "launch": f"launch/{CONFIGS[name]}", "peft": peft, "processes": n}
             if a.resume:
                 stop = run(cmd, a.device, out / f"{name}-{peft}-stop.log", stop_after_step=3, run_dir=many)

@@ -101,7 +101,7 @@ def run_scale(args, counts: list[int], procs: list[int]) -> None:
         make_rows(rows, n)
         for p in procs:
             results = {}
-            arms = [("qwentune", p)] + ([] if args.no_trl else [("trl", p)])
+            arms = ([] if args.only_trl else [("qwentune", p)]) + ([] if args.no_trl else [("trl", p)])
             for arm, num_proc in arms:
                 cache = work / f"cache-{arm}"
                 shutil.rmtree(cache, ignore_errors=True)
@@ -132,7 +132,7 @@ def run_scale(args, counts: list[int], procs: list[int]) -> None:
                     f"{r['peak_anon_mb']:>12.0f} {r['cache_mb']:>9.0f}",
                     flush=True,
                 )
-            if "trl" in results:
+            if "trl" in results and "qwentune" in results:
                 q, t = results["qwentune"], results["trl"]
                 print(
                     f"{'':>9} {'qwentune / TRL':<22} {t['wall'] / q['wall']:>7.2f}x {'':>8} "

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gen import tools as tool_rows  # noqa: E402
 from gen.common import convert, dumps, safe_eval  # noqa: E402,F401 (tests check results with these)
-from gen.decisions import held_out_decisions, mining_decisions  # noqa: E402
+from gen.decisions import call_pairs, held_out_decisions, mining_decisions  # noqa: E402
 from gen.instructions import make_instructions  # noqa: E402
 from gen.preferences import make_preferences  # noqa: E402
 from gen.tool_catalog import TRAIN_BY_NAME  # noqa: E402
@@ -82,6 +82,7 @@ def build() -> dict[str, list[dict]]:
     # training tools: a tuned model's misses on them become DPO pairs; the scripted pairs start before any are mined
     mine, mine_pairs = mining_decisions(random.Random(SEED + 5), set())
     decisions_eval = held_out_decisions(random.Random(SEED + 6), seen | prompt_keys(mine))
+    mine_pairs += call_pairs(random.Random(SEED + 7), seen | prompt_keys(mine + decisions_eval))
     files = [instructions, tool_train, tool_eval, pref_train, pref_eval, mine, decisions_eval, mine_pairs]
     return dict(zip(FILES[:-1], files, strict=True))
 

@@ -181,12 +181,21 @@ def test_cli_prints_the_decision_lines(tmp_path, tiny_model_path):
 def test_scripted_pairs_read_as_dpo_rows(qwen_tokenizer):
     """tool_calls_decisions_pairs.jsonl: one pair per mining row, chosen = the row's turn, rejected = a wrong reply of
     the kind the Quickstart makes (a call where none is due or with a made-up argument, no call where one is due);
-    every pair converts and renders as `method: dpo` reads it."""
+    then the call pairs (chosen calls, rejected asks for a given argument or refuses), so that at least as many pairs
+    choose a call as choose no call over one; every pair converts and renders as `method: dpo` reads it."""
     from qwentune.rows import render_preference_batch
 
     pairs, mined = rows_of(DATA / "tool_calls_decisions_pairs.jsonl"), rows_of(MINE)
-    assert len(pairs) == len(mined)
-    for pair, row in zip(pairs, mined):
+    scripted, extra = pairs[: len(mined)], pairs[len(mined) :]
+    assert len(extra) == 72 and all(p["meta"]["rejected"] in ("asked_anyway", "refused_anyway") for p in extra)
+    held_out = {text for row in rows_of(SPLIT) for text in users(row)}
+    for pair in extra:
+        assert pair["chosen"][0]["tool_calls"] and not pair["rejected"][0].get("tool_calls")
+        assert not set(users(pair)) & held_out
+    choose_call = sum(bool(p["chosen"][0].get("tool_calls")) for p in pairs)
+    reject_call = sum(bool(p["rejected"][0].get("tool_calls")) for p in pairs)
+    assert choose_call >= reject_call, (choose_call, reject_call)  # else DPO teaches "never call" (issue 27)
+    for pair, row in zip(scripted, mined):
         assert pair["meta"]["decision"] == row["decision"] and pair["chosen"] == [first_turn(row)]
         assert pair["prompt"] == row["messages"][: row["messages"].index(first_turn(row))]
         wrong_calls = pair["rejected"][0].get("tool_calls")

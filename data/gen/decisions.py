@@ -10,7 +10,11 @@ the assistant asks for it). Three files:
   tool_calls_decisions_pairs.jsonl  DPO pairs of the same rows with a scripted wrong reply (`rejected`), written
                                     the way the Quickstart fails: the near-miss tool called where no offered tool
                                     fits, the missing argument made up, a call where a question needs none, no call
-                                    where one is due; a start for the decision stage before any pairs are mined
+                                    where one is due; a start for the decision stage before any pairs are mined.
+                                    After those 96, 72 pairs whose `chosen` is the call (`call_pairs`): a question
+                                    asked though every argument was given, or a refusal though the tool is offered.
+                                    Without them 3 of 4 pairs reject a call, and DPO teaches "never call" (measured:
+                                    0/13 calls on the held-out split after 16 steps, issue 27)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ DECISIONS = ("call", "answer", "not_offered", "missing_argument")
 # Rows per kind: calls (single, parallel), then one kind per decision.
 EVAL_COUNTS = {"single": 24, "parallel": 12, "answer": 24, "not_offered": 24, "missing_argument": 24}
 MINE_COUNTS = {"single": 16, "parallel": 8, "answer": 24, "not_offered": 24, "missing_argument": 24}
+CALL_PAIR_COUNTS = {"single": 48, "parallel": 24}  # with the 24 above: 96 pairs choose a call, 72 choose no call
 UNCALLED = ["I don't have access to that information right now.", "Sorry, I can't look that up.",
             "I'm not able to do that."]  # fmt: skip
 
@@ -129,3 +134,24 @@ def mining_decisions(rng: random.Random, forbidden: set[str]) -> tuple[list[dict
         pairs.append({"prompt": row["messages"][:turn], "chosen": [row["messages"][turn]], "rejected": [wrong],
                       "tools": row["tools"], "meta": meta})  # fmt: skip
     return [row for row, _ in made], pairs
+
+
+def call_pairs(rng: random.Random, forbidden: set[str]) -> list[dict]:
+    """Pairs whose `chosen` calls (training tools) and whose `rejected` does not: the way a model over-corrected by
+    the other pairs fails, asking for an argument the user gave or refusing though the tool is offered."""
+    made = decision_rows(rng, CALL_PAIR_COUNTS, TRAIN_TOOLS, TRAIN_SIBLINGS, KNOWLEDGE_TRAIN, forbidden)
+    by_name = {t.name: t for t in TRAIN_TOOLS}
+    pairs = []
+    for n, (row, _) in enumerate(made):
+        turn = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        first = by_name[row["messages"][turn]["tool_calls"][0]["function"]["name"]]
+        if n % 2 == 0 and first.vague:
+            wrong, how = rng.choice(first.vague)[1], "asked_anyway"
+        else:
+            names = ", ".join(t["function"]["name"] for t in row["tools"])
+            wrong, how = f"I can't do that: none of the tools I have here can ({names}).", "refused_anyway"
+        meta = {"decision": "call", "rejected": how}
+        pairs.append({"prompt": row["messages"][:turn], "chosen": [row["messages"][turn]],
+                      "rejected": [{"role": "assistant", "content": wrong}], "tools": row["tools"],
+                      "meta": meta})  # fmt: skip
+    return pairs

@@ -9,19 +9,27 @@ be prefixes of the whole rendering, and the completion is `R_i[len(P_i):]` throu
 inside a token, or trained tokens that do not decode to exactly the span's text, make the row a `BadRow` — a row is
 dropped rather than trained with a wrong mask.
 
+One rendering a row: for the packaged text templates whose prefix renderings are the whole rendering's prefixes
+(`PREFIX_STABLE_TEMPLATES`, proven on generated conversations by tests/test_render_markers.py), P_i is the whole
+rendering up to the i-th `<|im_start|>assistant\n` and R_i runs to the next `<|im_end|>`: the same spans without
+rendering every prefix (the prefix renderings were ~70% of the time). A row whose assistant turns hold `<|im_` in
+their own text, or whose rendering holds more assistant markers than it has assistant messages, and every other
+template, take the prefix renderings.
+
 BadRow reasons: those of `turns.check_turns`, template_error (the template itself raised on the row),
 mask_verification_failed; the length ones come from `fit`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRow, QwentuneError
-from .template import ChatTemplate, TemplateRenderer, end_token
+from .template import CHATML_END, ChatTemplate, TemplateRenderer, end_token, load_template
 from .turns import Turns, check_train_on, check_turns
 
 IGNORE_INDEX = -100
@@ -59,11 +67,72 @@ class RenderedPair:
 # Rendering
 
 
-def _render_spans(prep: Turns, render: TemplateRenderer, end: str) -> tuple[str, list[tuple[int, int]]]:
-    """The whole rendering and the character span of each trained completion, derived from prefix renderings."""
+# The packaged ChatML text templates whose every prefix rendering (with or without the generation prompt) is a prefix
+# of the whole rendering, so markers in one rendering give the prefix method's spans (tests/test_render_markers.py).
+PREFIX_STABLE_TEMPLATES = ("qwen2.5-instruct", "qwen2.5-base", "qwen2-instruct")
+_ASSISTANT = "<|im_start|>assistant\n"
+
+
+@functools.cache
+def _prefix_stable_texts() -> frozenset[str]:
+    return frozenset(load_template(name).text for name in PREFIX_STABLE_TEMPLATES)
+
+
+def one_rendering(template: ChatTemplate) -> bool:
+    """Whether rows of this template take one rendering each (spans from its markers) instead of one per prefix."""
+    return template.text in _prefix_stable_texts()
+
+
+def _spans_from_markers(
+    msgs: list[dict], tools: list[dict] | None, trained: list[int], full: str
+) -> list[tuple[int, int]] | None:
+    """The trained spans read from the whole rendering's markers, or None where the row's own text could hold one: an
+    assistant turn's text holding `<|im_` (it could end the span early), or more assistant markers than assistant
+    messages (the template writes one each; text elsewhere can only add some)."""
+    if any(msg.get("role") == "assistant" and _holds_marker(msg) for msg in msgs):
+        return None
+    starts, pos = {}, 0
+    for i, msg in enumerate(msgs):
+        if msg.get("role") == "assistant":
+            pos = full.find(_ASSISTANT, pos)
+            if pos < 0:
+                return None
+            pos += len(_ASSISTANT)
+            starts[i] = pos
+    if full.find(_ASSISTANT, pos) >= 0:
+        return None
+    spans = []
+    for i in trained:
+        stop = full.find(CHATML_END, starts[i])
+        if stop < 0:
+            return None
+        spans.append((starts[i], stop + len(CHATML_END)))
+    return spans
+
+
+def _holds_marker(value: Any) -> bool:
+    if isinstance(value, str):
+        return "<|im_" in value
+    if isinstance(value, Mapping):
+        return any(_holds_marker(k) or _holds_marker(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_marker(v) for v in value)
+    return False
+
+
+def _render_spans(
+    prep: Turns, render: TemplateRenderer, end: str, markers: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    """The whole rendering and the character span of each trained completion: from the markers of one rendering
+    (`markers`: a prefix-stable template), else from prefix renderings."""
     msgs, tools = prep.messages, prep.tools
     try:
         with render.row():
+            if markers:
+                full = render(msgs, tools, False)
+                spans = _spans_from_markers(msgs, tools, prep.trained, full)
+                if spans is not None:
+                    return full, spans
             return _spans_from_prefixes(msgs, tools, prep.trained, render, end)
     except BadRow:
         raise
@@ -210,6 +279,7 @@ def render_batch(
     check_train_on(train_on)
     render = TemplateRenderer(template, tokenizer)
     end = end_token(template, tokenizer)
+    markers = one_rendering(template)
     results: list[Any] = []  # a BadRow, or (text index, char spans)
     with _Tokenizing(tokenizer) as tokenizing:
         for row in rows:
@@ -217,7 +287,7 @@ def render_batch(
                 if not isinstance(row, Mapping):
                     raise BadRow("bad_message", f"a row must be an object with 'messages', got {type(row).__name__}")
                 prep = check_turns(row.get("messages"), row.get("tools"), template, train_on)
-                full, spans = _render_spans(prep, render, end)
+                full, spans = _render_spans(prep, render, end, markers)
                 check_size(full, max_bytes)
             except BadRow as bad:
                 results.append(bad)
@@ -411,8 +481,10 @@ def render_preference(
 
 __all__ = [
     "IGNORE_INDEX",
+    "PREFIX_STABLE_TEMPLATES",
     "Rendered",
     "RenderedPair",
+    "one_rendering",
     "render_batch",
     "render_conversation",
     "render_preference",

@@ -23,7 +23,6 @@ from ..model import (
     QuantSpec,
     add_adapter,
     check_tokens,
-    keep_trainables_in_fp32,
     load_adapter_for_training,
     load_base_model,
     prepare_new_token_rows,
@@ -35,7 +34,6 @@ from ..recipe import Recipe, build_config, resolve_path
 from .metrics import MetricsFile
 from .results import TrainResult
 from .run import Run
-from .sharding import check_4bit_after_wrapping
 from .steps import (
     effective_batch,
     evaluate_before,
@@ -43,6 +41,7 @@ from .steps import (
     parity_rows_of,
     prompt_of,
     sample_row_of,
+    settle_trainer,
     start_run,
     trainer_arguments,
 )
@@ -217,9 +216,7 @@ def setup_dpo(recipe: Recipe, held: contextlib.ExitStack) -> Run:
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
         continuing=continuing,
     )
-    keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
-    check_4bit_after_wrapping(trainer)  # FSDP + QLoRA: the 4-bit layers, once wrapped
-    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
+    settle_trainer(trainer, precision, patched)
     if d.precompute_ref_log_probs and ref_model is not None:
         trainer.ref_model = ref_model = None  # every reference log-prob is in the datasets now: free the model
 

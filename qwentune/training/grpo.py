@@ -28,7 +28,6 @@ from ..model import (
     QuantSpec,
     add_adapter,
     check_tokens,
-    keep_trainables_in_fp32,
     load_adapter_for_training,
     load_base_model,
     resolve_precision,
@@ -38,7 +37,6 @@ from .grpo_rewards import measured, trl_rewards
 from .metrics import MetricsFile, read_metrics
 from .results import TrainResult
 from .run import Run
-from .sharding import check_4bit_after_wrapping
 from .steps import (
     effective_batch,
     evaluate_before,
@@ -46,6 +44,7 @@ from .steps import (
     parity_rows_of,
     prompt_of,
     sample_row_of,
+    settle_trainer,
     start_run,
     trainer_arguments,
 )
@@ -196,9 +195,7 @@ def setup_grpo(recipe: Recipe, held: contextlib.ExitStack, rewards: dict[str, Ca
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
         continuing=continuing,
     )
-    keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
-    check_4bit_after_wrapping(trainer)  # FSDP + QLoRA: the 4-bit layers, once wrapped
-    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
+    settle_trainer(trainer, precision, patched)
 
     def train_run() -> TrainResult:
         # SIGTERM/SIGINT: a step finishes and is checkpointed, an evaluation stops at its next batch, then the run

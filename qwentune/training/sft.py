@@ -15,7 +15,6 @@ from ..logs import is_main_process, log
 from ..model import (
     QuantSpec,
     add_adapter,
-    keep_trainables_in_fp32,
     load_base_model,
     prepare_new_token_rows,
     resolve_precision,
@@ -25,7 +24,6 @@ from ..recipe import Recipe, build_config
 from .metrics import MetricsFile
 from .results import TrainResult
 from .run import Run
-from .sharding import check_4bit_after_wrapping
 from .steps import (
     effective_batch,
     evaluate_before,
@@ -33,6 +31,7 @@ from .steps import (
     parity_rows_of,
     prompt_of,
     sample_row_of,
+    settle_trainer,
     start_run,
     trainer_arguments,
 )
@@ -117,9 +116,7 @@ def setup_sft(recipe: Recipe, held: contextlib.ExitStack) -> Run:
     eval_callbacks(trainer, data.eval_parts)  # data.eval with several entries: eval_<name>_loss each
     if data.stream is not None:  # it starts at the checkpoint's row itself: no batch is read to be dropped
         trainer.get_resumed_dataloader = lambda dataloader, num_batches: dataloader  # (streamed.py)
-    keep_trainables_in_fp32(trainer.model)  # TRL casts them to bf16 under QLoRA
-    check_4bit_after_wrapping(trainer)  # FSDP + QLoRA: the 4-bit layers, once wrapped
-    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
+    settle_trainer(trainer, precision, patched)
 
     def train() -> TrainResult:
         # SIGTERM/SIGINT: a step finishes and is checkpointed, an evaluation stops at its next batch, then the run

@@ -22,7 +22,7 @@ from ..files import (
     staging_prefix,
 )
 from ..logs import _cuda, is_main_process, log, process_state
-from ..model import Precision, QuantSpec
+from ..model import Precision, QuantSpec, keep_trainables_in_fp32
 from ..recipe import Recipe, resolve_path
 from ..rows import text_only
 from .inputs import prepare_inputs
@@ -30,7 +30,7 @@ from .metrics import plot_losses, read_metrics, show_in_notebook
 from .results import TrainResult
 from .resume import resume_checkpoint
 from .rundir import prepare_run_dir, run_dir_for
-from .sharding import refuse_unshardable, whole_trainables, without_zero3_init
+from .sharding import check_4bit_after_wrapping, refuse_unshardable, whole_trainables, without_zero3_init
 from .stopping import GracefulStop
 
 
@@ -76,6 +76,15 @@ def trainer_arguments(recipe: Recipe, precision: Precision, run_dir: Path, has_e
         disable_tqdm=False,
         **recipe.trainer,
     )
+
+
+def settle_trainer(trainer, precision: Precision, patched) -> None:
+    """What every trainer needs once TRL has built it: the trainable weights back in fp32 (TRL casts them to bf16
+    under QLoRA), the 4-bit layers checked once FSDP wrapped them, and LoRA's input cast off under autocast (scoped
+    in `patched`, restored when the run ends)."""
+    keep_trainables_in_fp32(trainer.model)
+    check_4bit_after_wrapping(trainer)
+    patched.enter_context(patches.lora_input_cast_off(trainer.model, active=precision.autocast))
 
 
 def save_adapter(model, run_dir: Path, sidecar: dict[str, Any], state_dict: dict | None = None) -> Path:
