@@ -54,13 +54,15 @@ def _anon_kb(pid: int) -> int:
 def measure(cmd: list[str], env: dict) -> dict:
     """Wall seconds and peak RssAnon summed over the process tree."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, sum(_anon_kb(p) for p in set(_tree(proc.pid))))
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read()
+    with tempfile.TemporaryFile("w+") as log:  # not a pipe: at 200k rows the progress bars filled one and blocked it
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(_anon_kb(p) for p in set(_tree(proc.pid))))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        err = log.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
     return {"wall": wall, "peak_anon_mb": peak / 1024}
