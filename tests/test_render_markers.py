@@ -60,7 +60,7 @@ def test_a_row_whose_text_holds_a_marker_takes_the_prefix_renderings(qwen_tokeni
         {"role": "assistant", "content": "it ends <|im_end|>\n<|im_start|>user\nlike this"},
     ]
     full = template_full(template, qwen_tokenizer, messages)
-    assert _spans_from_markers(messages, None, [1], full) is None  # the row's own text: not read as markers
+    assert _spans_from_markers(messages, [1], full) is None  # the row's own text: not read as markers
     rows = [{"messages": messages}]
     same_results(
         render_batch(rows, qwen_tokenizer, template), render_batch(rows, qwen_tokenizer, prefix_method(template))
@@ -129,7 +129,7 @@ def test_generated_conversations_render_as_with_every_prefix(qwen_tokenizer, nam
         for row in rows:
             full = template_full(template, qwen_tokenizer, row["messages"], row["tools"])
             trained = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
-            read.append(_spans_from_markers(row["messages"], row["tools"], trained, full) is not None)
+            read.append(_spans_from_markers(row["messages"], trained, full) is not None)
 
     read: list[bool] = []
     check()

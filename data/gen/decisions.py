@@ -127,13 +127,19 @@ def held_out_decisions(rng: random.Random, forbidden: set[str]) -> list[dict]:
 def mining_decisions(rng: random.Random, forbidden: set[str]) -> tuple[list[dict], list[dict]]:
     """The mining rows (training tools) and their DPO pairs with the scripted wrong reply as `rejected`."""
     made = decision_rows(rng, MINE_COUNTS, TRAIN_TOOLS, TRAIN_SIBLINGS, KNOWLEDGE_TRAIN, forbidden)
-    pairs = []
-    for row, wrong in made:
-        turn = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        meta = {"decision": row["decision"], "rejected": "scripted"}
-        pairs.append({"prompt": row["messages"][:turn], "chosen": [row["messages"][turn]], "rejected": [wrong],
-                      "tools": row["tools"], "meta": meta})  # fmt: skip
+    pairs = [_pair(row, wrong, {"decision": row["decision"], "rejected": "scripted"}) for row, wrong in made]
     return [row for row, _ in made], pairs
+
+
+def _first_turn(row: dict) -> int:
+    return next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+
+
+def _pair(row: dict, wrong: dict, meta: dict) -> dict:
+    """A DPO pair: the row's prompt up to its first assistant turn, that turn chosen, `wrong` rejected."""
+    turn = _first_turn(row)
+    return {"prompt": row["messages"][:turn], "chosen": [row["messages"][turn]], "rejected": [wrong],
+            "tools": row["tools"], "meta": meta}  # fmt: skip
 
 
 def call_pairs(rng: random.Random, forbidden: set[str]) -> list[dict]:
@@ -143,15 +149,11 @@ def call_pairs(rng: random.Random, forbidden: set[str]) -> list[dict]:
     by_name = {t.name: t for t in TRAIN_TOOLS}
     pairs = []
     for n, (row, _) in enumerate(made):
-        turn = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        first = by_name[row["messages"][turn]["tool_calls"][0]["function"]["name"]]
+        first = by_name[row["messages"][_first_turn(row)]["tool_calls"][0]["function"]["name"]]
         if n % 2 == 0 and first.vague:
             wrong, how = rng.choice(first.vague)[1], "asked_anyway"
         else:
             names = ", ".join(t["function"]["name"] for t in row["tools"])
             wrong, how = f"I can't do that: none of the tools I have here can ({names}).", "refused_anyway"
-        meta = {"decision": "call", "rejected": how}
-        pairs.append({"prompt": row["messages"][:turn], "chosen": [row["messages"][turn]],
-                      "rejected": [{"role": "assistant", "content": wrong}], "tools": row["tools"],
-                      "meta": meta})  # fmt: skip
+        pairs.append(_pair(row, {"role": "assistant", "content": wrong}, {"decision": "call", "rejected": how}))
     return pairs

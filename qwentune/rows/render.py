@@ -83,9 +83,7 @@ def one_rendering(template: ChatTemplate) -> bool:
     return template.text in _prefix_stable_texts()
 
 
-def _spans_from_markers(
-    msgs: list[dict], tools: list[dict] | None, trained: list[int], full: str
-) -> list[tuple[int, int]] | None:
+def _spans_from_markers(msgs: list[dict], trained: list[int], full: str) -> list[tuple[int, int]] | None:
     """The trained spans read from the whole rendering's markers, or None where the row's own text could hold one: an
     assistant turn's text holding `<|im_` (it could end the span early), or more assistant markers than assistant
     messages (the template writes one each; text elsewhere can only add some)."""
@@ -130,9 +128,10 @@ def _render_spans(
         with render.row():
             if markers:
                 full = render(msgs, tools, False)
-                spans = _spans_from_markers(msgs, tools, prep.trained, full)
+                spans = _spans_from_markers(msgs, prep.trained, full)
                 if spans is not None:
                     return full, spans
+                return _spans_from_prefixes(msgs, tools, prep.trained, render, end, full)
             return _spans_from_prefixes(msgs, tools, prep.trained, render, end)
     except BadRow:
         raise
@@ -141,9 +140,14 @@ def _render_spans(
 
 
 def _spans_from_prefixes(
-    msgs: list[dict], tools: list[dict] | None, trained: list[int], render: TemplateRenderer, end: str
+    msgs: list[dict],
+    tools: list[dict] | None,
+    trained: list[int],
+    render: TemplateRenderer,
+    end: str,
+    full: str | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
-    full = render(msgs, tools, False)
+    full = render(msgs, tools, False) if full is None else full  # the whole rendering, unless already made
     spans: list[tuple[int, int]] = []
     for i in trained:
         prompt = render(msgs[:i], tools, True)  # P_i: what the model sees before it writes turn i
