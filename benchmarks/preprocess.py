@@ -7,7 +7,8 @@ Prints the best of `--repeat` runs of each, and the ratios (timings on a shared 
 
 At scale, the whole pipeline as a user runs it, against TRL 1.16's SFTTrainer dataset preparation of the same rows:
 
-    python benchmarks/preprocess.py --scale 20000,200000,1000000 [--num-proc 1,2] [--workdir DIR] [--no-trl|--only-trl]
+    python benchmarks/preprocess.py --scale 20000,200000,1000000 [--num-proc 1,2] [--workdir DIR]
+        [--arms qwentune,trl,train]
 
 writes N unique rows (the bundled tool sessions and instructions, each user turn tagged with its row number; kept in
 --workdir between runs), then runs `qwentune preprocess` on them (the Qwen2.5 tokenizer and official template, masks
@@ -15,6 +16,8 @@ verified) and TRL's `_prepare_dataset` on `datasets.load_dataset("json")` of the
 masks with the official template), each in a fresh process with an empty cache. Per run: wall seconds, rows per
 second, rows per CPU-second (the process and its `num_proc` workers), peak anonymous memory summed over the process
 tree (RssAnon sampled every 50 ms; memory-mapped Arrow pages are file-backed and do not count), and the cache's size.
+The `train` arm (not run unless named) is `qwentune train` of a tiny random model (Qwen2.5-0.5B's structure, LoRA, one
+step of 8 rows, no merge) on the same rows: the data's memory in a training run up to and through its first step.
 """
 
 from __future__ import annotations
@@ -128,7 +131,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's SFT dataset preparation")
-    parser.add_argument("--only-trl", action="store_true", help="--scale: TRL's arm alone (its rows run later)")
+    parser.add_argument(
+        "--arms",
+        default="qwentune,trl",
+        help="--scale: which runs, in order: qwentune (preprocess), trl (its dataset preparation), train (tiny model)",
+    )
     parser.add_argument("--scale", default=None, help="row counts for the whole-pipeline runs, e.g. 20000,200000")
     parser.add_argument("--num-proc", default="1,2", help="data.num_proc values for --scale (comma-separated)")
     parser.add_argument("--workdir", type=Path, default=None, help="--scale: keep the row files here")

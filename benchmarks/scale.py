@@ -84,6 +84,37 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
 
 
+def _tiny_model(work: Path) -> Path:
+    """A tiny random model of Qwen2.5-0.5B-Instruct's structure with the real tokenizer, for the train arm."""
+    model = work / "tiny-model"
+    if not (model / "model.safetensors").exists():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from qwentune.model.shapes import tiny_config
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(tiny_config("qwen2.5-0.5b-instruct")).save_pretrained(model)
+        for f in (ROOT / "tests" / "assets" / "qwen2.5-tokenizer").glob("tokenizer*"):
+            shutil.copy(f, model)
+    return model
+
+
+def _train_recipe(work: Path, model: Path, rows: Path, num_proc: int) -> Path:
+    """`qwentune train` of the tiny model on every row: LoRA, one step of 8 rows, no merge — what the data costs
+    a training run (reading, rendering, the mapped set the Trainer samples from) up to and through its first step."""
+    recipe = work / "train.yaml"
+    recipe.write_text(
+        f"model: {{source: {model}}}\n"
+        f"data:\n  train: [{rows}]\n  template: qwen2.5-instruct\n  max_length: 4096\n  num_proc: {num_proc}\n"
+        "peft: {method: lora, r: 8, alpha: 16, train_new_tokens: 'off'}\n"
+        "training: {max_steps: 1, per_device_batch_size: 1, precision: fp32, gradient_checkpointing: false}\n"
+        f"output: {{dir: {work / 'run-train'}, merge: false, sample_tokens: 0, overwrite: true}}\n",
+        encoding="utf-8",
+    )
+    return recipe
+
+
 def run_scale(args, counts: list[int], procs: list[int]) -> None:
     work = args.workdir or Path(tempfile.gettempdir()) / "qwentune-scale"
     work.mkdir(parents=True, exist_ok=True)
@@ -98,12 +129,16 @@ def run_scale(args, counts: list[int], procs: list[int]) -> None:
     print(
         f"{'rows':>9} {'arm':<22} {'wall s':>8} {'rows/s':>8} {'rows/CPU-s':>10} {'peak anon MB':>12} {'cache MB':>9}"
     )
+    wanted = args.arms.split(",")
+    if unknown := set(wanted) - {"qwentune", "trl", "train"}:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)} (qwentune, trl, train)")
+    tiny = _tiny_model(work) if "train" in wanted else None
     for n in counts:
         rows = work / f"rows-{n}.jsonl"
         make_rows(rows, n)
         for p in procs:
             results = {}
-            arms = ([] if args.only_trl else [("qwentune", p)]) + ([] if args.no_trl else [("trl", p)])
+            arms = [(arm, p) for arm in wanted]
             for arm, num_proc in arms:
                 cache = work / f"cache-{arm}"
                 shutil.rmtree(cache, ignore_errors=True)
@@ -117,6 +152,8 @@ def run_scale(args, counts: list[int], procs: list[int]) -> None:
                         encoding="utf-8",
                     )
                     cmd = [sys.executable, "-m", "qwentune", "preprocess", str(recipe), "--output", str(work / "out")]
+                elif arm == "train":
+                    cmd = [sys.executable, "-m", "qwentune", "train", str(_train_recipe(work, tiny, rows, num_proc))]
                 else:
                     cmd = [
                         sys.executable,
