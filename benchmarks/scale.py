@@ -84,88 +84,58 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
 
 
-def _tiny_model(work: Path) -> Path:
-    """A tiny random model of Qwen2.5-0.5B-Instruct's structure with the real tokenizer, for the train arm."""
-    model = work / "tiny-model"
-    if not (model / "model.safetensors").exists():
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from qwentune.model.shapes import tiny_config
-
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(tiny_config("qwen2.5-0.5b-instruct")).save_pretrained(model)
-        for f in (ROOT / "tests" / "assets" / "qwen2.5-tokenizer").glob("tokenizer*"):
-            shutil.copy(f, model)
-    return model
-
-
-def _train_recipe(work: Path, model: Path, rows: Path, num_proc: int) -> Path:
-    """`qwentune train` of the tiny model on every row: LoRA, one step of 8 rows, no merge — what the data costs
-    a training run (reading, rendering, the mapped set the Trainer samples from) up to and through its first step."""
-    recipe = work / "train.yaml"
-    recipe.write_text(
+def _recipe(work: Path, model: Path, rows: Path, num_proc: int, train: bool) -> Path:
+    """The recipe of a qwentune arm: every row, the official template, masks. `train`: the tiny model trained on them
+    (LoRA, one step of 8 rows, no merge) — what the data costs a training run (reading, rendering, the mapped set the
+    Trainer samples from) up to and through its first step."""
+    recipe = work / ("train.yaml" if train else "recipe.yaml")
+    text = (
         f"model: {{source: {model}}}\n"
         f"data:\n  train: [{rows}]\n  template: qwen2.5-instruct\n  max_length: 4096\n  num_proc: {num_proc}\n"
-        "peft: {method: lora, r: 8, alpha: 16, train_new_tokens: 'off'}\n"
-        "training: {max_steps: 1, per_device_batch_size: 1, precision: fp32, gradient_checkpointing: false}\n"
-        f"output: {{dir: {work / 'run-train'}, merge: false, sample_tokens: 0, overwrite: true}}\n",
-        encoding="utf-8",
     )
+    if train:
+        text += (
+            "peft: {method: lora, r: 8, alpha: 16, train_new_tokens: 'off'}\n"
+            "training: {max_steps: 1, per_device_batch_size: 1, precision: fp32, gradient_checkpointing: false}\n"
+            f"output: {{dir: {work / 'run-train'}, merge: false, sample_tokens: 0, overwrite: true}}\n"
+        )
+    recipe.write_text(text, encoding="utf-8")
     return recipe
 
 
 def run_scale(args, counts: list[int], procs: list[int]) -> None:
     work = args.workdir or Path(tempfile.gettempdir()) / "qwentune-scale"
     work.mkdir(parents=True, exist_ok=True)
-    model = work / "tokenizer-only"
-    if not (model / "config.json").exists():
-        from qwentune.model.shapes import tiny_config
+    from train_throughput import model_dir
 
-        model.mkdir(exist_ok=True)
-        for f in (ROOT / "tests" / "assets" / "qwen2.5-tokenizer").glob("tokenizer*"):
-            shutil.copy(f, model)
-        tiny_config("qwen2.5-0.5b-instruct").save_pretrained(model)
+    model = model_dir("tiny", work)  # the real tokenizer and template; its random weights only the train arm loads
     print(
         f"{'rows':>9} {'arm':<22} {'wall s':>8} {'rows/s':>8} {'rows/CPU-s':>10} {'peak anon MB':>12} {'cache MB':>9}"
     )
     wanted = args.arms.split(",")
     if unknown := set(wanted) - {"qwentune", "trl", "train"}:
         raise SystemExit(f"--arms: unknown {sorted(unknown)} (qwentune, trl, train)")
-    tiny = _tiny_model(work) if "train" in wanted else None
     for n in counts:
         rows = work / f"rows-{n}.jsonl"
         make_rows(rows, n)
         for p in procs:
             results = {}
-            arms = [(arm, p) for arm in wanted]
-            for arm, num_proc in arms:
+            for arm in wanted:
                 cache = work / f"cache-{arm}"
                 shutil.rmtree(cache, ignore_errors=True)
                 env = dict(os.environ, HF_DATASETS_CACHE=str(cache), QWENTUNE_DATA_CACHE=str(cache / "qwentune"),
                            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
-                if arm == "qwentune":
-                    recipe = work / "recipe.yaml"
-                    recipe.write_text(
-                        f"model: {{source: {model}}}\ndata:\n  train: [{rows}]\n  template: qwen2.5-instruct\n"
-                        f"  max_length: 4096\n  num_proc: {num_proc}\n",
-                        encoding="utf-8",
-                    )
-                    cmd = [sys.executable, "-m", "qwentune", "preprocess", str(recipe), "--output", str(work / "out")]
-                elif arm == "train":
-                    cmd = [sys.executable, "-m", "qwentune", "train", str(_train_recipe(work, tiny, rows, num_proc))]
+                if arm == "trl":
+                    child = str(Path(__file__).with_name("preprocess.py"))
+                    cmd = [sys.executable, child, "--child", str(rows), str(p)]
                 else:
-                    cmd = [
-                        sys.executable,
-                        str(Path(__file__).with_name("preprocess.py")),
-                        "--child",
-                        str(rows),
-                        str(num_proc),
-                    ]
+                    recipe = str(_recipe(work, model, rows, p, arm == "train"))
+                    out = [] if arm == "train" else ["--output", str(work / "out")]
+                    cmd = [sys.executable, "-m", "qwentune", "train" if arm == "train" else "preprocess", recipe, *out]
                 r = _cpu_of(cmd, env)
                 r["cache_mb"] = _size_mb(cache)
                 results[arm] = r
-                label = f"{arm} (num_proc {num_proc})"
+                label = f"{arm} (num_proc {p})"
                 print(
                     f"{n:>9,} {label:<22} {r['wall']:>8.1f} {n / r['wall']:>8.0f} {n / r['cpu']:>10.0f} "
                     f"{r['peak_anon_mb']:>12.0f} {r['cache_mb']:>9.0f}",
